@@ -9,7 +9,7 @@ the models.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,7 +36,7 @@ class Categorical:
             )
 
     @classmethod
-    def from_values(cls, name: str, values: list[list[str]] | list[str | None]) -> Categorical:
+    def from_values(cls, name: str, values: Sequence[Sequence[str] | str | None]) -> Categorical:
         """Build from one value (or a list of values, or None) per row; vocab sorted."""
         rows: list[list[str]] = []
         for v in values:

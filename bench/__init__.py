@@ -1,0 +1,1 @@
+"""Benchmarks: `coldstart bench <name|all>`; each writes bench/results/<name>.json."""

@@ -1,0 +1,246 @@
+"""One way to start a service: ``run_service(APP, argv)``.
+
+It reads and validates settings, sets up JSON logs and the metrics endpoint,
+builds the service (models are loaded here), binds the port, runs the warm-up
+and only then reports SERVING on ``grpc.health.v1``. SIGTERM (or SIGINT) flips
+health to NOT_SERVING, stops accepting calls, lets in-flight calls finish within
+``grace_seconds`` and exits 0. Start-up problems print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common import metrics
+from services.common.errors import DomainError, StartupError
+from services.common.logs import configure_logging
+from services.common.settings import ServerSettings, SettingsError, load_settings
+
+log = logging.getLogger("coldstart.server")
+
+S = TypeVar("S", bound=ServerSettings)
+AddServicer = Callable[[Any, grpc.Server], None]
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class ServiceParts:
+    """What a service's ``build`` returns to the runtime."""
+
+    # (generated add_XServicer_to_server, servicer instance) pairs.
+    servicers: list[tuple[AddServicer, Any]]
+    # Full proto service names, e.g. "coldstart.v1.EncoderService".
+    service_names: list[str]
+    # Runs after the port is bound and before SERVING (e.g. a first inference).
+    warmup: Callable[[], None] | None = None
+    # Runs after the server stopped (flush, close consumers...).
+    close: Callable[[], None] | None = None
+    # Extra interceptors, outermost first (e.g. the gateway's auth).
+    interceptors: list[grpc.ServerInterceptor] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ServiceApp(Generic[S]):
+    name: str
+    settings_type: type[S]
+    build: Callable[[S], ServiceParts]
+
+
+class DomainErrorInterceptor(grpc.ServerInterceptor):
+    """Records per-RPC metrics and maps domain errors to status codes.
+
+    Bad input never becomes UNKNOWN: DomainError subclasses carry their code;
+    any other exception is logged with its traceback and answered INTERNAL with
+    a generic message (details stay in the logs, not with the caller).
+    """
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        behaviour = handler.unary_unary
+        service = self.service
+
+        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
+            started = time.perf_counter()
+            in_flight = metrics.RPC_IN_FLIGHT.labels(service, method)
+            in_flight.inc()
+            code = grpc.StatusCode.OK
+            try:
+                return behaviour(request, context)
+            except DomainError as exc:
+                code = exc.code
+                context.abort(exc.code, exc.message)
+            except Exception:
+                # context.abort() raises too; its code is already set on the context.
+                set_code = context.code()  # type: ignore[attr-defined]
+                if isinstance(set_code, grpc.StatusCode) and set_code != grpc.StatusCode.OK:
+                    code = set_code
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unhandled error", extra={"method": method})
+                context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            finally:
+                in_flight.dec()
+                metrics.RPC_LATENCY.labels(service, method).observe(time.perf_counter() - started)
+                metrics.RPC_REQUESTS.labels(service, method, code.name).inc()
+            return None  # unreachable: abort() raises
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert_file:
+        return None
+    key = Path(settings.tls_key_file).read_bytes()
+    cert = Path(settings.tls_cert_file).read_bytes()
+    client_ca = (
+        Path(settings.tls_client_ca_file).read_bytes() if settings.tls_client_ca_file else None
+    )
+    return grpc.ssl_server_credentials(
+        [(key, cert)],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+class RunningService:
+    """A started server; tests use it in-process, ``run_service`` in a process."""
+
+    def __init__(self, name: str, settings: ServerSettings, parts: ServiceParts) -> None:
+        self.name = name
+        self.settings = settings
+        self.parts = parts
+        self.health = health.HealthServicer()
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix=name),
+            interceptors=[*parts.interceptors, DomainErrorInterceptor(name)],
+            options=[
+                ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
+                ("grpc.max_send_message_length", settings.max_send_message_bytes),
+                # Without this a second server could bind the same port silently.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        for add, servicer in parts.servicers:
+            add(servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*parts.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{settings.host}:{settings.port}"
+        credentials = server_credentials(settings)
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(address)
+            else:
+                self.port = self.server.add_secure_port(address, credentials)
+        except RuntimeError:
+            self.port = 0
+        if self.port == 0:
+            raise StartupError(
+                f"port {settings.port}: cannot listen on {address} (in use or not permitted)"
+            )
+
+    def _set_health(self, status: int) -> None:
+        for service_name in ["", *self.parts.service_names]:
+            self.health.set(service_name, status)
+        metrics.SERVICE_READY.labels(self.name).set(
+            1 if status == health_pb2.HealthCheckResponse.SERVING else 0
+        )
+
+    def start(self) -> None:
+        self.server.start()
+        if self.parts.warmup is not None:
+            self.parts.warmup()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"port": self.port, "services": self.parts.service_names})
+
+    def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, wait for in-flight ones, then close."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        grace = self.settings.grace_seconds if grace is None else grace
+        self.server.stop(grace).wait()
+        if self.parts.close is not None:
+            self.parts.close()
+        log.info("stopped")
+
+
+def parse_service_args(name: str, argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"coldstart serve {name}")
+    parser.add_argument("--config", help=f"TOML settings file (section [{name}])")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting (repeatable)",
+    )
+    return parser.parse_args(list(argv))
+
+
+def run_service(app: ServiceApp[S], argv: Sequence[str] = ()) -> int:
+    """Run ``app`` until SIGTERM/SIGINT; return the process exit code."""
+    args = parse_service_args(app.name, argv)
+    prog = f"coldstart serve {app.name}"
+    try:
+        settings = load_settings(
+            app.settings_type, app.name, config_file=args.config, overrides=args.overrides
+        )
+    except SettingsError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(app.name, settings.log_level)
+    metrics.BUILD_INFO.info({"version": VERSION, "service": app.name})
+
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("signal received, shutting down", extra={"signal": signal.Signals(signum).name})
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+
+    try:
+        metrics.start_metrics_server(settings.host, settings.metrics_port)
+        parts = app.build(settings)
+        running = RunningService(app.name, settings, parts)
+        running.start()
+    except (StartupError, SettingsError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+    while not stop_requested.wait(timeout=1.0):
+        pass
+    running.stop()
+    return 0

@@ -1,0 +1,1 @@
+"""Encoder service: pretrained text model -> L2-normalised vectors (ONNX Runtime)."""

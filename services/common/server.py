@@ -50,7 +50,9 @@ class ServiceParts:
     warmup: Callable[[], None] | None = None
     # Runs after the server stopped (flush, close consumers...).
     close: Callable[[], None] | None = None
-    # Extra interceptors, outermost first (e.g. the gateway's auth).
+    # Extra interceptors (e.g. the gateway's auth), run inside the runtime's
+    # error mapping so that the DomainErrors they raise get their status code
+    # and are counted in the per-RPC metrics like any other answer.
     interceptors: list[grpc.ServerInterceptor] = field(default_factory=list)
 
 
@@ -141,7 +143,7 @@ class RunningService:
         self.health = health.HealthServicer()
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.max_workers, thread_name_prefix=name),
-            interceptors=[*parts.interceptors, DomainErrorInterceptor(name)],
+            interceptors=[DomainErrorInterceptor(name), *parts.interceptors],
             options=[
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
                 ("grpc.max_send_message_length", settings.max_send_message_bytes),

@@ -1,0 +1,222 @@
+"""A DropoutNet-style two-tower model in torch.
+
+Item tower: text vector + attribute multi-hot + item id embedding.
+User tower: attribute multi-hot + user id embedding + the mean of the user's
+history items (their text vectors and id embeddings).
+Id dropout (after DropoutNet, Volkovs et al. 2017): during training each id
+embedding is zeroed with probability ``id_dropout``, and the history is cut to
+a random short prefix, so the towers learn to work from content and
+attributes alone; at scoring time an entity without training interactions
+simply has no id. Loss: sampled softmax over the batch (in-batch negatives)
+with the logQ correction for in-batch sampling, plus a learned item bias, so
+the model can still express popularity.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from services.trainer.baselines.base import ScoreRequest, TrainData
+from services.trainer.baselines.common import user_attribute_rows
+
+
+def _to_dense(m: sp.csr_matrix) -> np.ndarray:
+    return np.asarray(m.todense(), dtype=np.float32)
+
+
+class DropoutNet:
+    name = "dropoutnet"
+
+    def __init__(
+        self,
+        seed: int = 0,
+        dim: int = 64,
+        hidden: int = 256,
+        epochs: int = 20,
+        batch_size: int = 512,
+        learning_rate: float = 2e-3,
+        weight_decay: float = 1e-5,
+        id_dropout: float = 0.5,
+        max_history: int = 30,
+        temperature: float = 0.1,
+        logq: float = 1.0,
+        threads: int = 2,
+    ) -> None:
+        self.seed = seed
+        self.dim = int(dim)
+        self.hidden = int(hidden)
+        self.epochs = int(epochs)
+        self.batch_size = int(batch_size)
+        self.learning_rate = float(learning_rate)
+        self.weight_decay = float(weight_decay)
+        self.id_dropout = float(id_dropout)
+        self.max_history = int(max_history)
+        self.temperature = float(temperature)
+        self.logq = float(logq)
+        self.threads = int(threads)
+        self.net: Any = None
+        self.user_fields: list[str] = []
+        self.item_emb = np.zeros((0, 0), dtype=np.float32)
+        self.item_bias = np.zeros(0, dtype=np.float32)
+        self.known_users = np.zeros(0, dtype=bool)
+        self.n_users = 0
+
+    def fit(self, train: TrainData) -> None:
+        import torch
+        from torch import nn
+
+        torch.set_num_threads(self.threads)
+        torch.manual_seed(self.seed)
+        rng = np.random.default_rng(self.seed)
+        ds = train.dataset
+        self.user_fields = list(ds.users.categorical)
+        self.n_users = train.n_users
+        item_seen = train.item_train_counts() > 0
+        self.known_users = train.user_train_counts() > 0
+        content = torch.from_numpy(train.item_vectors.astype(np.float32))
+        item_attr = torch.from_numpy(_to_dense(ds.items.feature_matrix()))
+        user_attr = torch.from_numpy(_to_dense(ds.users.feature_matrix(self.user_fields)))
+        n_items, d_content = content.shape
+        dim, hidden = self.dim, self.hidden
+
+        def mlp(d_in: int) -> nn.Module:
+            return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.item_id = nn.Embedding(n_items, hidden)
+                self.user_id = nn.Embedding(train.n_users, hidden)
+                nn.init.normal_(self.item_id.weight, std=0.01)
+                nn.init.normal_(self.user_id.weight, std=0.01)
+                self.item_in = nn.Linear(d_content + item_attr.shape[1], hidden)
+                self.user_in = nn.Linear(user_attr.shape[1] + d_content, hidden)
+                self.item_out = mlp(hidden)
+                self.user_out = mlp(hidden)
+                self.bias_out = nn.Linear(hidden, 1)
+
+            def items(
+                self, idx: torch.Tensor, keep_id: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                h = self.item_in(torch.cat([content[idx], item_attr[idx]], dim=1))
+                h = h + self.item_id(idx) * keep_id[:, None]
+                h = torch.nn.functional.gelu(h)
+                return nn.functional.normalize(self.item_out(h), dim=1), self.bias_out(h)[:, 0]
+
+            def users(
+                self,
+                idx: torch.Tensor,
+                attrs: torch.Tensor,
+                hist: torch.Tensor,
+                mask: torch.Tensor,
+                keep_id: torch.Tensor,
+            ) -> torch.Tensor:
+                count = mask.sum(1, keepdim=True).clamp(min=1.0)
+                hist_content = (content[hist] * mask[..., None]).sum(1) / count
+                hist_ids = (self.item_id(hist) * mask[..., None]).sum(1) / count
+                h = self.user_in(torch.cat([attrs, hist_content], dim=1)) + hist_ids
+                h = h + self.user_id(idx) * keep_id[:, None]
+                h = torch.nn.functional.gelu(h)
+                return nn.functional.normalize(self.user_out(h), dim=1)
+
+        net = Net()
+        opt = torch.optim.AdamW(
+            net.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
+        )
+        pos = train.positives.tocsr()
+        coo = pos.tocoo()
+        pair_u, pair_i = coo.row.astype(np.int64), coo.col.astype(np.int64)
+        # Histories by time would be nicer, but any subset of the other positives
+        # is a valid "what the user revealed"; the target itself is never in it.
+        per_user = [pos.indices[pos.indptr[u] : pos.indptr[u + 1]] for u in range(train.n_users)]
+        freq = np.asarray(pos.sum(axis=0)).ravel() + 1.0
+        log_q = torch.from_numpy(np.log(freq / freq.sum()).astype(np.float32))
+        item_seen_t = torch.from_numpy(item_seen.astype(np.float32))
+        steps_per_epoch = max(1, len(pair_u) // self.batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.learning_rate, total_steps=self.epochs * steps_per_epoch
+        )
+        net.train()
+        for _ in range(self.epochs):
+            order = rng.permutation(len(pair_u))
+            for step in range(steps_per_epoch):
+                b = order[step * self.batch_size : (step + 1) * self.batch_size]
+                u, i = pair_u[b], pair_i[b]
+                hist, mask = self._sample_history(per_user, u, i, rng)
+                keep_u = torch.from_numpy(
+                    (rng.random(len(b)) >= self.id_dropout).astype(np.float32)
+                )
+                keep_i = torch.from_numpy(
+                    (rng.random(len(b)) >= self.id_dropout).astype(np.float32)
+                )
+                ut = torch.from_numpy(u)
+                it = torch.from_numpy(i)
+                uv = net.users(ut, user_attr[ut], hist, mask, keep_u)
+                iv, ib = net.items(it, keep_i * item_seen_t[it])
+                logits = uv @ iv.T / self.temperature + ib[None, :] - self.logq * log_q[it][None, :]
+                # The same item twice in a batch is a positive, not a negative, for both rows.
+                same = torch.from_numpy(i[:, None] == i[None, :]) & ~torch.eye(
+                    len(b), dtype=torch.bool
+                )
+                logits = logits.masked_fill(same, float("-inf"))
+                loss = nn.functional.cross_entropy(logits, torch.arange(len(b)))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+        net.eval()
+        with torch.no_grad():
+            all_items = torch.arange(n_items)
+            emb, bias = net.items(all_items, item_seen_t)
+        self.item_emb = emb.numpy()
+        self.item_bias = bias.numpy()
+        self.net = net
+
+    def _sample_history(
+        self,
+        per_user: list[np.ndarray],
+        users: np.ndarray,
+        targets: np.ndarray,
+        rng: np.random.Generator,
+    ) -> tuple[Any, Any]:
+        import torch
+
+        hist = np.zeros((len(users), self.max_history), dtype=np.int64)
+        mask = np.zeros((len(users), self.max_history), dtype=np.float32)
+        for row, (u, t) in enumerate(zip(users, targets, strict=True)):
+            others = per_user[u][per_user[u] != t]
+            if len(others) == 0:
+                continue
+            # Short histories as often as long ones: cold users reveal 0-5 items.
+            length = int(rng.integers(0, min(len(others), self.max_history) + 1))
+            if length:
+                hist[row, :length] = rng.choice(others, size=length, replace=False)
+                mask[row, :length] = 1.0
+        return torch.from_numpy(hist), torch.from_numpy(mask)
+
+    def score(self, request: ScoreRequest) -> np.ndarray:
+        import torch
+
+        n = len(request)
+        users = np.asarray(request.users, dtype=np.int64)
+        hist = np.zeros((n, self.max_history), dtype=np.int64)
+        mask = np.zeros((n, self.max_history), dtype=np.float32)
+        for row, h in enumerate(request.history):
+            recent = np.asarray(h)[-self.max_history :]
+            hist[row, : len(recent)] = recent
+            mask[row, : len(recent)] = 1.0
+        known = (users < self.n_users) & self.known_users[np.minimum(users, self.n_users - 1)]
+        attrs = _to_dense(user_attribute_rows(request.user_attributes, self.user_fields, n))
+        with torch.no_grad():
+            uv = self.net.users(
+                torch.from_numpy(np.minimum(users, self.n_users - 1)),
+                torch.from_numpy(attrs),
+                torch.from_numpy(hist),
+                torch.from_numpy(mask),
+                torch.from_numpy(known.astype(np.float32)),
+            ).numpy()
+        cand = request.candidates
+        return uv @ self.item_emb[cand].T / self.temperature + self.item_bias[cand][None, :]

@@ -1,0 +1,520 @@
+"""Recommendation logic, free of gRPC: the servicer converts protos to these
+types and back, tests call it directly.
+
+Each call reads ``ModelHolder.current`` once and uses that version to the end,
+so a swap never changes the model under a running call, and the answer names
+the version that produced it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client import Counter, Gauge
+
+from services.common.errors import InvalidArgument, NotFound
+from services.common.registry import ModelRegistry, RegistryError
+from services.fusion import features
+from services.fusion.index import ItemMeta
+from services.fusion.model_version import ModelLoadError, ModelVersion
+from services.fusion.online_state import ItemEvent, UserState, UserStore
+
+log = logging.getLogger("coldstart.fusion.core")
+
+MODEL_INFO = Gauge(
+    "coldstart_fusion_model_info", "1 for the model version serving now.", ["version"]
+)
+MODEL_LOAD_FAILURES = Counter(
+    "coldstart_fusion_model_load_failures_total",
+    "Model versions that failed to load or warm; the previous version kept serving.",
+    ["version"],
+)
+MODEL_SWAPS = Counter("coldstart_fusion_model_swaps_total", "Model versions swapped in.")
+LIVE_ITEMS = Gauge(
+    "coldstart_fusion_live_items", "Items upserted since start (kept across model swaps)."
+)
+UNUSABLE_VECTORS = Counter(
+    "coldstart_fusion_unusable_vectors_total",
+    "Online-state vectors ignored because their dimension does not fit the model.",
+    ["what"],
+)
+
+MAX_LIST = 10_000  # exclusions, candidates, upserted items per call
+POPULAR_CANDIDATES = 50
+# Reason thresholds (cosines of L2-normalised content vectors).
+SIMILAR_THRESHOLD = 0.5
+INTEREST_THRESHOLD = 0.3
+
+
+@dataclass(frozen=True)
+class UserQuery:
+    user_id: str = ""
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    interest_vector: Sequence[float] = ()
+    recent_item_ids: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class Filters:
+    attribute_equals: Mapping[str, str] = field(default_factory=dict)
+    tags_any: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class Scored:
+    item_id: str
+    score: float
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Result:
+    items: list[Scored]
+    model_version: str
+    new_user: bool = False
+    unknown_item_ids: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ItemInput:
+    item_id: str
+    content_vector: Sequence[float] | np.ndarray
+    text: str = ""
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    tags: Sequence[str] = ()
+
+
+def check_k(k: int, max_k: int) -> None:
+    if not 1 <= k <= max_k:
+        raise InvalidArgument("k", f"must be 1..{max_k}, got {k}")
+
+
+def check_vector(name: str, values: Sequence[float] | np.ndarray, dimension: int) -> np.ndarray:
+    vector = np.asarray(values, dtype=np.float32)
+    if vector.shape != (dimension,):
+        raise InvalidArgument(name, f"must have {dimension} values, got {vector.size}")
+    if not np.all(np.isfinite(vector)):
+        raise InvalidArgument(name, "must be finite (no NaN or Inf)")
+    return vector
+
+
+def check_list(name: str, values: Sequence[str]) -> None:
+    if len(values) > MAX_LIST:
+        raise InvalidArgument(name, f"at most {MAX_LIST} entries, got {len(values)}")
+
+
+class ModelHolder:
+    """The serving model version, swapped atomically when the registry moves on.
+
+    ``current`` is a single reference: readers take it once per call. Items
+    upserted since start are kept here and re-applied to every new version, so a
+    swap does not drop them (a version that already has the id wins: its vector
+    was trained).
+    """
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        load: Callable[[Path], ModelVersion],
+        warm: Callable[[ModelVersion], None] = lambda _m: None,
+    ) -> None:
+        self.registry = registry
+        self._load = load
+        self.warm = warm
+        self._current: ModelVersion | None = None
+        self._lock = threading.Lock()  # upserts vs swap
+        self._live: dict[str, ItemInput] = {}
+        self._failed: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def current(self) -> ModelVersion:
+        model = self._current
+        if model is None:
+            raise RuntimeError("no model loaded")
+        return model
+
+    def load_initial(self) -> ModelVersion:
+        """Load CURRENT or raise ModelLoadError (the caller makes it a StartupError)."""
+        version = self.registry.current()
+        if version is None:
+            raise ModelLoadError(
+                f"no model in registry {self.registry.root}: run `coldstart train` first"
+            )
+        model = self._load(self.registry.path(version))
+        self.warm(model)
+        self._install(model)
+        return model
+
+    def _install(self, model: ModelVersion) -> None:
+        with self._lock:
+            self._apply_items(model, list(self._live.values()), skip_base=True)
+            old = self._current
+            self._current = model
+        if old is not None:
+            MODEL_INFO.remove(old.version)
+        MODEL_INFO.labels(model.version).set(1)
+        log.info("model serving", extra={"version": model.version, "items": len(model.index)})
+
+    def poll_once(self) -> bool:
+        """Swap in the registry's CURRENT when it changed; True when swapped."""
+        try:
+            version = self.registry.current()
+        except OSError:
+            return False
+        current = self._current
+        if version is None or version == self._failed or (current and version == current.version):
+            return False
+        try:
+            model = self._load(self.registry.path(version))
+            self.warm(model)
+        except (ModelLoadError, RegistryError, OSError) as exc:
+            self._failed = version
+            MODEL_LOAD_FAILURES.labels(version).inc()
+            log.error(
+                "model version failed to load; the previous one keeps serving",
+                extra={"version": version, "error": str(exc)},
+            )
+            return False
+        self._failed = None
+        self._install(model)
+        MODEL_SWAPS.inc()
+        return True
+
+    def start_watcher(self, interval_s: float) -> None:
+        def watch() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.poll_once()
+                except Exception:  # never let the watcher die: swaps would stop for good
+                    log.exception("model watcher error")
+
+        self._thread = threading.Thread(target=watch, name="fusion-model-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    # -- live items -----------------------------------------------------------
+    def upsert(self, items: Sequence[ItemInput]) -> ModelVersion:
+        with self._lock:
+            model = self.current
+            self._apply_items(model, items, skip_base=False)
+            for item in items:
+                self._live[item.item_id] = item
+            LIVE_ITEMS.set(len(self._live))
+        return model
+
+    def upsert_event(self, event: ItemEvent) -> None:
+        assert event.content_vector is not None
+        model = self.current
+        if event.content_vector.shape != (model.content_dimension,):
+            UNUSABLE_VECTORS.labels("item_content").inc()
+            return
+        if not np.all(np.isfinite(event.content_vector)):
+            UNUSABLE_VECTORS.labels("item_content").inc()
+            return
+        self.upsert(
+            [
+                ItemInput(
+                    event.item_id, event.content_vector, event.text, event.attributes, event.tags
+                )
+            ]
+        )
+
+    @staticmethod
+    def _apply_items(model: ModelVersion, items: Sequence[ItemInput], *, skip_base: bool) -> None:
+        usable = []
+        for item in items:
+            if len(item.content_vector) != model.content_dimension:
+                UNUSABLE_VECTORS.labels("item_content").inc()
+                continue
+            row = model.index.row(item.item_id)
+            if skip_base and row is not None and row < model.index.base_count:
+                continue
+            usable.append(item)
+        if not usable:
+            return
+        content = np.stack([np.asarray(i.content_vector, dtype=np.float32) for i in usable])
+        vectors = model.item_vectors(content, [i.attributes for i in usable])
+        metas = [ItemMeta(i.item_id, i.text, dict(i.attributes), tuple(i.tags)) for i in usable]
+        model.index.upsert(metas, vectors, content)
+
+    def export_items(self) -> list[dict[str, Any]]:
+        with self._lock:
+            items = list(self._live.values())
+        return [
+            {
+                "id": i.item_id,
+                "text": i.text,
+                "attributes": dict(i.attributes),
+                "tags": list(i.tags),
+                "content": [float(x) for x in i.content_vector],
+            }
+            for i in items
+        ]
+
+    def restore_items(self, records: Iterable[Mapping[str, Any]]) -> None:
+        items = [
+            ItemInput(
+                item_id=str(r["id"]),
+                content_vector=np.asarray(r["content"], dtype=np.float32),
+                text=str(r.get("text", "")),
+                attributes=dict(r.get("attributes", {})),
+                tags=tuple(r.get("tags", ())),
+            )
+            for r in records
+        ]
+        if items:
+            self.upsert(items)
+
+
+class Recommender:
+    def __init__(
+        self,
+        holder: ModelHolder,
+        store: UserStore,
+        *,
+        candidates: int = 200,
+        max_k: int = 1_000,
+    ) -> None:
+        self.holder = holder
+        self.store = store
+        self.candidates = candidates
+        self.max_k = max_k
+
+    # -- user features ----------------------------------------------------------
+    def _user(
+        self, model: ModelVersion, query: UserQuery
+    ) -> tuple[bool, dict[str, str], np.ndarray | None, np.ndarray]:
+        """(new_user, attributes, interest vector or None, history rows)."""
+        state: UserState | None = self.store.get(query.user_id) if query.user_id else None
+        new_user = state is None
+        attributes = {**(state.attributes if state else {}), **query.attributes}
+        interest: np.ndarray | None = None
+        if len(query.interest_vector):
+            interest = check_vector(
+                "user.interest_vector", query.interest_vector, model.content_dimension
+            )
+        elif state is not None and state.interest_vector is not None:
+            if state.interest_vector.shape == (model.content_dimension,):
+                interest = state.interest_vector
+            else:  # encoded for an older model's encoder; unusable until re-registered
+                UNUSABLE_VECTORS.labels("interest").inc()
+        history_ids = [*(state.recent_item_ids if state else ()), *query.recent_item_ids]
+        rows = [model.index.row(i) for i in history_ids]
+        # Unknown history ids are ignored: an item the model never saw says nothing yet.
+        known = np.asarray([r for r in rows if r is not None], dtype=np.int64)
+        return new_user, attributes, interest, known[-self.store.history_length :]
+
+    @staticmethod
+    def _user_vector(
+        model: ModelVersion,
+        attributes: Mapping[str, str],
+        interest: np.ndarray | None,
+        history_rows: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """(user vector, normalised mean history content or None)."""
+        history_mean: np.ndarray | None = None
+        if len(history_rows):
+            history_mean = features.normalise(model.index.content(history_rows).mean(axis=0))
+        zeros = np.zeros(model.content_dimension, dtype=np.float32)
+        user_vec = model.user_vectors(
+            [attributes],
+            (interest if interest is not None else zeros)[None, :],
+            (history_mean if history_mean is not None else zeros)[None, :],
+        )[0]
+        return user_vec, history_mean
+
+    def _scores(
+        self,
+        model: ModelVersion,
+        rows: np.ndarray,
+        user_vec: np.ndarray,
+        interest: np.ndarray | None,
+        history_mean: np.ndarray | None,
+        history_count: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ranker scores, interest sims, candidate content) for ``rows``."""
+        content = model.index.content(rows)
+        zeros = np.zeros(len(rows), dtype=np.float32)
+        interest_sim = content @ interest if interest is not None else zeros
+        feature_rows = features.ranker_features(
+            model.ranker_features,
+            dot=model.index.vectors(rows) @ user_vec,
+            interest_sim=interest_sim,
+            history_sim=content @ history_mean if history_mean is not None else zeros,
+            log_popularity=model.index.log_popularity(rows),
+            history_count=history_count,
+        )
+        return model.score(feature_rows), interest_sim, content
+
+    @staticmethod
+    def _reasons(
+        model: ModelVersion,
+        content: np.ndarray,
+        interest_sim: np.ndarray,
+        history_rows: np.ndarray,
+        attributes: Mapping[str, str],
+    ) -> list[str]:
+        segment = ", ".join(attributes[k] for k in sorted(attributes)) or "new users"
+        popular = f"popular with {segment}"
+        best_sim = np.full(len(content), -1.0, dtype=np.float32)
+        best_row = np.zeros(len(content), dtype=np.int64)
+        if len(history_rows):
+            sims = content @ model.index.content(history_rows).T
+            best = sims.argmax(axis=1)
+            best_sim = sims[np.arange(len(content)), best]
+            best_row = history_rows[best]
+        reasons = []
+        for i in range(len(content)):
+            if best_sim[i] >= SIMILAR_THRESHOLD and best_sim[i] >= interest_sim[i]:
+                liked = model.index.meta(int(best_row[i]))
+                reasons.append(f"similar to {liked.text or liked.item_id}")
+            elif interest_sim[i] >= INTEREST_THRESHOLD:
+                reasons.append("matches your interests")
+            else:
+                reasons.append(popular)
+        return reasons
+
+    # -- the calls --------------------------------------------------------------
+    def recommend(
+        self,
+        query: UserQuery,
+        k: int,
+        exclude_item_ids: Sequence[str] = (),
+        filters: Filters | None = None,
+    ) -> Result:
+        check_k(k, self.max_k)
+        check_list("exclude_item_ids", exclude_item_ids)
+        check_list("user.recent_item_ids", query.recent_item_ids)
+        model = self.holder.current
+        new_user, attributes, interest, history_rows = self._user(model, query)
+        user_vec, history_mean = self._user_vector(model, attributes, interest, history_rows)
+        index = model.index
+        # Unknown exclusion ids are ignored: nothing by that id can be returned anyway.
+        excluded = {r for r in (index.row(i) for i in exclude_item_ids) if r is not None}
+        # What the user already interacted with is not recommended again.
+        excluded.update(int(r) for r in history_rows)
+        filters = filters or Filters()
+        eligible = index.eligible(filters.attribute_equals, filters.tags_any)
+        want = max(self.candidates, k)
+        rows, _ = index.search(user_vec, want, eligible=eligible, excluded=excluded)
+        popular = index.popular(POPULAR_CANDIDATES * 4 + len(excluded))
+        if eligible is not None:
+            popular = popular[np.isin(popular, eligible)]
+        popular = np.asarray([r for r in popular if int(r) not in excluded], dtype=np.int64)
+        rows = np.unique(np.concatenate([rows, popular[:POPULAR_CANDIDATES]]))
+        if len(rows) == 0:
+            return Result([], model.version, new_user)
+        scores, interest_sim, content = self._scores(
+            model, rows, user_vec, interest, history_mean, len(history_rows)
+        )
+        order = np.argsort(-scores, kind="stable")[:k]
+        reasons = self._reasons(
+            model, content[order], interest_sim[order], history_rows, attributes
+        )
+        items = [
+            Scored(index.meta(int(rows[i])).item_id, float(scores[i]), reason)
+            for i, reason in zip(order, reasons, strict=True)
+        ]
+        return Result(items, model.version, new_user)
+
+    def rank(self, query: UserQuery, candidate_item_ids: Sequence[str]) -> Result:
+        check_list("candidate_item_ids", candidate_item_ids)
+        check_list("user.recent_item_ids", query.recent_item_ids)
+        model = self.holder.current
+        new_user, attributes, interest, history_rows = self._user(model, query)
+        seen: set[str] = set()
+        known: list[int] = []
+        unknown: list[str] = []
+        for item_id in candidate_item_ids:
+            if item_id in seen:  # a repeated candidate is ranked once
+                continue
+            seen.add(item_id)
+            row = model.index.row(item_id)
+            if row is None:
+                unknown.append(item_id)
+            else:
+                known.append(row)
+        if not known:
+            return Result([], model.version, new_user, unknown)
+        user_vec, history_mean = self._user_vector(model, attributes, interest, history_rows)
+        rows = np.asarray(known, dtype=np.int64)
+        scores, interest_sim, content = self._scores(
+            model, rows, user_vec, interest, history_mean, len(history_rows)
+        )
+        order = np.argsort(-scores, kind="stable")
+        reasons = self._reasons(
+            model, content[order], interest_sim[order], history_rows, attributes
+        )
+        items = [
+            Scored(model.index.meta(int(rows[i])).item_id, float(scores[i]), reason)
+            for i, reason in zip(order, reasons, strict=True)
+        ]
+        return Result(items, model.version, new_user, unknown)
+
+    def similar_items(self, item_id: str, k: int) -> Result:
+        check_k(k, self.max_k)
+        if not item_id:
+            raise InvalidArgument("item_id", "must not be empty")
+        model = self.holder.current
+        row = model.index.row(item_id)
+        if row is None:
+            raise NotFound(f"item_id: unknown item {item_id!r}")
+        meta = model.index.meta(row)
+        rows, scores = model.index.search(
+            model.index.vectors(np.asarray([row]))[0], k, excluded={row}
+        )
+        reason = f"similar to {meta.text or meta.item_id}"
+        items = [
+            Scored(model.index.meta(int(r)).item_id, float(s), reason)
+            for r, s in zip(rows, scores, strict=True)
+        ]
+        return Result(items, model.version)
+
+    def upsert_items(self, items: Sequence[ItemInput]) -> tuple[int, str]:
+        if not items:
+            raise InvalidArgument("items", "must not be empty")
+        check_list("items", [i.item_id for i in items])
+        model = self.holder.current
+        checked: dict[str, ItemInput] = {}
+        for n, item in enumerate(items):
+            if not item.item_id:
+                raise InvalidArgument(f"items[{n}].item_id", "must not be empty")
+            vector = check_vector(
+                f"items[{n}].content_vector", item.content_vector, model.content_dimension
+            )
+            # A repeated id in one call: the last record wins, as with two calls.
+            checked[item.item_id] = ItemInput(
+                item.item_id, vector, item.text, dict(item.attributes), tuple(item.tags)
+            )
+        used = self.holder.upsert(list(checked.values()))
+        return len(checked), used.version
+
+    def warm(self, model: ModelVersion) -> None:
+        """A few calls on ``model`` before it serves (first-run allocations, caches)."""
+        probe = Recommender(_Fixed(model), UserStore(), candidates=self.candidates)  # type: ignore[arg-type]
+        some = [model.index.meta(r).item_id for r in model.index.popular(3)]
+        for _ in range(3):
+            probe.recommend(UserQuery(), 10)
+            probe.recommend(UserQuery(recent_item_ids=some), 10)
+        if not all(math.isfinite(s.score) for s in probe.recommend(UserQuery(), 10).items):
+            raise ModelLoadError(f"{model.version}: warm-up produced non-finite scores")
+
+
+class _Fixed:
+    """A holder stand-in that always returns one model (for warm-up)."""
+
+    def __init__(self, model: ModelVersion) -> None:
+        self.current = model

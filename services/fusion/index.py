@@ -1,0 +1,289 @@
+"""The live item catalog and its retrieval index.
+
+Rows 0..n_base-1 are the model version's items; UpsertItems and item events
+append rows. A replaced id gets a new row and its old row is marked deleted, so
+a row's vector never changes once written and concurrent readers need no lock:
+writers append into spare capacity and then publish a new immutable ``_View``
+(count, arrays, ANN index) with one reference assignment.
+
+Search = HNSW (faiss, inner product) over the rows folded into the ANN index +
+an exact scan of the rows appended since (the side buffer), merged. When the
+side buffer passes ``fold_threshold`` a background thread clones the ANN index,
+adds the side rows and publishes the clone; until then searches stay exact over
+the side rows, so an upserted item is retrievable at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import faiss
+import numpy as np
+
+log = logging.getLogger("coldstart.fusion.index")
+
+# Filtered searches scan exactly when at most this many rows pass the filter:
+# exact is then cheaper than over-fetching from the ANN index, and complete.
+EXACT_FILTER_LIMIT = 20_000
+
+
+def build_hnsw(vectors: np.ndarray, m: int = 32, ef_construction: int = 80) -> faiss.Index:
+    index = faiss.IndexHNSWFlat(vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = ef_construction
+    if len(vectors):
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index
+
+
+@dataclass(frozen=True)
+class ItemMeta:
+    item_id: str
+    text: str = ""
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _View:
+    count: int
+    vectors: np.ndarray  # [capacity, D]; rows < count are valid
+    content: np.ndarray  # [capacity, C]
+    log_popularity: np.ndarray  # [capacity]
+    ann: faiss.Index | None
+    ann_count: int  # rows 0..ann_count-1 are in ann
+
+
+def _grow(array: np.ndarray, needed: int) -> np.ndarray:
+    if needed <= array.shape[0]:
+        return array
+    capacity = max(needed, int(array.shape[0] * 1.5) + 64)
+    grown = np.zeros((capacity, *array.shape[1:]), dtype=array.dtype)
+    grown[: array.shape[0]] = array
+    return grown
+
+
+class ItemIndex:
+    def __init__(
+        self,
+        metas: Sequence[ItemMeta],
+        vectors: np.ndarray,
+        content: np.ndarray,
+        popularity: np.ndarray,
+        ann: faiss.Index | None,
+        *,
+        ef_search: int = 256,
+        fold_threshold: int = 5_000,
+    ) -> None:
+        n = len(metas)
+        if not (vectors.shape[0] == content.shape[0] == popularity.shape[0] == n):
+            raise ValueError("metas, vectors, content and popularity must have the same rows")
+        if ann is not None and ann.ntotal != n:
+            raise ValueError(f"index holds {ann.ntotal} vectors for {n} items")
+        self.base_count = n
+        self.dimension = int(vectors.shape[1])
+        self.content_dimension = int(content.shape[1])
+        self.ef_search = ef_search
+        self.fold_threshold = fold_threshold
+        self._lock = threading.Lock()
+        self._folding = False
+        self._metas: list[ItemMeta] = list(metas)
+        self._row_of: dict[str, int] = {}
+        self._deleted = np.zeros(n, dtype=bool)
+        self._deleted_count = 0
+        self._by_attribute: dict[tuple[str, str], list[int]] = {}
+        self._by_tag: dict[str, list[int]] = {}
+        for row, meta in enumerate(self._metas):
+            self._register(row, meta)
+        self._view = _View(
+            count=n,
+            vectors=np.ascontiguousarray(vectors, dtype=np.float32),
+            content=np.ascontiguousarray(content, dtype=np.float32),
+            log_popularity=np.log1p(np.maximum(popularity, 0)).astype(np.float32),
+            ann=ann if n else None,
+            ann_count=n if ann is not None else 0,
+        )
+        # Popular rows first: the candidates every request gets besides the ANN ones.
+        self._popular_order = np.argsort(-self._view.log_popularity[:n], kind="stable")
+
+    # -- metadata -------------------------------------------------------
+    def _register(self, row: int, meta: ItemMeta) -> None:
+        old = self._row_of.get(meta.item_id)
+        if old is not None:
+            self._deleted[old] = True
+            self._deleted_count += 1
+        self._row_of[meta.item_id] = row
+        for pair in meta.attributes.items():
+            self._by_attribute.setdefault(pair, []).append(row)
+        for tag in meta.tags:
+            self._by_tag.setdefault(tag, []).append(row)
+
+    def __len__(self) -> int:
+        return len(self._row_of)
+
+    def row(self, item_id: str) -> int | None:
+        return self._row_of.get(item_id)
+
+    def meta(self, row: int) -> ItemMeta:
+        return self._metas[row]
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        return self._view.vectors[rows]
+
+    def content(self, rows: np.ndarray) -> np.ndarray:
+        return self._view.content[rows]
+
+    def log_popularity(self, rows: np.ndarray) -> np.ndarray:
+        return self._view.log_popularity[rows]
+
+    @property
+    def side_count(self) -> int:
+        view = self._view
+        return view.count - view.ann_count
+
+    def eligible(
+        self, attribute_equals: Mapping[str, str], tags_any: Sequence[str]
+    ) -> np.ndarray | None:
+        """Rows passing the filters (deleted ones included; search drops them), or None."""
+        if not attribute_equals and not tags_any:
+            return None
+        rows: np.ndarray | None = None
+        for pair in attribute_equals.items():
+            matched = np.asarray(self._by_attribute.get(pair, ()), dtype=np.int64)
+            rows = matched if rows is None else np.intersect1d(rows, matched)
+        if tags_any:
+            tagged = np.unique(
+                np.concatenate(
+                    [np.asarray(self._by_tag.get(t, ()), dtype=np.int64) for t in tags_any]
+                )
+            )
+            rows = tagged if rows is None else np.intersect1d(rows, tagged)
+        assert rows is not None
+        return rows
+
+    def popular(self, count: int) -> np.ndarray:
+        """The most popular live base rows (upserted items have no popularity yet)."""
+        head = self._popular_order[: count + self._deleted_count]
+        return head[~self._deleted[head]][:count]
+
+    # -- writing ----------------------------------------------------------
+    def upsert(self, metas: Sequence[ItemMeta], vectors: np.ndarray, content: np.ndarray) -> None:
+        """Add or replace items; visible to the next search."""
+        if not metas:
+            return
+        with self._lock:
+            view = self._view
+            start, end = view.count, view.count + len(metas)
+            vecs = _grow(view.vectors, end)
+            cont = _grow(view.content, end)
+            pop = _grow(view.log_popularity, end)
+            vecs[start:end] = vectors
+            cont[start:end] = content
+            pop[start:end] = 0.0
+            if self._deleted.shape[0] < end:
+                self._deleted = _grow(self._deleted, end)
+            self._metas.extend(metas)
+            # Publish the rows before the ids point at them.
+            self._view = _View(end, vecs, cont, pop, view.ann, view.ann_count)
+            for offset, meta in enumerate(metas):
+                self._register(start + offset, meta)
+            fold = end - view.ann_count > self.fold_threshold and not self._folding
+            if fold:
+                self._folding = True
+        if fold:
+            threading.Thread(target=self._fold, name="fusion-index-fold", daemon=True).start()
+
+    def _fold(self) -> None:
+        try:
+            view = self._view
+            rows = view.vectors[view.ann_count : view.count]
+            if view.ann is None:
+                ann = build_hnsw(view.vectors[: view.count])
+            else:
+                ann = faiss.clone_index(view.ann)
+                ann.add(np.ascontiguousarray(rows))
+            with self._lock:
+                current = self._view
+                self._view = _View(
+                    current.count,
+                    current.vectors,
+                    current.content,
+                    current.log_popularity,
+                    ann,
+                    view.count,
+                )
+            log.info("folded side buffer into the ANN index", extra={"rows": len(rows)})
+        finally:
+            self._folding = False
+
+    # -- searching ----------------------------------------------------------
+    def search(
+        self,
+        query: np.ndarray,
+        k: int,
+        *,
+        eligible: np.ndarray | None = None,
+        excluded: frozenset[int] | set[int] = frozenset(),
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` live rows by inner product: (rows, scores), best first."""
+        view = self._view
+        query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
+        if eligible is not None:
+            eligible = eligible[eligible < view.count]
+            if len(eligible) <= EXACT_FILTER_LIMIT:
+                return self._exact(view, query, eligible, k, excluded)
+        mask: np.ndarray | None = None
+        fraction = 1.0
+        if eligible is not None:
+            mask = np.zeros(view.count, dtype=bool)
+            mask[eligible] = True
+            fraction = max(len(eligible) / max(view.count, 1), 1e-3)
+        side_rows = np.arange(view.ann_count, view.count)
+        if mask is not None:
+            side_rows = side_rows[mask[side_rows]]
+        side = self._exact(view, query, side_rows, k, excluded)
+        if view.ann is None or view.ann_count == 0:
+            return side
+        # Over-fetch for what will be dropped: excluded, deleted, filtered out.
+        fetch = int((k + len(excluded) + self._deleted_count) / fraction * 1.2) + 16
+        for _attempt in range(3):
+            fetch = min(fetch, view.ann_count)
+            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, fetch))  # type: ignore[attr-defined]
+            scores, rows = view.ann.search(query, fetch, params=params)
+            rows, scores = rows[0], scores[0]
+            keep = rows >= 0
+            keep &= ~self._deleted[np.maximum(rows, 0)]
+            if mask is not None:
+                keep &= mask[np.maximum(rows, 0)]
+            if excluded:
+                keep &= np.fromiter((r not in excluded for r in rows), dtype=bool, count=len(rows))
+            rows, scores = rows[keep], scores[keep]
+            if len(rows) >= k or fetch >= view.ann_count:
+                break
+            fetch *= 4
+        all_rows = np.concatenate([rows.astype(np.int64), side[0]])
+        all_scores = np.concatenate([scores, side[1]])
+        order = np.argsort(-all_scores, kind="stable")[:k]
+        return all_rows[order], all_scores[order]
+
+    def _exact(
+        self,
+        view: _View,
+        query: np.ndarray,
+        rows: np.ndarray,
+        k: int,
+        excluded: frozenset[int] | set[int],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        rows = rows[~self._deleted[rows]]
+        if excluded and len(rows):
+            rows = rows[np.fromiter((r not in excluded for r in rows), dtype=bool, count=len(rows))]
+        if len(rows) == 0:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+        scores = view.vectors[rows] @ query[0]
+        if len(rows) > k:
+            top = np.argpartition(-scores, k - 1)[:k]
+            rows, scores = rows[top], scores[top]
+        order = np.argsort(-scores, kind="stable")
+        return rows[order].astype(np.int64), scores[order].astype(np.float32)

@@ -1,0 +1,314 @@
+"""One model version from the registry, loaded for serving.
+
+A version folder holds (names from the manifest's ``files``):
+
+    user_tower.onnx   inputs user_attributes [B, A], interest [B, C], history [B, C] -> [B, D]
+    item_tower.onnx   inputs content [B, C], item_attributes [B, I] -> [B, D]
+    ranker.onnx       input features [N, F] -> score [N]
+    item_ids.json     the catalog's ids, row order
+    item_vectors.npy  [n, D] item tower outputs      content_vectors.npy [n, C]
+    popularity.npy    [n] training interaction counts
+    items.faiss       optional HNSW index over item_vectors (built at load when absent)
+    items.jsonl       optional per-row {"text", "attributes", "tags"} for reasons and filters
+
+Everything that shapes an input (vocabularies, input/output names, ranker
+feature order) comes from manifest.json; see docs/FUSION.md. Any missing or
+inconsistent part raises ModelLoadError with one line naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import onnxruntime as ort
+
+from services.fusion import features
+from services.fusion.index import ItemIndex, ItemMeta, build_hnsw
+
+log = logging.getLogger("coldstart.fusion.model")
+
+FORMAT = "coldstart.recommender/1"
+DEFAULT_FILES = {
+    "user_tower": "user_tower.onnx",
+    "item_tower": "item_tower.onnx",
+    "ranker": "ranker.onnx",
+    "item_ids": "item_ids.json",
+    "item_vectors": "item_vectors.npy",
+    "content_vectors": "content_vectors.npy",
+    "popularity": "popularity.npy",
+    "index": "items.faiss",
+    "items": "items.jsonl",
+}
+
+
+class ModelLoadError(Exception):
+    """A version cannot be served; the message is one line naming the cause."""
+
+
+@dataclass(frozen=True)
+class TowerSpec:
+    inputs: Mapping[str, str]  # role -> ONNX input name
+    output: str
+
+
+def _spec(manifest: Mapping[str, Any], tower: str, roles: Sequence[str]) -> TowerSpec:
+    section = manifest.get("towers", {}).get(tower, {})
+    inputs = dict(section.get("inputs", {}))
+    for role in roles:
+        inputs.setdefault(role, role)
+    return TowerSpec(inputs=inputs, output=str(section.get("output", f"{tower}_vector")))
+
+
+class ModelVersion:
+    """Immutable model parts plus the live item index built from them."""
+
+    def __init__(
+        self,
+        version: str,
+        manifest: Mapping[str, Any],
+        user_session: ort.InferenceSession,
+        item_session: ort.InferenceSession,
+        ranker_session: ort.InferenceSession,
+        index: ItemIndex,
+    ) -> None:
+        self.version = version
+        self.manifest = manifest
+        self.dimension = int(manifest["dimension"])
+        self.content_dimension = int(manifest["content_dimension"])
+        self.user_vocab: dict[str, list[str]] = dict(manifest.get("user_attributes", {}))
+        self.item_vocab: dict[str, list[str]] = dict(manifest.get("item_attributes", {}))
+        self.user_spec = _spec(manifest, "user", ("user_attributes", "interest", "history"))
+        self.item_spec = _spec(manifest, "item", ("content", "item_attributes"))
+        ranker = manifest.get("ranker", {})
+        self.ranker_input = str(ranker.get("input", "features"))
+        self.ranker_output = str(ranker.get("output", "score"))
+        self.ranker_features: list[str] = list(ranker.get("features", []))
+        self._user = user_session
+        self._item = item_session
+        self._ranker = ranker_session
+        self.index = index
+
+    # -- loading ------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        *,
+        intra_op_threads: int = 1,
+        ef_search: int = 256,
+        fold_threshold: int = 5_000,
+    ) -> ModelVersion:
+        path = Path(path)
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except FileNotFoundError:
+            raise ModelLoadError(f"{path}/manifest.json: missing") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{path}/manifest.json: not valid JSON ({exc})") from None
+        if not isinstance(manifest, dict):
+            raise ModelLoadError(f"{path}/manifest.json: not a JSON object")
+        version = str(manifest.get("version") or path.name)
+        fmt = manifest.get("format", FORMAT)
+        if fmt != FORMAT:
+            raise ModelLoadError(
+                f"{path}: manifest format {fmt!r} is not supported (want {FORMAT})"
+            )
+        for key in ("dimension", "content_dimension"):
+            if not isinstance(manifest.get(key), int) or manifest[key] <= 0:
+                raise ModelLoadError(f"{path}/manifest.json: {key} must be a positive integer")
+        unknown = set(manifest.get("ranker", {}).get("features", [])) - set(
+            features.KNOWN_RANKER_FEATURES
+        )
+        if unknown:
+            raise ModelLoadError(f"{path}/manifest.json: unknown ranker features {sorted(unknown)}")
+        files = {**DEFAULT_FILES, **manifest.get("files", {})}
+
+        def file(role: str) -> Path:
+            found = path / files[role]
+            if not found.is_file():
+                raise ModelLoadError(f"{found}: missing ({role})")
+            return found
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+
+        def session(role: str) -> ort.InferenceSession:
+            onnx_path = file(role)
+            try:
+                return ort.InferenceSession(
+                    str(onnx_path), options, providers=["CPUExecutionProvider"]
+                )
+            except Exception as exc:  # onnxruntime raises several types for a bad file
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ModelLoadError(
+                    f"{onnx_path}: cannot load ONNX model ({first[:200]})"
+                ) from None
+
+        user_session = session("user_tower")
+        item_session = session("item_tower")
+        ranker_session = session("ranker")
+
+        def array(role: str) -> np.ndarray:
+            try:
+                loaded: np.ndarray = np.load(file(role), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise ModelLoadError(f"{path / files[role]}: not a numpy array ({exc})") from None
+            return loaded
+
+        try:
+            ids = json.loads(file("item_ids").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{path / files['item_ids']}: not valid JSON ({exc})") from None
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ModelLoadError(f"{path / files['item_ids']}: must be a list of strings")
+        n = len(ids)
+        vectors = array("item_vectors").astype(np.float32, copy=False)
+        content = array("content_vectors").astype(np.float32, copy=False)
+        popularity = array("popularity").astype(np.float32, copy=False)
+        dimension, content_dimension = manifest["dimension"], manifest["content_dimension"]
+        for role, got, want in (
+            ("item_vectors", vectors.shape, (n, dimension)),
+            ("content_vectors", content.shape, (n, content_dimension)),
+            ("popularity", popularity.shape, (n,)),
+        ):
+            if tuple(got) != want:
+                raise ModelLoadError(f"{path / files[role]}: shape {tuple(got)}, expected {want}")
+        metas = cls._read_items(path / files["items"], ids)
+        index_path = path / files["index"]
+        ann: faiss.Index
+        if index_path.is_file():
+            try:
+                ann = faiss.read_index(str(index_path))
+            except RuntimeError as exc:
+                raise ModelLoadError(
+                    f"{index_path}: cannot read faiss index ({str(exc).splitlines()[0][:200]})"
+                ) from None
+            if ann.ntotal != n or ann.d != dimension:
+                raise ModelLoadError(
+                    f"{index_path}: holds {ann.ntotal} vectors of dimension {ann.d}, "
+                    f"expected {n} of {dimension}"
+                )
+        else:
+            ann = build_hnsw(vectors)
+        index = ItemIndex(
+            metas,
+            vectors,
+            content,
+            popularity,
+            ann,
+            ef_search=ef_search,
+            fold_threshold=fold_threshold,
+        )
+        model = cls(version, manifest, user_session, item_session, ranker_session, index)
+        model.check()
+        return model
+
+    @staticmethod
+    def _read_items(items_path: Path, ids: list[str]) -> list[ItemMeta]:
+        if not items_path.is_file():
+            return [ItemMeta(item_id=i) for i in ids]
+        metas: list[ItemMeta] = []
+        with items_path.open() as handle:
+            for line_no, line in enumerate(handle):
+                if line_no >= len(ids):
+                    raise ModelLoadError(f"{items_path}: more lines than item ids ({len(ids)})")
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ModelLoadError(
+                        f"{items_path}:{line_no + 1}: not valid JSON ({exc})"
+                    ) from None
+                metas.append(
+                    ItemMeta(
+                        item_id=ids[line_no],
+                        text=str(record.get("text", "")),
+                        attributes={
+                            str(k): str(v) for k, v in record.get("attributes", {}).items()
+                        },
+                        tags=tuple(str(t) for t in record.get("tags", [])),
+                    )
+                )
+        if len(metas) != len(ids):
+            raise ModelLoadError(f"{items_path}: {len(metas)} lines for {len(ids)} item ids")
+        return metas
+
+    def check(self) -> None:
+        """Run every graph once on neutral inputs; shapes must match the manifest."""
+        try:
+            user = self.user_vectors(
+                [{}],
+                np.zeros((1, self.content_dimension), np.float32),
+                np.zeros((1, self.content_dimension), np.float32),
+            )
+            item = self.item_vectors(np.zeros((1, self.content_dimension), np.float32), [{}])
+            scores = self.score(np.zeros((3, len(self.ranker_features)), np.float32))
+        except Exception as exc:
+            first = (
+                str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            )
+            raise ModelLoadError(
+                f"{self.version}: a graph does not match the manifest ({first})"
+            ) from None
+        if user.shape != (1, self.dimension) or item.shape != (1, self.dimension):
+            raise ModelLoadError(
+                f"{self.version}: towers output {user.shape} / {item.shape}, manifest dimension {self.dimension}"
+            )
+        if scores.shape != (3,):
+            raise ModelLoadError(f"{self.version}: ranker outputs {scores.shape} for 3 rows")
+
+    # -- inference ----------------------------------------------------------
+    def user_vectors(
+        self,
+        attributes: Sequence[Mapping[str, str]],
+        interest: np.ndarray,
+        history: np.ndarray,
+    ) -> np.ndarray:
+        feeds = {
+            self.user_spec.inputs["user_attributes"]: np.stack(
+                [features.multi_hot(a, self.user_vocab) for a in attributes]
+            ),
+            self.user_spec.inputs["interest"]: np.asarray(interest, dtype=np.float32),
+            self.user_spec.inputs["history"]: np.asarray(history, dtype=np.float32),
+        }
+        (out,) = self._user.run([self.user_spec.output], feeds)
+        return np.asarray(out, dtype=np.float32)
+
+    def item_vectors(
+        self, content: np.ndarray, attributes: Sequence[Mapping[str, str]]
+    ) -> np.ndarray:
+        feeds = {
+            self.item_spec.inputs["content"]: np.asarray(content, dtype=np.float32),
+            self.item_spec.inputs["item_attributes"]: np.stack(
+                [features.multi_hot(a, self.item_vocab) for a in attributes]
+            ),
+        }
+        (out,) = self._item.run([self.item_spec.output], feeds)
+        return np.asarray(out, dtype=np.float32)
+
+    def score(self, feature_rows: np.ndarray) -> np.ndarray:
+        (out,) = self._ranker.run([self.ranker_output], {self.ranker_input: feature_rows})
+        return np.asarray(out, dtype=np.float32).reshape(-1)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "created_at": str(self.manifest.get("created_at", "")),
+            "parent_version": str(self.manifest.get("parent_version") or ""),
+            "dimension": self.dimension,
+            "item_count": len(self.index),
+            "metrics": {
+                k: float(v)
+                for k, v in self.manifest.get("metrics", {}).items()
+                if isinstance(v, (int, float))
+            },
+            "encoder_model": str(self.manifest.get("encoder_model", "")),
+        }

@@ -1,0 +1,395 @@
+"""Online user state materialised from the events topic, and its snapshots.
+
+One consumer thread applies events in partition order into ``UserStore``.
+Every replica must see every event, so the consumer ``assign()``s itself all
+partitions (no consumer group, nothing committed to Kafka); the offsets live in
+the snapshot next to the state they produced. A snapshot is taken in the
+consumer thread between polls (state and offsets agree), serialised by a writer
+thread, and written atomically (tmp + fsync + rename). On start the service
+loads the snapshot and seeks each partition to its stored next offset: nothing
+is replayed twice in effect (event ids are deduplicated too) and nothing is
+skipped.
+
+``UserState`` objects are immutable and replaced whole, so request threads read
+a user's state without locks while the consumer writes.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from coldstart.v1 import events_pb2
+from prometheus_client import Counter, Gauge
+
+from services.common.events import EventDecodeError, decode_event
+
+log = logging.getLogger("coldstart.fusion.state")
+
+EVENTS_APPLIED = Counter(
+    "coldstart_fusion_events_applied_total", "Events applied to the online state.", ["kind"]
+)
+EVENTS_SKIPPED = Counter(
+    "coldstart_fusion_events_skipped_total",
+    "Events not applied (undecodable, duplicate, unusable), by reason.",
+    ["reason"],
+)
+ONLINE_USERS = Gauge("coldstart_fusion_online_users", "Users held in the online state.")
+SNAPSHOTS = Counter(
+    "coldstart_fusion_snapshots_total", "Snapshots written, by outcome.", ["outcome"]
+)
+
+SNAPSHOT_FILE = "state.json"
+SNAPSHOT_FORMAT = 1
+# Event ids remembered for deduplication (producers' retries arrive close together).
+SEEN_EVENT_IDS = 100_000
+
+
+@dataclass(frozen=True)
+class UserState:
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    interest_vector: np.ndarray | None = None
+    recent_item_ids: tuple[str, ...] = ()
+    updated_at_ms: int = 0
+
+
+@dataclass(frozen=True)
+class ItemEvent:
+    """An item_upserted event, handed to the model holder's live index."""
+
+    item_id: str
+    text: str
+    attributes: Mapping[str, str]
+    tags: tuple[str, ...]
+    content_vector: np.ndarray | None
+
+
+Encoder = Callable[[str], np.ndarray | None]
+
+
+def _vector_to_text(vector: np.ndarray | None) -> str | None:
+    if vector is None:
+        return None
+    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+
+
+def _vector_from_text(text: str | None) -> np.ndarray | None:
+    if not text:
+        return None
+    return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float32)
+
+
+class UserStore:
+    """user id -> UserState; written by one thread, read by many."""
+
+    def __init__(
+        self,
+        history_length: int = 50,
+        encoder: Encoder | None = None,
+        on_item: Callable[[ItemEvent], None] | None = None,
+    ) -> None:
+        self.history_length = history_length
+        self.encoder = encoder
+        self.on_item = on_item
+        self._users: dict[str, UserState] = {}
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._warned_no_encoder = False
+
+    def get(self, user_id: str) -> UserState | None:
+        return self._users.get(user_id)
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def apply(self, event: events_pb2.Event) -> bool:
+        """Apply one decoded event; False when it was a duplicate or unusable."""
+        if event.event_id in self._seen:
+            EVENTS_SKIPPED.labels("duplicate").inc()
+            return False
+        self._seen[event.event_id] = None
+        if len(self._seen) > SEEN_EVENT_IDS:
+            self._seen.popitem(last=False)
+        kind = event.WhichOneof("payload")
+        now = event.timestamp_ms or int(time.time() * 1000)
+        if kind == "user_registered":
+            reg = event.user_registered
+            vector: np.ndarray | None = None
+            if len(reg.interest_vector):
+                vector = np.asarray(reg.interest_vector, dtype=np.float32)
+            elif reg.interest_text:
+                vector = self._encode(reg.interest_text)
+            previous = self._users.get(reg.user_id)
+            self._users[reg.user_id] = UserState(
+                attributes=dict(reg.attributes),
+                interest_vector=vector,
+                recent_item_ids=previous.recent_item_ids if previous else (),
+                updated_at_ms=now,
+            )
+        elif kind == "interaction":
+            inter = event.interaction
+            previous = self._users.get(inter.user_id) or UserState()
+            # A repeat moves the item to the end instead of filling history with copies.
+            recent = [i for i in previous.recent_item_ids if i != inter.item_id]
+            recent.append(inter.item_id)
+            self._users[inter.user_id] = UserState(
+                attributes=previous.attributes,
+                interest_vector=previous.interest_vector,
+                recent_item_ids=tuple(recent[-self.history_length :]),
+                updated_at_ms=now,
+            )
+        elif kind == "user_forgotten":
+            self._users.pop(event.user_forgotten.user_id, None)
+        elif kind == "item_upserted":
+            up = event.item_upserted
+            content: np.ndarray | None = None
+            if len(up.content_vector):
+                content = np.asarray(up.content_vector, dtype=np.float32)
+            elif up.text:
+                content = self._encode(up.text)
+            if content is None or self.on_item is None:
+                EVENTS_SKIPPED.labels("item_without_vector").inc()
+            else:
+                self.on_item(
+                    ItemEvent(up.item_id, up.text, dict(up.attributes), tuple(up.tags), content)
+                )
+        else:  # decode_event guarantees a payload; a newer kind is skipped, not fatal
+            EVENTS_SKIPPED.labels("unknown_kind").inc()
+            return False
+        EVENTS_APPLIED.labels(kind).inc()
+        ONLINE_USERS.set(len(self._users))
+        return True
+
+    def _encode(self, text: str) -> np.ndarray | None:
+        if self.encoder is None:
+            if not self._warned_no_encoder:
+                log.warning("no encoder_address: interest text without a vector is left unset")
+                self._warned_no_encoder = True
+            return None
+        return self.encoder(text)
+
+    # -- snapshot (de)serialisation ----------------------------------------
+    def capture(self) -> dict[str, Any]:
+        """Cheap, consistent copy (states are immutable); ``encode`` makes it JSON."""
+        return {"users": dict(self._users), "seen": list(self._seen)}
+
+    @staticmethod
+    def encode(captured: Mapping[str, Any]) -> dict[str, Any]:
+        users: Mapping[str, UserState] = captured["users"]
+        return {
+            "users": {
+                uid: {
+                    "a": dict(s.attributes),
+                    "v": _vector_to_text(s.interest_vector),
+                    "r": list(s.recent_item_ids),
+                    "t": s.updated_at_ms,
+                }
+                for uid, s in users.items()
+            },
+            "seen": captured["seen"],
+        }
+
+    def restore(self, document: Mapping[str, Any]) -> None:
+        self._users = {
+            uid: UserState(
+                attributes=dict(raw["a"]),
+                interest_vector=_vector_from_text(raw.get("v")),
+                recent_item_ids=tuple(raw["r"])[-self.history_length :],
+                updated_at_ms=int(raw.get("t", 0)),
+            )
+            for uid, raw in document.get("users", {}).items()
+        }
+        self._seen = OrderedDict((i, None) for i in document.get("seen", []))
+        ONLINE_USERS.set(len(self._users))
+
+
+def write_snapshot(path: Path, document: Mapping[str, Any]) -> None:
+    """Readers (a restarted service) see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with tmp.open("w") as handle:
+            json.dump(document, handle, separators=(",", ":"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_snapshot(path: Path) -> dict[str, Any] | None:
+    try:
+        document: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # An atomic write never leaves this; a disk that did gets a full replay, loudly.
+        log.error(
+            "snapshot unreadable, replaying the topic from the start", extra={"error": str(exc)}
+        )
+        return None
+    if document.get("format") != SNAPSHOT_FORMAT:
+        log.error("snapshot format unknown, replaying the topic from the start")
+        return None
+    return document
+
+
+class EventConsumer:
+    """The thread that keeps ``UserStore`` up to date from the events topic."""
+
+    def __init__(
+        self,
+        store: UserStore,
+        bootstrap: str,
+        topic: str,
+        snapshot_path: Path,
+        *,
+        snapshot_interval_s: float = 5.0,
+        poll_timeout_ms: int = 50,
+        export_items: Callable[[], list[dict[str, Any]]] = list,
+        restore_items: Callable[[Iterable[Mapping[str, Any]]], None] | None = None,
+    ) -> None:
+        from kafka import KafkaConsumer, TopicPartition
+        from kafka.errors import KafkaError
+
+        self.store = store
+        self.topic = topic
+        self.snapshot_path = snapshot_path
+        self.snapshot_interval_s = snapshot_interval_s
+        self.poll_timeout_ms = poll_timeout_ms
+        self.export_items = export_items
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
+        self.applied = 0
+        try:
+            self.consumer = KafkaConsumer(
+                bootstrap_servers=bootstrap,
+                group_id=None,  # assign(): every replica reads every partition
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                fetch_max_wait_ms=poll_timeout_ms,
+                max_poll_records=2000,
+                client_id=f"fusion-{uuid.uuid4().hex[:8]}",
+            )
+        except KafkaError as exc:
+            raise ConnectionError(f"kafka_bootstrap {bootstrap}: {type(exc).__name__}") from None
+        partitions: set[int] | None = None
+        for _ in range(100):  # metadata arrives after the first round trip
+            partitions = self.consumer.partitions_for_topic(topic)
+            if partitions:
+                break
+            time.sleep(0.1)
+        if not partitions:
+            self.consumer.close()
+            raise ConnectionError(f"events_topic {topic!r}: not found on {bootstrap}")
+        self.partitions = [TopicPartition(topic, p) for p in sorted(partitions)]
+        self.consumer.assign(self.partitions)
+        snapshot = read_snapshot(snapshot_path)
+        offsets: dict[str, int] = {}
+        if snapshot is not None and snapshot.get("topic") == topic:
+            store.restore(snapshot)
+            if restore_items is not None:
+                restore_items(snapshot.get("items", []))
+            offsets = {str(k): int(v) for k, v in snapshot.get("offsets", {}).items()}
+            log.info(
+                "snapshot loaded",
+                extra={"users": len(store), "offsets": offsets, "path": str(snapshot_path)},
+            )
+        for tp in self.partitions:
+            if str(tp.partition) in offsets:
+                self.consumer.seek(tp, offsets[str(tp.partition)])
+            else:
+                self.consumer.seek_to_beginning(tp)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="fusion-events", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        last_snapshot = time.monotonic()
+        dirty = False
+        while not self._stop.is_set():
+            try:
+                batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
+            except Exception:
+                # A broker hiccup: kafka-python reconnects on the next poll.
+                log.exception("poll failed; retrying")
+                self._stop.wait(0.5)
+                continue
+            for records in batches.values():
+                for record in records:
+                    dirty = True
+                    try:
+                        event = decode_event(record.value)
+                    except EventDecodeError as exc:
+                        EVENTS_SKIPPED.labels(exc.reason).inc()
+                        continue
+                    try:
+                        if self.store.apply(event):
+                            self.applied += 1
+                    except Exception:
+                        # One bad event must not stop the state for everyone.
+                        EVENTS_SKIPPED.labels("apply_failed").inc()
+                        log.exception(
+                            "applying an event failed", extra={"event_id": event.event_id}
+                        )
+            if dirty and time.monotonic() - last_snapshot >= self.snapshot_interval_s:
+                self._snapshot_async(self._capture())
+                last_snapshot = time.monotonic()
+                dirty = False
+        # Final snapshot on a clean stop, written before close returns.
+        self._write(self._capture())
+
+    def _capture(self) -> dict[str, Any]:
+        offsets = {str(tp.partition): int(self.consumer.position(tp)) for tp in self.partitions}
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "topic": self.topic,
+            "offsets": offsets,
+            "taken_at_ms": int(time.time() * 1000),
+            "state": self.store.capture(),
+            "items": self.export_items(),
+        }
+
+    def _snapshot_async(self, document: dict[str, Any]) -> None:
+        threading.Thread(
+            target=self._write, args=(document,), name="fusion-snapshot", daemon=True
+        ).start()
+
+    def _write(self, document: dict[str, Any]) -> None:
+        # Writers run one at a time, so an older capture never replaces a newer file.
+        with self._writer_lock:
+            if document["taken_at_ms"] < getattr(self, "_last_written_ms", 0):
+                return
+            try:
+                state = document.pop("state", None)
+                if state is not None:  # serialised here, off the consumer thread
+                    document.update(UserStore.encode(state))
+                write_snapshot(self.snapshot_path, document)
+                self._last_written_ms = document["taken_at_ms"]
+                SNAPSHOTS.labels("ok").inc()
+            except OSError:
+                SNAPSHOTS.labels("failed").inc()
+                log.exception("snapshot write failed", extra={"path": str(self.snapshot_path)})
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
+        self.consumer.close()

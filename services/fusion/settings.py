@@ -1,0 +1,52 @@
+"""Settings of the fusion service (section ``[fusion]``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from services.common.settings import ServerSettings, SettingsError, check_positive
+
+
+@dataclass(frozen=True)
+class FusionSettings(ServerSettings):
+    port: int = 50052
+    # Model registry root; empty = ``run_dir()/registry/recommender``.
+    registry_dir: str = ""
+    # Seconds between looks at the registry's CURRENT pointer.
+    swap_poll_s: float = 1.0
+    # Kafka: empty bootstrap = no online state from events (requests still work).
+    kafka_bootstrap: str = ""
+    events_topic: str = "coldstart.events"
+    # Snapshot of the online state + the offsets it reflects; empty = ``run_dir()/fusion/<port>``.
+    snapshot_dir: str = ""
+    snapshot_interval_s: float = 5.0
+    # Consumer poll timeout: the upper bound on how long an event waits once fetched.
+    poll_timeout_ms: int = 50
+    # Items of a user's recent history kept online.
+    history_length: int = 50
+    # Encoder for interest text that arrives without a vector; empty = leave it unset.
+    encoder_address: str = ""
+    encoder_timeout_s: float = 2.0
+    # Retrieval: candidates handed to the ranker, and the HNSW search breadth.
+    candidates: int = 200
+    ef_search: int = 256
+    # Upserted items stay in an exact side buffer until this many, then fold into the ANN index.
+    fold_threshold: int = 5_000
+    # ONNX Runtime threads per call; 1 suits many concurrent calls on few cores.
+    intra_op_threads: int = 1
+    max_k: int = 1_000
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive("swap_poll_s", self.swap_poll_s)
+        check_positive("snapshot_interval_s", self.snapshot_interval_s)
+        check_positive("poll_timeout_ms", self.poll_timeout_ms)
+        check_positive("history_length", self.history_length)
+        check_positive("encoder_timeout_s", self.encoder_timeout_s)
+        check_positive("candidates", self.candidates)
+        check_positive("ef_search", self.ef_search)
+        check_positive("fold_threshold", self.fold_threshold)
+        check_positive("intra_op_threads", self.intra_op_threads)
+        check_positive("max_k", self.max_k)
+        if not self.events_topic:
+            raise SettingsError("events_topic: must not be empty")

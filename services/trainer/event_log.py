@@ -1,0 +1,313 @@
+"""The trainer's durable, append-only event log: one SQLite database in WAL mode.
+
+Tables::
+
+    events(seq PK, event_id UNIQUE, partition, offset, ts_ms, kind,
+           user_id, item_id, action, value, payload)      the log (raw event bytes kept)
+    offsets(topic, partition, next_offset)                where consumption resumes
+    forgotten(user_id PK, forgotten_at_ms, reregistered)  tombstones of erased users
+    meta(key PK, value)                                   running counters
+
+Every poll batch is applied in ONE transaction: the new events (``INSERT OR
+IGNORE`` on the unique event id, so a replay or a producer retry is a no-op),
+the erasures, the counters and the next offset of every partition in the
+batch. The database is therefore the source of truth for where consumption
+resumes: data and offsets can only be durable together. Kafka's committed
+offsets are written afterwards as an optimisation and for lag monitoring.
+
+A "user forgotten" event deletes the user's rows and leaves a tombstone:
+events of that user that arrive later are dropped when they are older than
+the erasure, or newer but before the user registers again (a re-registration
+is a new consent). ``secure_delete`` overwrites the deleted rows' bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from coldstart.v1 import events_pb2
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    event_id TEXT NOT NULL UNIQUE,
+    partition INTEGER NOT NULL,
+    offset INTEGER NOT NULL,
+    ts_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    user_id TEXT,
+    item_id TEXT,
+    action TEXT,
+    value REAL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_user ON events(user_id) WHERE user_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS offsets (
+    topic TEXT NOT NULL,
+    partition INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+CREATE TABLE IF NOT EXISTS forgotten (
+    user_id TEXT PRIMARY KEY,
+    forgotten_at_ms INTEGER NOT NULL,
+    reregistered INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+COUNTERS = ("applied", "duplicates", "dropped_forgotten", "forgotten_users", "dead_lettered")
+
+_INSERT = (
+    "INSERT OR IGNORE INTO events "
+    "(event_id, partition, offset, ts_ms, kind, user_id, item_id, action, value, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+Row = tuple[str, int, int, int, str, str | None, str | None, str | None, float | None, bytes]
+
+
+class EventLogError(RuntimeError):
+    """The log could not be written (disk full, read-only, corrupt); nothing was applied."""
+
+
+@dataclass(frozen=True)
+class Incoming:
+    """One decoded event with where it came from and its raw bytes."""
+
+    partition: int
+    offset: int
+    event: events_pb2.Event
+    raw: bytes
+
+
+@dataclass
+class ApplyResult:
+    applied: int = 0
+    duplicates: int = 0
+    dropped_forgotten: int = 0
+    forgotten_users: int = 0
+    dead_lettered: int = 0
+    # user ids erased in this batch (the caller may tell other components)
+    erased: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Tombstone:
+    forgotten_at_ms: int
+    reregistered: bool
+
+
+def _row(item: Incoming) -> Row | None:
+    """The events-table row of an event; None for a user_forgotten event."""
+    event = item.event
+    kind = event.WhichOneof("payload")
+    head = (event.event_id, item.partition, item.offset, event.timestamp_ms)
+    if kind == "interaction":
+        it = event.interaction
+        return (*head, kind, it.user_id, it.item_id, it.kind, float(it.value), item.raw)
+    if kind == "user_registered":
+        return (*head, kind, event.user_registered.user_id, None, None, None, item.raw)
+    if kind == "item_upserted":
+        return (*head, kind, None, event.item_upserted.item_id, None, None, item.raw)
+    return None
+
+
+def _user_of(item: Incoming) -> str | None:
+    kind = item.event.WhichOneof("payload")
+    if kind is None or kind == "item_upserted":
+        return None
+    user: str = getattr(item.event, kind).user_id
+    return user
+
+
+def connect(
+    path: Path, *, synchronous: str = "NORMAL", timeout_s: float = 30.0
+) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit BEGIN/COMMIT)."""
+    conn = sqlite3.connect(
+        str(path), timeout=timeout_s, isolation_level=None, check_same_thread=False
+    )
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+    conn.execute("PRAGMA secure_delete=ON")
+    conn.execute("PRAGMA foreign_keys=OFF")
+    return conn
+
+
+class EventLog:
+    """The writer side (one per process) plus read helpers on separate connections."""
+
+    def __init__(self, path: Path, *, synchronous: str = "NORMAL") -> None:
+        self.path = Path(path)
+        self.synchronous = synchronous
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = connect(self.path, synchronous=synchronous)
+            self._conn.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise EventLogError(f"cannot open the event log {self.path}: {exc}") from exc
+        self._lock = threading.Lock()
+        self._tombstones = self._load_tombstones(self._conn)
+
+    # -- writing ----------------------------------------------------------
+    def apply(
+        self,
+        topic: str,
+        events: Sequence[Incoming],
+        next_offsets: Mapping[int, int],
+        *,
+        dead_lettered: int = 0,
+    ) -> ApplyResult:
+        """Apply one batch atomically: events, erasures, counters and offsets.
+
+        ``events`` must be in offset order per partition. ``next_offsets`` holds,
+        for every partition the batch touched (dead-lettered records included),
+        the offset after the last record. Raises EventLogError with nothing
+        applied when the database cannot be written.
+        """
+        result = ApplyResult(dead_lettered=dead_lettered)
+        tombstones = dict(self._tombstones)
+        with self._lock:
+            conn = self._conn
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                pending: list[Row] = []
+                for item in events:
+                    user = _user_of(item)
+                    kind = item.event.WhichOneof("payload")
+                    ts = item.event.timestamp_ms
+                    if kind == "user_forgotten":
+                        assert user is not None
+                        self._flush(conn, pending, result)
+                        self._forget(conn, user, ts, tombstones, result)
+                        continue
+                    if user is not None and user in tombstones:
+                        stone = tombstones[user]
+                        if ts <= stone.forgotten_at_ms:
+                            result.dropped_forgotten += 1
+                            continue
+                        if kind == "user_registered":
+                            tombstones[user] = _Tombstone(stone.forgotten_at_ms, True)
+                            self._flush(conn, pending, result)
+                            conn.execute(
+                                "UPDATE forgotten SET reregistered = 1 WHERE user_id = ?", (user,)
+                            )
+                        elif not stone.reregistered:
+                            result.dropped_forgotten += 1
+                            continue
+                    row = _row(item)
+                    if row is not None:
+                        pending.append(row)
+                self._flush(conn, pending, result)
+                conn.executemany(
+                    "INSERT INTO offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
+                    "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+                    [(topic, p, o) for p, o in next_offsets.items()],
+                )
+                conn.executemany(
+                    "INSERT INTO meta (key, value) VALUES (?, ?) "
+                    "ON CONFLICT (key) DO UPDATE SET value = value + excluded.value",
+                    [
+                        ("applied", result.applied),
+                        ("duplicates", result.duplicates),
+                        ("dropped_forgotten", result.dropped_forgotten),
+                        ("forgotten_users", result.forgotten_users),
+                        ("dead_lettered", result.dead_lettered),
+                    ],
+                )
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise EventLogError(f"writing the event log {self.path} failed: {exc}") from exc
+            self._tombstones = tombstones
+        return result
+
+    @staticmethod
+    def _flush(conn: sqlite3.Connection, pending: list[Row], result: ApplyResult) -> None:
+        if not pending:
+            return
+        before = conn.total_changes
+        conn.executemany(_INSERT, pending)
+        inserted = conn.total_changes - before
+        result.applied += inserted
+        result.duplicates += len(pending) - inserted
+        pending.clear()
+
+    @staticmethod
+    def _forget(
+        conn: sqlite3.Connection,
+        user: str,
+        ts: int,
+        tombstones: dict[str, _Tombstone],
+        result: ApplyResult,
+    ) -> None:
+        previous = tombstones.get(user)
+        if previous is not None and ts <= previous.forgotten_at_ms:
+            # A replay (or an older duplicate) of an erasure already done: doing
+            # it again would also erase what the user did after re-registering.
+            result.duplicates += 1
+            return
+        conn.execute("DELETE FROM events WHERE user_id = ?", (user,))
+        forgotten_at = ts
+        conn.execute(
+            "INSERT INTO forgotten (user_id, forgotten_at_ms, reregistered) VALUES (?, ?, 0) "
+            "ON CONFLICT (user_id) DO UPDATE SET forgotten_at_ms = excluded.forgotten_at_ms, "
+            "reregistered = 0",
+            (user, forgotten_at),
+        )
+        tombstones[user] = _Tombstone(forgotten_at, False)
+        result.forgotten_users += 1
+        result.erased.append(user)
+
+    def close(self) -> None:
+        with self._lock, contextlib.suppress(sqlite3.Error):
+            self._conn.close()
+
+    # -- reading ----------------------------------------------------------
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[sqlite3.Connection]:
+        """A separate connection inside one read transaction (a consistent snapshot)."""
+        conn = connect(self.path, synchronous=self.synchronous)
+        try:
+            conn.execute("BEGIN")
+            yield conn
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def stored_offsets(self, topic: str) -> dict[int, int]:
+        with self.reader() as conn:
+            rows = conn.execute(
+                "SELECT partition, next_offset FROM offsets WHERE topic = ?", (topic,)
+            ).fetchall()
+        return {int(p): int(o) for p, o in rows}
+
+    def counters(self) -> dict[str, int]:
+        with self.reader() as conn:
+            rows = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        return {name: int(rows.get(name, 0)) for name in COUNTERS}
+
+    def event_count(self) -> int:
+        with self.reader() as conn:
+            (count,) = conn.execute("SELECT COUNT(*) FROM events").fetchone()
+        return int(count)
+
+    def forgotten_users(self) -> set[str]:
+        return set(self._tombstones)
+
+    @staticmethod
+    def _load_tombstones(conn: sqlite3.Connection) -> dict[str, _Tombstone]:
+        rows = conn.execute(
+            "SELECT user_id, forgotten_at_ms, reregistered FROM forgotten"
+        ).fetchall()
+        return {str(u): _Tombstone(int(t), bool(r)) for u, t, r in rows}

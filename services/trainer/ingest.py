@@ -1,0 +1,364 @@
+"""The consumer loop: events topic -> event log, bad messages -> dead-letter topic.
+
+Order of effects for one poll batch (what makes a SIGKILL at any moment safe):
+
+1. decode every record; the ones that cannot be applied are produced to the
+   dead-letter topic and acknowledged by the broker (acks=all) first;
+2. the good events, the erasures and the next offsets are written to the
+   event log in ONE SQLite transaction;
+3. only then the offsets are committed to Kafka.
+
+A crash before 2 re-reads the batch (the dead-letter topic may see a message
+twice; the log dedupes by event id anyway). A crash after 2 resumes from the
+offsets in the log, because on every partition assignment the consumer seeks
+to the log's offsets: the log, not Kafka's committed offsets, is the truth.
+A write or dead-letter failure never kills the loop: the consumer seeks back
+to the log's offsets, backs off and reads the batch again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from services.common.events import EventDecodeError, decode_event, make_consumer, make_producer
+from services.trainer import metrics
+from services.trainer.event_log import ApplyResult, EventLog, EventLogError, Incoming
+
+log = logging.getLogger("coldstart.trainer.ingest")
+
+# Back-off after a failed batch (log or dead-letter write), doubling up to the max.
+BACKOFF_MIN_S = 0.2
+BACKOFF_MAX_S = 5.0
+# Lag is recomputed at most this often (it needs the partitions' end offsets).
+LAG_INTERVAL_S = 0.5
+MAX_DETAIL_CHARS = 200
+
+
+class RecordLike(Protocol):
+    """What the loop needs of a kafka-python ConsumerRecord."""
+
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class SplitBatch:
+    events: list[Incoming]
+    dead: list[DeadLetter]
+    # partition -> offset after the last record of the batch (dead letters included)
+    next_offsets: dict[int, int]
+
+
+def split_batch(records: Iterable[RecordLike]) -> SplitBatch:
+    """Decode records (in offset order per partition) into events and dead letters."""
+    events: list[Incoming] = []
+    dead: list[DeadLetter] = []
+    next_offsets: dict[int, int] = {}
+    for record in records:
+        next_offsets[record.partition] = max(
+            next_offsets.get(record.partition, 0), record.offset + 1
+        )
+        try:
+            event = decode_event(record.value)
+        except EventDecodeError as exc:
+            dead.append(
+                DeadLetter(
+                    record.partition,
+                    record.offset,
+                    record.key,
+                    record.value,
+                    exc.reason,
+                    str(exc)[:MAX_DETAIL_CHARS],
+                )
+            )
+            continue
+        assert record.value is not None  # decode_event refuses empty values
+        events.append(Incoming(record.partition, record.offset, event, record.value))
+    return SplitBatch(events, dead, next_offsets)
+
+
+class DeadLetterSink(Protocol):
+    def send(self, source_topic: str, letters: Sequence[DeadLetter]) -> None:
+        """Return only once every letter is durable; raise otherwise."""
+
+
+class KafkaDeadLetterSink:
+    """Raw bytes to the dead-letter topic with headers naming reason and origin."""
+
+    def __init__(self, bootstrap: str, topic: str, timeout_s: float = 10.0) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.timeout_s = timeout_s
+        self._producer: Any = None
+
+    def send(self, source_topic: str, letters: Sequence[DeadLetter]) -> None:
+        if self._producer is None:
+            self._producer = make_producer(self.bootstrap, client_id="coldstart-trainer-dlq")
+        futures = [
+            self._producer.send(
+                self.topic,
+                key=letter.key,
+                value=letter.value or b"",
+                headers=[
+                    ("reason", letter.reason.encode()),
+                    ("detail", letter.detail.encode(errors="replace")),
+                    ("source_topic", source_topic.encode()),
+                    ("source_partition", str(letter.partition).encode()),
+                    ("source_offset", str(letter.offset).encode()),
+                ],
+            )
+            for letter in letters
+        ]
+        self._producer.flush(timeout=self.timeout_s)
+        for future in futures:
+            future.get(timeout=self.timeout_s)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close(timeout=5)
+            self._producer = None
+
+
+@dataclass
+class IngestStatus:
+    running: bool = False
+    consumer_lag: int = -1  # -1: not known yet (no assignment / broker not reached)
+    last_error: str = ""
+    batches: int = 0
+
+
+class Ingestor:
+    """Runs the consumer loop in a thread until ``stop``."""
+
+    def __init__(
+        self,
+        event_log: EventLog,
+        *,
+        bootstrap: str,
+        topic: str,
+        group_id: str,
+        dead_letters: DeadLetterSink,
+        max_poll_records: int = 5000,
+        on_applied: Callable[[ApplyResult], None] | None = None,
+        consumer_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        self.log = event_log
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.group_id = group_id
+        self.dead_letters = dead_letters
+        self.max_poll_records = max_poll_records
+        self.on_applied = on_applied
+        self.consumer_factory = consumer_factory or self._default_consumer
+        self.status = IngestStatus()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lag_checked = 0.0
+
+    def _default_consumer(self) -> Any:
+        return make_consumer(
+            self.bootstrap,
+            self.group_id,
+            client_id="coldstart-trainer",
+            max_poll_records=self.max_poll_records,
+            # A big batch is one transaction; the broker may give us more per fetch.
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
+
+    # -- lifecycle --------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="trainer-ingest", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
+
+    # -- the loop ---------------------------------------------------------
+    def _run(self) -> None:
+        self.status.running = True
+        backoff = BACKOFF_MIN_S
+        consumer: Any = None
+        try:
+            while not self._stop.is_set():
+                try:
+                    if consumer is None:
+                        consumer = self.consumer_factory()
+                        self._subscribe(consumer)
+                    self.poll_once(consumer)
+                    backoff = BACKOFF_MIN_S
+                except _BatchFailed as exc:
+                    self.status.last_error = str(exc)
+                    if not self._rewind(consumer):
+                        # The next turn rebuilds the consumer, which seeks on assignment.
+                        self._close(consumer)
+                        consumer = None
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                except Exception as exc:  # never a crash loop: log, back off, go on
+                    log.exception("consumer loop error; retrying", extra={"error": repr(exc)})
+                    self.status.last_error = repr(exc)
+                    if consumer is not None:
+                        self._close(consumer)
+                        consumer = None
+                    self._stop.wait(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+        finally:
+            if consumer is not None:
+                self._close(consumer)
+            self.status.running = False
+
+    def _subscribe(self, consumer: Any) -> None:
+        from kafka import ConsumerRebalanceListener
+
+        event_log, topic = self.log, self.topic
+
+        class SeekToLog(ConsumerRebalanceListener):
+            """Resume every assigned partition where the event log says."""
+
+            def on_partitions_revoked(self, revoked: Any) -> None:
+                # Nothing to flush: every applied batch is already in the log.
+                pass
+
+            def on_partitions_assigned(self, assigned: Any) -> None:
+                stored = event_log.stored_offsets(topic)
+                for tp in assigned:
+                    if tp.partition in stored:
+                        consumer.seek(tp, stored[tp.partition])
+                    else:
+                        # Nothing of this partition is in the log: read it all,
+                        # whatever Kafka's committed offset says.
+                        consumer.seek_to_beginning(tp)
+                log.info(
+                    "partitions assigned",
+                    extra={"partitions": sorted(tp.partition for tp in assigned)},
+                )
+
+        consumer.subscribe([self.topic], listener=SeekToLog())
+
+    def poll_once(self, consumer: Any) -> ApplyResult | None:
+        """Poll one batch and apply it; None when the poll returned nothing."""
+        batches = consumer.poll(timeout_ms=200, max_records=self.max_poll_records)
+        if not batches:
+            self._update_lag(consumer, force=False)
+            return None
+        records = [r for tp in sorted(batches, key=lambda t: t.partition) for r in batches[tp]]
+        split = split_batch(records)
+        if split.dead:
+            try:
+                self.dead_letters.send(self.topic, split.dead)
+            except Exception as exc:
+                raise _BatchFailed(f"dead-letter topic unavailable: {exc!r}") from exc
+            for letter in split.dead:
+                metrics.EVENTS_DEAD_LETTERED.labels(letter.reason).inc()
+                log.warning(
+                    "event dead-lettered",
+                    extra={
+                        "topic": self.topic,
+                        "partition": letter.partition,
+                        "offset": letter.offset,
+                        "reason": letter.reason,
+                        "detail": letter.detail,
+                    },
+                )
+        started = time.perf_counter()
+        try:
+            result = self.log.apply(
+                self.topic, split.events, split.next_offsets, dead_lettered=len(split.dead)
+            )
+        except EventLogError as exc:
+            metrics.LOG_WRITE_FAILURES.inc()
+            log.error("event log write failed; batch will be re-read", extra={"error": str(exc)})
+            raise _BatchFailed(str(exc)) from exc
+        metrics.APPLY_BATCH_SECONDS.observe(time.perf_counter() - started)
+        self._commit(consumer, split.next_offsets)
+        metrics.EVENTS_APPLIED.inc(result.applied)
+        metrics.EVENTS_DUPLICATE.inc(result.duplicates)
+        metrics.EVENTS_DROPPED_FORGOTTEN.inc(result.dropped_forgotten)
+        metrics.USERS_FORGOTTEN.inc(result.forgotten_users)
+        if result.erased:
+            log.info("users forgotten", extra={"count": len(result.erased)})
+        self.status.batches += 1
+        self.status.last_error = ""
+        self._update_lag(consumer, force=False)
+        if self.on_applied is not None:
+            self.on_applied(result)
+        return result
+
+    def _commit(self, consumer: Any, next_offsets: dict[int, int]) -> None:
+        from kafka import TopicPartition
+        from kafka.errors import KafkaError
+        from kafka.structs import OffsetAndMetadata
+
+        offsets = {
+            TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
+            for p, o in next_offsets.items()
+        }
+        try:
+            consumer.commit(offsets)
+        except KafkaError as exc:
+            # Harmless: the log holds the offsets; a rebalance seeks to them.
+            log.warning("offset commit to Kafka failed", extra={"error": repr(exc)})
+
+    def _rewind(self, consumer: Any) -> bool:
+        """Seek assigned partitions back to the log's offsets (re-read a failed batch)."""
+        try:
+            stored = self.log.stored_offsets(self.topic)
+            for tp in consumer.assignment():
+                if tp.partition in stored:
+                    consumer.seek(tp, stored[tp.partition])
+                else:
+                    consumer.seek_to_beginning(tp)
+        except Exception as exc:
+            log.warning("rewind failed", extra={"error": repr(exc)})
+            return False
+        return True
+
+    def _update_lag(self, consumer: Any, *, force: bool) -> None:
+        now = time.monotonic()
+        if not force and now - self._lag_checked < LAG_INTERVAL_S:
+            return
+        self._lag_checked = now
+        assigned = list(consumer.assignment())
+        if not assigned:
+            return
+        ends = consumer.end_offsets(assigned)
+        lag = 0
+        for tp in assigned:
+            position = consumer.position(tp, timeout_ms=1000)
+            if position is not None:
+                lag += max(0, int(ends.get(tp, position)) - int(position))
+        self.status.consumer_lag = lag
+        metrics.CONSUMER_LAG.set(lag)
+
+    def _close(self, consumer: Any) -> None:
+        try:
+            consumer.close(autocommit=False, timeout_ms=5000)
+        except Exception as exc:
+            log.warning("consumer close failed", extra={"error": repr(exc)})
+
+
+class _BatchFailed(RuntimeError):
+    """A batch could not be made durable; it will be re-read after a back-off."""

@@ -98,6 +98,9 @@ def make_producer(bootstrap: str, client_id: str = "coldstart", **overrides: Any
         "retries": 5,
         "request_timeout_ms": 10_000,
         "max_block_ms": 5_000,
+        # The constructor blocks until it reaches a broker (30 s by default);
+        # a writer whose broker is down should say so sooner.
+        "bootstrap_timeout_ms": 5_000,
     }
     options.update(overrides)
     return KafkaProducer(**options)

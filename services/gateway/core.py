@@ -73,7 +73,11 @@ class KafkaEventSink:
         with self._lock:
             if self._producer is None:
                 try:
-                    self._producer = make_producer(self.bootstrap, client_id="gateway")
+                    self._producer = make_producer(
+                        self.bootstrap,
+                        client_id="gateway",
+                        bootstrap_timeout_ms=int(min(self.timeout_s, 5.0) * 1000),
+                    )
                 except KafkaError as exc:
                     raise Unavailable(f"event broker unavailable: {type(exc).__name__}") from None
             return self._producer

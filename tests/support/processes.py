@@ -58,14 +58,21 @@ def coldstart_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "services.cli", *args]
 
 
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, credentials)
+
+
 def wait_serving(
     address: str,
     timeout_s: float,
     process: subprocess.Popen[bytes] | None = None,
     service: str = "",
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> None:
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if process is not None and process.poll() is not None:
@@ -88,6 +95,7 @@ def running_service(
     env: dict[str, str] | None = None,
     timeout_s: float = 60.0,
     port: int | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> Iterator[ServiceProcess]:
     """Run `coldstart serve <name>` on free ports until the block ends."""
     port = port or free_port()
@@ -110,7 +118,7 @@ def running_service(
     service = ServiceProcess(name, process, port, metrics_port, log_path)
     try:
         try:
-            wait_serving(service.address, timeout_s, process)
+            wait_serving(service.address, timeout_s, process, credentials=credentials)
         except (RuntimeError, TimeoutError) as exc:
             raise RuntimeError(f"{name} did not start: {exc}\n{service.logs()[-3000:]}") from None
         yield service

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +37,19 @@ class Catalog:
     text: dict[str, str] = field(default_factory=dict)
     attributes: dict[str, dict[str, str]] = field(default_factory=dict)
 
-    def upsert(self, entity_id: str, text: str, attributes: Mapping[str, str]) -> None:
+    def upsert(
+        self,
+        entity_id: str,
+        text: str,
+        attributes: Mapping[str, str],
+        multi: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
+        values = {_column(k): _clean(v) for k, v in attributes.items()}
+        for key, many in (multi or {}).items():
+            if many:
+                values[_column(key)] = MULTI_SEP.join(_clean(v) for v in many)
         self.text[entity_id] = text
-        self.attributes[entity_id] = {_column(k): _clean(v) for k, v in attributes.items()}
+        self.attributes[entity_id] = values
 
     def drop(self, ids: set[str]) -> None:
         for entity_id in ids:
@@ -170,10 +180,7 @@ def _read_log(
     ):
         event = events_pb2.Event.FromString(payload)
         item = event.item_upserted
-        attributes = dict(item.attributes)
-        if item.tags:
-            attributes["tags"] = MULTI_SEP.join(_clean(t) for t in item.tags)
-        items.upsert(item.item_id, item.text, attributes)
+        items.upsert(item.item_id, item.text, dict(item.attributes), {"tags": list(item.tags)})
     for (payload,) in conn.execute(
         "SELECT payload FROM events WHERE kind = 'user_registered' ORDER BY seq"
     ):

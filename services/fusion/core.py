@@ -403,9 +403,9 @@ class Recommender:
         user_vec, history_mean = self._user_vector(model, attributes, interest, history_rows)
         index = model.index
         # Unknown exclusion ids are ignored: nothing by that id can be returned anyway.
-        excluded = {r for r in (index.row(i) for i in exclude_item_ids) if r is not None}
+        excluded_rows = [r for r in (index.row(i) for i in exclude_item_ids) if r is not None]
         # What the user already interacted with is not recommended again.
-        excluded.update(int(r) for r in history_rows)
+        excluded = np.unique(np.concatenate([np.asarray(excluded_rows, np.int64), history_rows]))
         filters = filters or Filters()
         eligible = index.eligible(filters.attribute_equals, filters.tags_any)
         want = max(self.candidates, k)
@@ -413,7 +413,8 @@ class Recommender:
         popular = index.popular(POPULAR_CANDIDATES * 4 + len(excluded))
         if eligible is not None:
             popular = popular[np.isin(popular, eligible)]
-        popular = np.asarray([r for r in popular if int(r) not in excluded], dtype=np.int64)
+        if len(excluded):
+            popular = popular[~np.isin(popular, excluded)]
         rows = np.unique(np.concatenate([rows, popular[:POPULAR_CANDIDATES]]))
         if len(rows) == 0:
             return Result([], model.version, new_user)
@@ -474,7 +475,7 @@ class Recommender:
             raise NotFound(f"item_id: unknown item {item_id!r}")
         meta = model.index.meta(row)
         rows, scores = model.index.search(
-            model.index.vectors(np.asarray([row]))[0], k, excluded={row}
+            model.index.vectors(np.asarray([row]))[0], k, excluded=np.asarray([row])
         )
         reason = f"similar to {meta.text or meta.item_id}"
         items = [

@@ -196,25 +196,29 @@ class ItemIndex:
             threading.Thread(target=self._fold, name="fusion-index-fold", daemon=True).start()
 
     def _fold(self) -> None:
+        # Loops because upserts that arrive during a fold start none of their own.
         try:
-            view = self._view
-            rows = view.vectors[view.ann_count : view.count]
-            if view.ann is None:
-                ann = build_hnsw(view.vectors[: view.count])
-            else:
-                ann = faiss.clone_index(view.ann)
-                ann.add(np.ascontiguousarray(rows))
-            with self._lock:
-                current = self._view
-                self._view = _View(
-                    current.count,
-                    current.vectors,
-                    current.content,
-                    current.log_popularity,
-                    ann,
-                    view.count,
-                )
-            log.info("folded side buffer into the ANN index", extra={"rows": len(rows)})
+            while True:
+                view = self._view
+                if view.count - view.ann_count <= self.fold_threshold:
+                    return
+                rows = view.vectors[view.ann_count : view.count]
+                if view.ann is None:
+                    ann = build_hnsw(view.vectors[: view.count])
+                else:
+                    ann = faiss.clone_index(view.ann)
+                    ann.add(np.ascontiguousarray(rows))
+                with self._lock:
+                    current = self._view
+                    self._view = _View(
+                        current.count,
+                        current.vectors,
+                        current.content,
+                        current.log_popularity,
+                        ann,
+                        view.count,
+                    )
+                log.info("folded side buffer into the ANN index", extra={"rows": len(rows)})
         finally:
             self._folding = False
 
@@ -225,10 +229,12 @@ class ItemIndex:
         k: int,
         *,
         eligible: np.ndarray | None = None,
-        excluded: frozenset[int] | set[int] = frozenset(),
+        excluded: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` live rows by inner product: (rows, scores), best first."""
         view = self._view
+        if excluded is None:
+            excluded = np.empty(0, dtype=np.int64)
         query = np.ascontiguousarray(query, dtype=np.float32).reshape(1, -1)
         if eligible is not None:
             eligible = eligible[eligible < view.count]
@@ -257,8 +263,8 @@ class ItemIndex:
             keep &= ~self._deleted[np.maximum(rows, 0)]
             if mask is not None:
                 keep &= mask[np.maximum(rows, 0)]
-            if excluded:
-                keep &= np.fromiter((r not in excluded for r in rows), dtype=bool, count=len(rows))
+            if len(excluded):
+                keep &= ~np.isin(rows, excluded)
             rows, scores = rows[keep], scores[keep]
             if len(rows) >= k or fetch >= view.ann_count:
                 break
@@ -274,11 +280,11 @@ class ItemIndex:
         query: np.ndarray,
         rows: np.ndarray,
         k: int,
-        excluded: frozenset[int] | set[int],
+        excluded: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         rows = rows[~self._deleted[rows]]
-        if excluded and len(rows):
-            rows = rows[np.fromiter((r not in excluded for r in rows), dtype=bool, count=len(rows))]
+        if len(excluded) and len(rows):
+            rows = rows[~np.isin(rows, excluded)]
         if len(rows) == 0:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
         scores = view.vectors[rows] @ query[0]

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from services.fusion.index import ItemIndex, ItemMeta, build_hnsw
+from services.fusion.synthetic import clustered_vectors
+
+
+def make_index(n: int = 500, dim: int = 8, fold_threshold: int = 1_000) -> ItemIndex:
+    vectors, labels = clustered_vectors(n, dim, clusters=8, seed=1)
+    metas = [
+        ItemMeta(f"i{r}", f"Item {r}", {"colour": f"c{labels[r] % 3}"}, (f"t{r % 4}",))
+        for r in range(n)
+    ]
+    popularity = np.arange(n, 0, -1, dtype=np.float32)
+    return ItemIndex(
+        metas,
+        vectors,
+        vectors.copy(),
+        popularity,
+        build_hnsw(vectors),
+        fold_threshold=fold_threshold,
+    )
+
+
+def exact_top(index: ItemIndex, query: np.ndarray, k: int) -> list[int]:
+    scores = index.vectors(np.arange(len(index))) @ query
+    return list(np.argsort(-scores)[:k])
+
+
+def test_search_agrees_with_exact_search() -> None:
+    index = make_index()
+    query = index.vectors(np.asarray([3]))[0]
+    rows, scores = index.search(query, 20)
+    assert list(rows) == exact_top(index, query, 20)
+    assert np.all(np.diff(scores) <= 1e-6)
+
+
+def test_upserted_item_is_found_at_once_and_replacement_hides_old_row() -> None:
+    index = make_index()
+    query = np.zeros(8, dtype=np.float32)
+    query[0] = 1.0
+    index.upsert([ItemMeta("new")], query[None, :], query[None, :])
+    rows, _ = index.search(query, 1)
+    assert index.meta(int(rows[0])).item_id == "new"
+    old_row = index.row("new")
+    # Replace "new" with the opposite direction: the old row must not come back.
+    index.upsert([ItemMeta("new")], -query[None, :], -query[None, :])
+    assert index.row("new") != old_row
+    rows, _ = index.search(query, 50)
+    assert old_row not in set(rows.tolist())
+    assert len(index) == 501
+
+
+def test_filters_and_exclusions() -> None:
+    index = make_index()
+    query = index.vectors(np.asarray([10]))[0]
+    eligible = index.eligible({"colour": "c1"}, ["t2"])
+    assert eligible is not None and len(eligible) > 0
+    rows, _ = index.search(query, 10, eligible=eligible, excluded=np.asarray([int(eligible[0])]))
+    assert len(rows) == 10
+    for row in rows:
+        meta = index.meta(int(row))
+        assert meta.attributes["colour"] == "c1" and "t2" in meta.tags
+    assert int(eligible[0]) not in set(rows.tolist())
+    assert index.eligible({"colour": "nope"}, []) is not None
+    assert len(index.search(query, 5, eligible=index.eligible({"colour": "nope"}, []))[0]) == 0
+
+
+def test_side_buffer_folds_into_the_ann_index_without_losing_items() -> None:
+    index = make_index(fold_threshold=10)
+    extra, _ = clustered_vectors(30, 8, clusters=4, seed=7)
+    for i in range(30):
+        index.upsert([ItemMeta(f"x{i}")], extra[i : i + 1], extra[i : i + 1])
+    for _ in range(200):  # the fold runs in a background thread
+        if index.side_count < 10:
+            break
+        time.sleep(0.01)
+    assert index.side_count < 10
+    for i in (0, 15, 29):
+        rows, _ = index.search(extra[i], 1)
+        assert index.meta(int(rows[0])).item_id == f"x{i}"
+
+
+def test_popular_skips_replaced_items() -> None:
+    index = make_index()
+    assert list(index.popular(3)) == [0, 1, 2]
+    index.upsert([ItemMeta("i0")], np.ones((1, 8), np.float32), np.ones((1, 8), np.float32))
+    assert list(index.popular(3)) == [1, 2, 3]

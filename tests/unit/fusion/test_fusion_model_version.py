@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.fusion.model_version import ModelLoadError, ModelVersion
+
+
+def test_loads_a_version_and_towers_agree_with_stored_item_vectors(version_path: Path) -> None:
+    model = ModelVersion.load(version_path)
+    assert len(model.index) == 1_000
+    assert model.dimension == 16 and model.content_dimension == 16
+    rows = np.arange(5)
+    attrs = [dict(model.index.meta(int(r)).attributes) for r in rows]
+    recomputed = model.item_vectors(model.index.content(rows), attrs)
+    np.testing.assert_allclose(recomputed, model.index.vectors(rows), atol=1e-5)
+    assert model.info()["version"] == version_path.name
+
+
+def _broken(tmp_path: Path, version_path: Path, change: Callable[[Path], None]) -> Path:
+    target = tmp_path / "v"
+    shutil.copytree(version_path, target)
+    change(target)
+    return target
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda p: (p / "ranker.onnx").unlink(), "ranker.onnx: missing (ranker)"),
+        (
+            lambda p: (p / "user_tower.onnx").write_bytes(b"not onnx"),
+            "user_tower.onnx: cannot load ONNX model",
+        ),
+        (lambda p: (p / "manifest.json").write_text("{"), "manifest.json: not valid JSON"),
+        (lambda p: (p / "manifest.json").unlink(), "manifest.json: missing"),
+        (
+            lambda p: np.save(p / "item_vectors.npy", np.zeros((3, 16), np.float32)),
+            "item_vectors.npy: shape (3, 16), expected (1000, 16)",
+        ),
+        (
+            lambda p: (p / "items.faiss").write_bytes(b"junk"),
+            "items.faiss: cannot read faiss index",
+        ),
+        (
+            lambda p: (p / "manifest.json").write_text(
+                json.dumps({**json.loads((p / "manifest.json").read_text()), "dimension": 32})
+            ),
+            "expected (1000, 32)",
+        ),
+    ],
+)
+def test_bad_versions_fail_with_one_line_naming_the_file(
+    tmp_path: Path, version_path: Path, change: Callable[[Path], None], message: str
+) -> None:
+    broken = _broken(tmp_path, version_path, change)
+    with pytest.raises(ModelLoadError) as raised:
+        ModelVersion.load(broken)
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_index_is_built_at_load_when_the_version_has_none(
+    tmp_path: Path, version_path: Path
+) -> None:
+    broken = _broken(tmp_path, version_path, lambda p: (p / "items.faiss").unlink())
+    model = ModelVersion.load(broken)
+    query = model.index.vectors(np.asarray([7]))[0]
+    rows, _ = model.index.search(query, 1)
+    assert rows[0] == 7

@@ -1,0 +1,274 @@
+"""`coldstart up` / `coldstart down`: the whole system on one machine.
+
+Starts the local Kafka broker, makes sure an encoder export and a first
+recommender model exist (training one on the embedded synthetic data, or on
+a dataset named by ``--data``), starts encoder, fusion, trainer and gateway as
+background processes, waits until each reports SERVING, and prints how to
+call the gateway. `coldstart down` stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.common.kafka.local_broker import KafkaError, LocalKafka
+from services.common.paths import REPO_ROOT, cache_dir, run_dir
+from services.common.registry import ModelRegistry
+
+GRPCURL_MODULE = "github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3"
+DEV_TOKEN = "dev-token"
+
+
+@dataclass(frozen=True)
+class Ports:
+    gateway: int = 50050
+    encoder: int = 50051
+    fusion: int = 50052
+    trainer: int = 50053
+    kafka: int = 9092
+
+    def metrics(self, service: str) -> int:
+        return {"gateway": 9100, "encoder": 9101, "fusion": 9102, "trainer": 9103}[service]
+
+
+def state_file() -> Path:
+    return run_dir() / "up.json"
+
+
+def registry_dirs() -> tuple[Path, Path]:
+    root = run_dir() / "registry"
+    return root / "encoder", root / "recommender"
+
+
+def _coldstart(*args: str) -> list[str]:
+    return [sys.executable, "-m", "services.cli", *args]
+
+
+def _run_step(title: str, command: list[str]) -> None:
+    print(f"==> {title}", flush=True)
+    result = subprocess.run(command, cwd=REPO_ROOT, check=False)
+    if result.returncode != 0:
+        raise SystemExit(
+            f"coldstart up: {title} failed (exit {result.returncode}); command: {' '.join(command)}"
+        )
+
+
+def ensure_models(data: str, retrain: bool) -> None:
+    encoder_registry, model_registry = registry_dirs()
+    if ModelRegistry(encoder_registry).current() is None:
+        _run_step(
+            "exporting the text encoder to ONNX",
+            _coldstart("export", "encoder", "--registry", str(encoder_registry)),
+        )
+    if retrain or ModelRegistry(model_registry).current() is None:
+        _run_step(
+            f"training a first model on {data}",
+            _coldstart(
+                "train",
+                "--data",
+                data,
+                "--workers",
+                "1",
+                "--registry",
+                str(model_registry),
+                "--publish",
+            ),
+        )
+
+
+def service_settings(service: str, ports: Ports, kafka: str) -> dict[str, object]:
+    encoder_registry, model_registry = registry_dirs()
+    common: dict[str, object] = {
+        "port": getattr(ports, service),
+        "metrics_port": ports.metrics(service),
+    }
+    specific: dict[str, dict[str, object]] = {
+        "encoder": {"registry_dir": encoder_registry},
+        "fusion": {
+            "registry_dir": model_registry,
+            "kafka_bootstrap": kafka,
+            "encoder_address": f"127.0.0.1:{ports.encoder}",
+        },
+        "trainer": {"registry_dir": model_registry, "kafka_bootstrap": kafka},
+        "gateway": {
+            "kafka_bootstrap": kafka,
+            "fusion_address": f"127.0.0.1:{ports.fusion}",
+            "encoder_address": f"127.0.0.1:{ports.encoder}",
+            "registry_dir": model_registry,
+            "auth_tokens": f"dev:{DEV_TOKEN}",
+        },
+    }
+    return {**common, **specific[service]}
+
+
+def start_service(service: str, settings: dict[str, object], log_dir: Path) -> int:
+    args = ["serve", service]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with (log_dir / f"{service}.log").open("ab") as log:
+        process = subprocess.Popen(
+            _coldstart(*args),
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # keeps running after `coldstart up` returns
+        )
+    return process.pid
+
+
+def wait_serving(
+    service: str, pid: int, port: int, log_dir: Path, timeout_s: float = 300.0
+) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                tail = (
+                    (log_dir / f"{service}.log")
+                    .read_text(errors="replace")
+                    .strip()
+                    .splitlines()[-5:]
+                )
+                raise SystemExit(
+                    f"coldstart up: {service} exited during start-up:\n  " + "\n  ".join(tail)
+                )
+            try:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    print(f"    {service} SERVING on 127.0.0.1:{port}", flush=True)
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.25)
+    raise SystemExit(
+        f"coldstart up: {service} not SERVING within {timeout_s:.0f}s; see {log_dir / service}.log"
+    )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def grpcurl_path() -> str | None:
+    """grpcurl from PATH, else built once from the Go module proxy into .cache/bin."""
+    found = shutil.which("grpcurl")
+    if found:
+        return found
+    local = cache_dir() / "bin" / "grpcurl"
+    if local.exists():
+        return str(local)
+    if shutil.which("go") is None:
+        return None
+    print("==> building grpcurl from the Go module proxy (once)", flush=True)
+    env = {**os.environ, "GOBIN": str(local.parent), "GOFLAGS": "-mod=mod"}
+    result = subprocess.run(
+        ["go", "install", GRPCURL_MODULE], env=env, capture_output=True, text=True, check=False
+    )
+    return str(local) if result.returncode == 0 and local.exists() else None
+
+
+def how_to_call(ports: Ports, grpcurl: str | None) -> str:
+    address = f"127.0.0.1:{ports.gateway}"
+    grpcurl_cmd = grpcurl or "grpcurl"
+    return f"""
+coldstart is up. Gateway: {address} (token: {DEV_TOKEN}); logs in {run_dir() / "logs"}.
+
+Call it with grpcurl{"" if grpcurl else " (not found: install it, or use the Python snippet)"}:
+
+  {grpcurl_cmd} -plaintext -H 'authorization: Bearer {DEV_TOKEN}' \\
+    -d '{{"anonymous": {{"interest_text": "space adventure with robots"}}, "k": 5}}' \\
+    {address} coldstart.v1.GatewayService/Recommend
+
+Or from Python (inside this repo's virtualenv: .venv/bin/python):
+
+  import grpc
+  from coldstart.v1 import gateway_pb2, gateway_pb2_grpc
+  stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel("{address}"))
+  auth = (("authorization", "Bearer {DEV_TOKEN}"),)
+  user = stub.RegisterUser(gateway_pb2.RegisterUserRequest(interest_text="film noir"), metadata=auth, timeout=5)
+  print(stub.Recommend(gateway_pb2.GatewayRecommendRequest(user_id=user.user_id, k=5), metadata=auth, timeout=5))
+
+Then try `.venv/bin/coldstart demo`; stop everything with `make down`.
+"""
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="coldstart up", description=__doc__)
+    parser.add_argument(
+        "--data",
+        default="synthetic",
+        help="dataset for the first model: synthetic, ml-100k, ml-latest-small or a folder",
+    )
+    parser.add_argument(
+        "--retrain", action="store_true", help="train a new first model even if one exists"
+    )
+    parser.add_argument("--kafka-port", type=int, default=9092)
+    args = parser.parse_args(argv)
+    ports = Ports(kafka=args.kafka_port)
+    if state_file().exists():
+        main_down([])
+    print(f"==> starting Kafka on 127.0.0.1:{ports.kafka}", flush=True)
+    try:
+        broker = LocalKafka(run_dir() / "kafka", port=ports.kafka).start()
+    except KafkaError as exc:
+        print(f"coldstart up: error: {exc}", file=sys.stderr)
+        return 1
+    ensure_models(args.data, args.retrain)
+    log_dir = run_dir() / "logs"
+    started: dict[str, int] = {}
+    state_file().parent.mkdir(parents=True, exist_ok=True)
+    for service in ("encoder", "fusion", "trainer", "gateway"):
+        print(f"==> starting {service}", flush=True)
+        pid = start_service(service, service_settings(service, ports, broker.bootstrap), log_dir)
+        started[service] = pid
+        state_file().write_text(json.dumps({"services": started, "ports": ports.__dict__}))
+        wait_serving(service, pid, getattr(ports, service), log_dir)
+    print(how_to_call(ports, grpcurl_path()))
+    return 0
+
+
+def main_down(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="coldstart down", description="stop what `coldstart up` started"
+    )
+    parser.add_argument("--keep-kafka", action="store_true")
+    args = parser.parse_args(argv)
+    if state_file().exists():
+        services: dict[str, int] = json.loads(state_file().read_text()).get("services", {})
+        for service, pid in reversed(list(services.items())):
+            if _alive(pid):
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 30
+                while _alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+                print(f"stopped {service}")
+        state_file().unlink()
+    if not args.keep_kafka and LocalKafka(run_dir() / "kafka").stop():
+        print("stopped kafka")
+    return 0

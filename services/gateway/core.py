@@ -498,4 +498,11 @@ class GatewayCore:
         )
 
     def model_info(self, deadline: Deadline) -> common_pb2.ModelInfo:
-        return self.fusion.model_info(deadline)
+        try:
+            return self.fusion.model_info(deadline)
+        except (Unavailable, DeadlineExceeded):
+            catalog = self.fallback.get()
+            if catalog is None:
+                raise
+            # What the registry holds; fusion would serve it once it is back.
+            return common_pb2.ModelInfo(version=catalog.version, item_count=len(catalog.item_ids))

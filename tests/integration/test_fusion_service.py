@@ -133,98 +133,100 @@ def test_events_change_recommendations_and_a_restart_resumes_from_the_snapshot(
 
     # Produced while no fusion runs: the restart must pick it up, and only it.
     produce(kafka_broker, topic, interaction("alice", "item-77"))
-    with running_service("fusion", tmp_path, settings=settings) as fusion:
-        with stub_for(fusion) as stub:
+    with (
+        running_service("fusion", tmp_path, settings=settings) as fusion,
+        stub_for(fusion) as stub,
+    ):
 
-            def both_seen() -> bool:
-                ids = {i.item_id for i in recommend(stub, "alice", k=1000).items}
-                return "item-5" not in ids and "item-77" not in ids
+        def both_seen() -> bool:
+            ids = {i.item_id for i in recommend(stub, "alice", k=1000).items}
+            return "item-5" not in ids and "item-77" not in ids
 
-            wait_for(both_seen)
-            applied = metric(fusion, 'coldstart_fusion_events_applied_total{kind="interaction"}')
-            assert applied == 1.0  # item-5 came from the snapshot, not a replay
+        wait_for(both_seen)
+        applied = metric(fusion, 'coldstart_fusion_events_applied_total{kind="interaction"}')
+        assert applied == 1.0  # item-5 came from the snapshot, not a replay
 
-            produce(
-                kafka_broker,
-                topic,
-                new_event("test", user_forgotten=events_pb2.UserForgotten(user_id="alice")),
-            )
-            wait_for(lambda: recommend(stub, "alice").new_user)
+        produce(
+            kafka_broker,
+            topic,
+            new_event("test", user_forgotten=events_pb2.UserForgotten(user_id="alice")),
+        )
+        wait_for(lambda: recommend(stub, "alice").new_user)
 
 
 def test_bad_input_gets_clear_codes_and_unknown_ids_are_documented(
     tmp_path: Path, registry: ModelRegistry
 ) -> None:
-    with running_service("fusion", tmp_path, settings={"registry_dir": registry.root}) as fusion:
-        with stub_for(fusion) as stub:
-            bad = [
-                (fusion_pb2.RecommendRequest(k=0), "k: must be 1..1000"),
-                (fusion_pb2.RecommendRequest(k=1001), "k: must be 1..1000"),
-                (
-                    fusion_pb2.RecommendRequest(
-                        k=5, user=common_pb2.UserContext(interest_vector=[0.1] * 3)
-                    ),
-                    "user.interest_vector: must have 16 values, got 3",
-                ),
-                (
-                    fusion_pb2.RecommendRequest(
-                        k=5, user=common_pb2.UserContext(interest_vector=[float("nan")] * 16)
-                    ),
-                    "user.interest_vector: must be finite",
-                ),
-            ]
-            for request, message in bad:
-                with pytest.raises(grpc.RpcError) as raised:
-                    stub.Recommend(request, timeout=10)
-                assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                assert message in (raised.value.details() or "")
-            with pytest.raises(grpc.RpcError) as raised:
-                stub.UpsertItems(
-                    fusion_pb2.UpsertItemsRequest(
-                        items=[
-                            common_pb2.ItemRecord(item_id="x", content_vector=[float("inf")] * 16)
-                        ]
-                    ),
-                    timeout=10,
-                )
-            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            with pytest.raises(grpc.RpcError) as raised:
-                stub.SimilarItems(fusion_pb2.SimilarItemsRequest(item_id="ghost", k=3), timeout=10)
-            assert raised.value.code() == grpc.StatusCode.NOT_FOUND
-
-            # Unknown user: served as new, not an error. Unknown exclusions: ignored.
-            reply = stub.Recommend(
+    with (
+        running_service("fusion", tmp_path, settings={"registry_dir": registry.root}) as fusion,
+        stub_for(fusion) as stub,
+    ):
+        bad = [
+            (fusion_pb2.RecommendRequest(k=0), "k: must be 1..1000"),
+            (fusion_pb2.RecommendRequest(k=1001), "k: must be 1..1000"),
+            (
                 fusion_pb2.RecommendRequest(
-                    user=common_pb2.UserContext(user_id="stranger"),
-                    k=5,
-                    exclude_item_ids=["ghost"],
+                    k=5, user=common_pb2.UserContext(interest_vector=[0.1] * 3)
+                ),
+                "user.interest_vector: must have 16 values, got 3",
+            ),
+            (
+                fusion_pb2.RecommendRequest(
+                    k=5, user=common_pb2.UserContext(interest_vector=[float("nan")] * 16)
+                ),
+                "user.interest_vector: must be finite",
+            ),
+        ]
+        for request, message in bad:
+            with pytest.raises(grpc.RpcError) as raised:
+                stub.Recommend(request, timeout=10)
+            assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert message in (raised.value.details() or "")
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.UpsertItems(
+                fusion_pb2.UpsertItemsRequest(
+                    items=[common_pb2.ItemRecord(item_id="x", content_vector=[float("inf")] * 16)]
                 ),
                 timeout=10,
             )
-            assert reply.new_user and len(reply.items) == 5 and reply.model_version
-            # Unknown candidates: reported, left out of the ranking.
-            ranked = stub.Rank(
-                fusion_pb2.RankRequest(candidate_item_ids=["item-1", "ghost", "item-2"]), timeout=10
-            )
-            assert list(ranked.unknown_item_ids) == ["ghost"]
-            assert sorted(i.item_id for i in ranked.items) == ["item-1", "item-2"]
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.SimilarItems(fusion_pb2.SimilarItemsRequest(item_id="ghost", k=3), timeout=10)
+        assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
-            # An upserted item is in the live index for the very next call.
-            similar_to = stub.SimilarItems(fusion_pb2.SimilarItemsRequest(item_id="item-9", k=1))
-            upsert = fusion_pb2.UpsertItemsRequest(
-                items=[
-                    common_pb2.ItemRecord(
-                        item_id="brand-new",
-                        text="Brand new",
-                        # item-9's own content: the new item must become its nearest neighbour.
-                        content_vector=_content_of(registry, "item-9"),
-                    )
-                ]
-            )
-            assert stub.UpsertItems(upsert, timeout=10).upserted == 1
-            after = stub.SimilarItems(fusion_pb2.SimilarItemsRequest(item_id="item-9", k=1))
-            assert after.items[0].item_id == "brand-new" != similar_to.items[0].item_id
-            assert fusion.process.poll() is None
+        # Unknown user: served as new, not an error. Unknown exclusions: ignored.
+        reply = stub.Recommend(
+            fusion_pb2.RecommendRequest(
+                user=common_pb2.UserContext(user_id="stranger"),
+                k=5,
+                exclude_item_ids=["ghost"],
+            ),
+            timeout=10,
+        )
+        assert reply.new_user and len(reply.items) == 5 and reply.model_version
+        # Unknown candidates: reported, left out of the ranking.
+        ranked = stub.Rank(
+            fusion_pb2.RankRequest(candidate_item_ids=["item-1", "ghost", "item-2"]), timeout=10
+        )
+        assert list(ranked.unknown_item_ids) == ["ghost"]
+        assert sorted(i.item_id for i in ranked.items) == ["item-1", "item-2"]
+
+        # An upserted item is in the live index for the very next call.
+        similar_to = stub.SimilarItems(fusion_pb2.SimilarItemsRequest(item_id="item-9", k=1))
+        upsert = fusion_pb2.UpsertItemsRequest(
+            items=[
+                common_pb2.ItemRecord(
+                    item_id="brand-new",
+                    text="Brand new",
+                    # item-9's own content: the new item must become its nearest neighbour.
+                    content_vector=_content_of(registry, "item-9"),
+                )
+            ]
+        )
+        assert stub.UpsertItems(upsert, timeout=10).upserted == 1
+        after = stub.SimilarItems(fusion_pb2.SimilarItemsRequest(item_id="item-9", k=1))
+        assert after.items[0].item_id == "brand-new" != similar_to.items[0].item_id
+        assert fusion.process.poll() is None
 
 
 def _content_of(registry: ModelRegistry, item_id: str) -> list[float]:

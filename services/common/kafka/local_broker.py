@@ -353,7 +353,9 @@ def cli(action: str, argv: list[str]) -> int:
     try:
         if action == "start":
             started = broker.start()
-            print(f"kafka: serving on {started.bootstrap} (pid {started.pid}); logs in {started.log_dir}")
+            print(
+                f"kafka: serving on {started.bootstrap} (pid {started.pid}); logs in {started.log_dir}"
+            )
             return 0
         if action == "stop":
             print("kafka: stopped" if broker.stop() else "kafka: was not running")

@@ -344,7 +344,11 @@ def strategic_merge(original: Any, patch: Any, field: str = "") -> Any:
             if not isinstance(item, dict) or key not in item:
                 raise KustomizeError(f"{field}: patch entries need the merge key {key!r}")
             index = next(
-                (i for i, o in enumerate(result_list) if isinstance(o, dict) and o.get(key) == item[key]),
+                (
+                    i
+                    for i, o in enumerate(result_list)
+                    if isinstance(o, dict) and o.get(key) == item[key]
+                ),
                 None,
             )
             if item.get("$patch") == "delete":

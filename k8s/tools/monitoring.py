@@ -138,7 +138,10 @@ PANELS: list[tuple[str, list[tuple[str, str]], str, str]] = [
     (
         "In flight and ready pods",
         [
-            (f"sum by (service) (coldstart_grpc_server_in_flight{{{NS}}})", "in flight {{service}}"),
+            (
+                f"sum by (service) (coldstart_grpc_server_in_flight{{{NS}}})",
+                "in flight {{service}}",
+            ),
             (f"sum by (service) (coldstart_service_ready{{{NS}}})", "ready pods {{service}}"),
         ],
         "short",
@@ -237,7 +240,10 @@ PANELS: list[tuple[str, list[tuple[str, str]], str, str]] = [
                 f"sum by (outcome) (increase(coldstart_trainer_runs_total{{{NS}}}[1h]))",
                 "runs {{outcome}} (1h)",
             ),
-            (f"max by (model) (coldstart_trainer_evaluation_recall_at_20{{{NS}}})", "recall@20 {{model}}"),
+            (
+                f"max by (model) (coldstart_trainer_evaluation_recall_at_20{{{NS}}})",
+                "recall@20 {{model}}",
+            ),
         ],
         "short",
         "Runs published, gated out (not better than the current version) or failed.",

@@ -68,7 +68,9 @@ class InClusterApi:
         if data is not None:
             request.add_header("Content-Type", "application/json")
         try:
-            with urllib.request.urlopen(request, context=self.context, timeout=self.timeout_s) as reply:
+            with urllib.request.urlopen(
+                request, context=self.context, timeout=self.timeout_s
+            ) as reply:
                 return json.loads(reply.read() or b"{}")
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:500]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import re
 import sys
@@ -42,13 +43,16 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.resource} (Kubernetes {self.version}): {self.path or '<root>'}: {self.message}"
+        return (
+            f"{self.resource} (Kubernetes {self.version}): {self.path or '<root>'}: {self.message}"
+        )
 
 
 def _schema_root(version: str) -> Path:
-    import kubernetes_validate
-
-    root = Path(kubernetes_validate.__file__).parent / "kubernetes-json-schema"
+    spec = importlib.util.find_spec("kubernetes_validate")
+    if spec is None or spec.origin is None:
+        raise SchemaNotFound("the kubernetes-validate package is not installed")
+    root = Path(spec.origin).parent / "kubernetes-json-schema"
     folder = root / f"v{version}.0-local-strict"
     if not folder.is_dir():
         raise SchemaNotFound(f"kubernetes-validate has no schemas for Kubernetes {version}")
@@ -100,9 +104,9 @@ def crd_to_json_schema(schema: Any, *, top: bool = True) -> Any:
     for key, value in schema.items():
         if key in {"properties", "patternProperties"}:
             converted[key] = {k: crd_to_json_schema(v, top=False) for k, v in value.items()}
-        elif key in {"items", "additionalProperties", "not"} and isinstance(value, dict):
-            converted[key] = crd_to_json_schema(value, top=False)
-        elif key in {"anyOf", "allOf", "oneOf"}:
+        elif key in {"anyOf", "allOf", "oneOf"} or (
+            key in {"items", "additionalProperties", "not"} and isinstance(value, dict)
+        ):
             converted[key] = crd_to_json_schema(value, top=False)
         elif key.startswith("x-kubernetes-") or key in {"description", "default", "nullable"}:
             continue
@@ -117,7 +121,9 @@ def crd_to_json_schema(schema: Any, *, top: bool = True) -> Any:
         converted["additionalProperties"] = False
     if top:
         properties = converted.setdefault("properties", {})
-        properties["metadata"] = {"$ref": f"{_DEFINITIONS_ID}#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}
+        properties["metadata"] = {
+            "$ref": f"{_DEFINITIONS_ID}#/$defs/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
+        }
         converted["required"] = sorted({*converted.get("required", []), "apiVersion", "kind"})
     return converted
 

@@ -29,7 +29,9 @@ from tests.unit.k8s.k8s_support import (
 
 
 def pod_spec(resources: list[dict[str, Any]], service: str) -> dict[str, Any]:
-    spec: dict[str, Any] = find(resources, "Deployment", f"coldstart-{service}")["spec"]["template"]["spec"]
+    spec: dict[str, Any] = find(resources, "Deployment", f"coldstart-{service}")["spec"][
+        "template"
+    ]["spec"]
     return spec
 
 
@@ -85,11 +87,35 @@ _POD = ["spec", "template", "spec"]
     ("kind", "name", "path", "value", "expected"),
     [
         ("Deployment", "coldstart-encoder", ["spec", "replicas"], "two", "not of type"),
-        ("Deployment", "coldstart-encoder", [*_POD, "containers", 0, "readinessProbe", "grpc", "prot"], 1, "prot"),
-        ("Deployment", "coldstart-encoder", [*_POD, "containers", 0, "name"], _DELETE, "'name' is a required"),
-        ("Deployment", "coldstart-gateway", [*_POD, "securityContext", "runAsUser"], "root", "not of type"),
+        (
+            "Deployment",
+            "coldstart-encoder",
+            [*_POD, "containers", 0, "readinessProbe", "grpc", "prot"],
+            1,
+            "prot",
+        ),
+        (
+            "Deployment",
+            "coldstart-encoder",
+            [*_POD, "containers", 0, "name"],
+            _DELETE,
+            "'name' is a required",
+        ),
+        (
+            "Deployment",
+            "coldstart-gateway",
+            [*_POD, "securityContext", "runAsUser"],
+            "root",
+            "not of type",
+        ),
         ("HorizontalPodAutoscaler", "coldstart-fusion", ["spec", "maxReplica"], 3, "maxReplica"),
-        ("NetworkPolicy", "coldstart-allow-prometheus", ["spec", "ingress", 0, "ports", 0, "port"], [9100], "not valid"),
+        (
+            "NetworkPolicy",
+            "coldstart-allow-prometheus",
+            ["spec", "ingress", 0, "ports", 0, "port"],
+            [9100],
+            "not valid",
+        ),
         ("Service", "coldstart-fusion", ["spec", "ports", 0, "port"], "grpc", "not of type"),
     ],
 )
@@ -108,7 +134,19 @@ def test_broken_custom_resources_fail_validation() -> None:
     for path, value in (
         (["spec", "runPolicy", "backofflimit"], 1),
         (["spec", "pytorchReplicaSpecs", "Master", "replicas"], "one"),
-        (["spec", "pytorchReplicaSpecs", "Master", "template", "spec", "containers", 0, "imagee"], "x"),
+        (
+            [
+                "spec",
+                "pytorchReplicaSpecs",
+                "Master",
+                "template",
+                "spec",
+                "containers",
+                0,
+                "imagee",
+            ],
+            "x",
+        ),
         (["spec", "pytorchReplicaSpecs"], _DELETE),
     ):
         assert validate_resource(_break(job, path, value)), path
@@ -122,7 +160,9 @@ def test_broken_custom_resources_fail_validation() -> None:
 
 def test_unknown_kinds_are_an_error_not_a_pass() -> None:
     with pytest.raises(SchemaNotFound):
-        validate_resource({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}})
+        validate_resource(
+            {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}}
+        )
 
 
 # -- what the deployments must do ---------------------------------------------------
@@ -140,7 +180,10 @@ def test_probes_are_grpc_health_checks_on_the_service_port(service: str) -> None
         assert main[probe]["grpc"] == {"port": grpc_port}, probe
     # Liveness is more patient than readiness: a busy pod leaves the endpoints, not life.
     live, ready = main["livenessProbe"], main["readinessProbe"]
-    assert live["failureThreshold"] * live["periodSeconds"] > ready["failureThreshold"] * ready["periodSeconds"]
+    assert (
+        live["failureThreshold"] * live["periodSeconds"]
+        > ready["failureThreshold"] * ready["periodSeconds"]
+    )
 
 
 @pytest.mark.parametrize("tree", ["overlays/cpu", "overlays/gpu"])
@@ -205,7 +248,11 @@ def test_trainer_consumer_is_a_single_writer_deployment_with_rbac_for_pytorchjob
     pytorch_rule = next(r for r in role["rules"] if r["apiGroups"] == ["kubeflow.org"])
     assert pytorch_rule["resources"] == ["pytorchjobs"]
     assert {"create", "get", "delete"} <= set(pytorch_rule["verbs"])
-    claims = {v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for v in spec["volumes"]
+        if "persistentVolumeClaim" in v
+    }
     assert claims == {"coldstart-trainer-state", "coldstart-shared"}
     # The serving pods get no API token.
     for service in SERVING:
@@ -223,7 +270,10 @@ def test_registry_is_on_a_read_write_many_volume_mounted_everywhere() -> None:
     job = retrain_job("overlays/cpu")
     for replica in job["spec"]["pytorchReplicaSpecs"].values():
         volumes = replica["template"]["spec"]["volumes"]
-        assert {"name": "shared", "persistentVolumeClaim": {"claimName": "coldstart-shared"}} in volumes
+        assert {
+            "name": "shared",
+            "persistentVolumeClaim": {"claimName": "coldstart-shared"},
+        } in volumes
     settings = tomllib.loads(config_map(resources, "coldstart-config")["data"]["coldstart.toml"])
     for service in ("gateway", "fusion", "trainer"):
         assert settings[service]["registry_dir"].startswith("/var/lib/coldstart/shared/")
@@ -250,7 +300,9 @@ def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
     return dict(selector.get("matchLabels") or {}).items() <= labels.items()
 
 
-def _reachable_from_outside(policies: list[dict[str, Any]], labels: dict[str, str]) -> set[tuple[str, int]]:
+def _reachable_from_outside(
+    policies: list[dict[str, Any]], labels: dict[str, str]
+) -> set[tuple[str, int]]:
     """(peer, port) pairs that let traffic from another namespace reach pods with ``labels``."""
     open_to: set[tuple[str, int]] = set()
     for policy in policies:
@@ -258,7 +310,9 @@ def _reachable_from_outside(policies: list[dict[str, Any]], labels: dict[str, st
         if not _selects(spec["podSelector"], labels) or "Ingress" not in spec["policyTypes"]:
             continue
         for rule in spec.get("ingress", []) or []:
-            ports = [(p["port"], p.get("endPort", p["port"])) for p in rule.get("ports", []) or []] or [(1, 65535)]
+            ports = [
+                (p["port"], p.get("endPort", p["port"])) for p in rule.get("ports", []) or []
+            ] or [(1, 65535)]
             peers = rule.get("from")
             if not peers:
                 kinds = ["anywhere"]
@@ -284,7 +338,9 @@ def test_network_policies_let_only_the_gateway_in_from_outside() -> None:
     assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress"]}
     monitoring = "namespace {'kubernetes.io/metadata.name': 'monitoring'}"
     for service in SERVICES:
-        labels = find(resources, "Deployment", f"coldstart-{service}")["spec"]["template"]["metadata"]["labels"]
+        labels = find(resources, "Deployment", f"coldstart-{service}")["spec"]["template"][
+            "metadata"
+        ]["labels"]
         reachable = _reachable_from_outside(policies, labels)
         grpc_port, metrics_port = PORTS[service]
         public = {port for peer, port in reachable if peer == "anywhere"}
@@ -308,9 +364,15 @@ def test_gpu_overlay_requests_gpus_and_trains_with_nccl() -> None:
         assert resources["limits"]["nvidia.com/gpu"] == 1
         assert resources["requests"]["nvidia.com/gpu"] == 1
         tolerations = pod_spec(gpu, service)["tolerations"]
-        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+        assert {
+            "key": "nvidia.com/gpu",
+            "operator": "Exists",
+            "effect": "NoSchedule",
+        } in tolerations
         # The patch kept what the base has.
-        assert container(gpu, service)["readinessProbe"] == container(cpu, service)["readinessProbe"]
+        assert (
+            container(gpu, service)["readinessProbe"] == container(cpu, service)["readinessProbe"]
+        )
     encoder_env = {e["name"]: e.get("value") for e in container(gpu, "encoder")["env"]}
     assert encoder_env["COLDSTART_ENCODER_PROVIDER"] == "cuda"
     trainer_env = {e["name"]: e.get("value") for e in container(gpu, "trainer")["env"]}
@@ -348,7 +410,9 @@ SETTINGS_CLASSES = {
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_config_map_settings_load_with_the_service_settings_class(service: str, tmp_path: Path) -> None:
+def test_config_map_settings_load_with_the_service_settings_class(
+    service: str, tmp_path: Path
+) -> None:
     text = config_map(rendered("overlays/cpu"), "coldstart-config")["data"]["coldstart.toml"]
     document = tomllib.loads(text)
     assert document[service]["port"] == PORTS[service][0]
@@ -358,7 +422,9 @@ def test_config_map_settings_load_with_the_service_settings_class(service: str, 
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError:
-        pytest.skip(f"{module_name} does not exist yet: [{service}] keys unchecked beyond the common ones")
+        pytest.skip(
+            f"{module_name} does not exist yet: [{service}] keys unchecked beyond the common ones"
+        )
     settings_type = getattr(module, class_name)
     path = tmp_path / "coldstart.toml"
     path.write_text(text)
@@ -381,7 +447,10 @@ def test_kafka_topics_match_what_the_services_use() -> None:
     settings = tomllib.loads(
         config_map(rendered("overlays/cpu"), "coldstart-config")["data"]["coldstart.toml"]
     )
-    assert set(topics) == {settings["trainer"]["events_topic"], settings["trainer"]["dead_letter_topic"]}
+    assert set(topics) == {
+        settings["trainer"]["events_topic"],
+        settings["trainer"]["dead_letter_topic"],
+    }
     for topic in topics.values():
         assert topic["metadata"]["labels"]["strimzi.io/cluster"]
         assert topic["spec"]["replicas"] >= 3

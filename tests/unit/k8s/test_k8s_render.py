@@ -107,7 +107,10 @@ def test_generator_patch_namespace_and_image_in_a_small_tree(tmp_path: Path) -> 
                 "template": {
                     "spec": {
                         "containers": [
-                            {"name": "app", "env": [{"name": "B", "value": "2"}, {"name": "A", "value": "3"}]}
+                            {
+                                "name": "app",
+                                "env": [{"name": "B", "value": "2"}, {"name": "A", "value": "3"}],
+                            }
                         ]
                     }
                 }
@@ -148,7 +151,10 @@ def test_unsupported_fields_and_missing_targets_are_errors(tmp_path: Path) -> No
     write(tmp_path / "b" / "app.yaml", [DEPLOYMENT])
     write(
         tmp_path / "b" / "kustomization.yaml",
-        {"resources": ["app.yaml"], "patches": [{"patch": "kind: Deployment\nmetadata:\n  name: nope\n"}]},
+        {
+            "resources": ["app.yaml"],
+            "patches": [{"patch": "kind: Deployment\nmetadata:\n  name: nope\n"}],
+        },
     )
     with pytest.raises(KustomizeError, match="matches no resource"):
         render(tmp_path / "b")
@@ -164,7 +170,9 @@ def test_strategic_merge_semantics() -> None:
         "drop": 1,
     }
     patch = {
-        "containers": [{"name": "a", "resources": {"limits": {"nvidia.com/gpu": 1}}, "args": ["y"]}],
+        "containers": [
+            {"name": "a", "resources": {"limits": {"nvidia.com/gpu": 1}}, "args": ["y"]}
+        ],
         "tolerations": [{"key": "new"}],
         "drop": None,
     }

@@ -21,9 +21,8 @@ from prometheus_client import Counter, Gauge
 
 from services.common.errors import InvalidArgument, NotFound
 from services.common.registry import ModelRegistry, RegistryError
-from services.fusion import features
 from services.fusion.index import ItemMeta
-from services.fusion.model_version import ModelLoadError, ModelVersion
+from services.fusion.model_version import ModelLoadError, ModelVersion, UserInputs
 from services.fusion.online_state import ItemEvent, UserState, UserStore
 
 log = logging.getLogger("coldstart.fusion.core")
@@ -294,10 +293,8 @@ class Recommender:
         self.max_k = max_k
 
     # -- user features ----------------------------------------------------------
-    def _user(
-        self, model: ModelVersion, query: UserQuery
-    ) -> tuple[bool, dict[str, str], np.ndarray | None, np.ndarray]:
-        """(new_user, attributes, interest vector or None, history rows)."""
+    def _user(self, model: ModelVersion, query: UserQuery) -> tuple[bool, UserInputs]:
+        """(new_user, the user's inputs in ``model``'s terms)."""
         state: UserState | None = self.store.get(query.user_id) if query.user_id else None
         new_user = state is None
         attributes = {**(state.attributes if state else {}), **query.attributes}
@@ -315,49 +312,19 @@ class Recommender:
         rows = [model.index.row(i) for i in history_ids]
         # Unknown history ids are ignored: an item the model never saw says nothing yet.
         known = np.asarray([r for r in rows if r is not None], dtype=np.int64)
-        return new_user, attributes, interest, known[-self.store.history_length :]
+        history_rows = known[-self.store.history_length :]
+        return new_user, UserInputs(attributes, interest, history_rows, query.user_id)
 
-    @staticmethod
-    def _user_vector(
-        model: ModelVersion,
-        attributes: Mapping[str, str],
-        interest: np.ndarray | None,
-        history_rows: np.ndarray,
-    ) -> tuple[np.ndarray, np.ndarray | None]:
-        """(user vector, normalised mean history content or None)."""
-        history_mean: np.ndarray | None = None
-        if len(history_rows):
-            history_mean = features.normalise(model.index.content(history_rows).mean(axis=0))
-        zeros = np.zeros(model.content_dimension, dtype=np.float32)
-        user_vec = model.user_vectors(
-            [attributes],
-            (interest if interest is not None else zeros)[None, :],
-            (history_mean if history_mean is not None else zeros)[None, :],
-        )[0]
-        return user_vec, history_mean
-
-    def _scores(
-        self,
-        model: ModelVersion,
-        rows: np.ndarray,
-        user_vec: np.ndarray,
-        interest: np.ndarray | None,
-        history_mean: np.ndarray | None,
-        history_count: int,
+    def _ranked(
+        self, model: ModelVersion, user: UserInputs, rows: np.ndarray, user_vec: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ranker scores, interest sims, candidate content) for ``rows``."""
         content = model.index.content(rows)
-        zeros = np.zeros(len(rows), dtype=np.float32)
-        interest_sim = content @ interest if interest is not None else zeros
-        feature_rows = features.ranker_features(
-            model.ranker_features,
-            dot=model.index.vectors(rows) @ user_vec,
-            interest_sim=interest_sim,
-            history_sim=content @ history_mean if history_mean is not None else zeros,
-            log_popularity=model.index.log_popularity(rows),
-            history_count=history_count,
-        )
-        return model.score(feature_rows), interest_sim, content
+        if user.interest is not None:
+            interest_sim = content @ user.interest
+        else:
+            interest_sim = np.zeros(len(rows), dtype=np.float32)
+        return model.rank(user, rows, user_vec), interest_sim, content
 
     @staticmethod
     def _reasons(
@@ -399,13 +366,15 @@ class Recommender:
         check_list("exclude_item_ids", exclude_item_ids)
         check_list("user.recent_item_ids", query.recent_item_ids)
         model = self.holder.current
-        new_user, attributes, interest, history_rows = self._user(model, query)
-        user_vec, history_mean = self._user_vector(model, attributes, interest, history_rows)
+        new_user, user = self._user(model, query)
+        user_vec = model.user_vector(user)
         index = model.index
         # Unknown exclusion ids are ignored: nothing by that id can be returned anyway.
         excluded_rows = [r for r in (index.row(i) for i in exclude_item_ids) if r is not None]
         # What the user already interacted with is not recommended again.
-        excluded = np.unique(np.concatenate([np.asarray(excluded_rows, np.int64), history_rows]))
+        excluded = np.unique(
+            np.concatenate([np.asarray(excluded_rows, np.int64), user.history_rows])
+        )
         filters = filters or Filters()
         eligible = index.eligible(filters.attribute_equals, filters.tags_any)
         want = max(self.candidates, k)
@@ -418,12 +387,10 @@ class Recommender:
         rows = np.unique(np.concatenate([rows, popular[:POPULAR_CANDIDATES]]))
         if len(rows) == 0:
             return Result([], model.version, new_user)
-        scores, interest_sim, content = self._scores(
-            model, rows, user_vec, interest, history_mean, len(history_rows)
-        )
+        scores, interest_sim, content = self._ranked(model, user, rows, user_vec)
         order = np.argsort(-scores, kind="stable")[:k]
         reasons = self._reasons(
-            model, content[order], interest_sim[order], history_rows, attributes
+            model, content[order], interest_sim[order], user.history_rows, user.attributes
         )
         items = [
             Scored(index.meta(int(rows[i])).item_id, float(scores[i]), reason)
@@ -435,7 +402,7 @@ class Recommender:
         check_list("candidate_item_ids", candidate_item_ids)
         check_list("user.recent_item_ids", query.recent_item_ids)
         model = self.holder.current
-        new_user, attributes, interest, history_rows = self._user(model, query)
+        new_user, user = self._user(model, query)
         seen: set[str] = set()
         known: list[int] = []
         unknown: list[str] = []
@@ -450,14 +417,12 @@ class Recommender:
                 known.append(row)
         if not known:
             return Result([], model.version, new_user, unknown)
-        user_vec, history_mean = self._user_vector(model, attributes, interest, history_rows)
+        user_vec = model.user_vector(user)
         rows = np.asarray(known, dtype=np.int64)
-        scores, interest_sim, content = self._scores(
-            model, rows, user_vec, interest, history_mean, len(history_rows)
-        )
+        scores, interest_sim, content = self._ranked(model, user, rows, user_vec)
         order = np.argsort(-scores, kind="stable")
         reasons = self._reasons(
-            model, content[order], interest_sim[order], history_rows, attributes
+            model, content[order], interest_sim[order], user.history_rows, user.attributes
         )
         items = [
             Scored(model.index.meta(int(rows[i])).item_id, float(scores[i]), reason)

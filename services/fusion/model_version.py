@@ -48,6 +48,16 @@ DEFAULT_FILES = {
 }
 
 
+@dataclass(frozen=True)
+class UserInputs:
+    """What the service knows about a user for one call, in this version's terms."""
+
+    attributes: Mapping[str, str]
+    interest: np.ndarray | None  # content-space vector, or None
+    history_rows: np.ndarray  # item rows of this version's index, oldest first
+    user_id: str = ""
+
+
 class ModelLoadError(Exception):
     """A version cannot be served; the message is one line naming the cause."""
 
@@ -264,6 +274,37 @@ class ModelVersion:
             )
         if scores.shape != (3,):
             raise ModelLoadError(f"{self.version}: ranker outputs {scores.shape} for 3 rows")
+
+    # -- the serving interface (what core.py calls) ---------------------------
+    def user_vector(self, user: UserInputs) -> np.ndarray:
+        """[D] query vector for the ANN index."""
+        zeros = np.zeros(self.content_dimension, dtype=np.float32)
+        history = self._history_mean(user)
+        return self.user_vectors(
+            [user.attributes],
+            (user.interest if user.interest is not None else zeros)[None, :],
+            (history if history is not None else zeros)[None, :],
+        )[0]
+
+    def rank(self, user: UserInputs, rows: np.ndarray, user_vec: np.ndarray) -> np.ndarray:
+        """Ranker scores of candidate ``rows`` for ``user`` (higher is better)."""
+        content = self.index.content(rows)
+        zeros = np.zeros(len(rows), dtype=np.float32)
+        history = self._history_mean(user)
+        feature_rows = features.ranker_features(
+            self.ranker_features,
+            dot=self.index.vectors(rows) @ user_vec,
+            interest_sim=content @ user.interest if user.interest is not None else zeros,
+            history_sim=content @ history if history is not None else zeros,
+            log_popularity=self.index.log_popularity(rows),
+            history_count=len(user.history_rows),
+        )
+        return self.score(feature_rows)
+
+    def _history_mean(self, user: UserInputs) -> np.ndarray | None:
+        if not len(user.history_rows):
+            return None
+        return features.normalise(self.index.content(user.history_rows).mean(axis=0))
 
     # -- inference ----------------------------------------------------------
     def user_vectors(

@@ -25,8 +25,8 @@ down: $(BOOTSTRAP_STAMP)
 	$(VENV)/bin/coldstart down
 
 lint: $(BOOTSTRAP_STAMP)
-	$(VENV)/bin/ruff check services tests bench
-	$(VENV)/bin/ruff format --check services tests bench
+	$(VENV)/bin/ruff check services tests bench k8s
+	$(VENV)/bin/ruff format --check services tests bench k8s
 
 typecheck: $(BOOTSTRAP_STAMP)
 	$(VENV)/bin/mypy

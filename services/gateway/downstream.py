@@ -51,6 +51,8 @@ def make_channel(
         ("grpc.max_receive_message_length", 16 * 1024 * 1024),
         # Our own retry loop decides what is retried.
         ("grpc.enable_retries", 0),
+        # Behind a headless Service the DNS name resolves to every pod: spread calls.
+        ("grpc.lb_policy_name", "round_robin"),
     ]
     if not ca_file:
         return grpc.insecure_channel(address, options=options)

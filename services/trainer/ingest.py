@@ -159,6 +159,7 @@ class Ingestor:
         topic: str,
         group_id: str,
         dead_letters: DeadLetterSink,
+        group_instance_id: str = "",
         max_poll_records: int = 5000,
         on_applied: Callable[[ApplyResult], None] | None = None,
         consumer_factory: Callable[[], Any] | None = None,
@@ -167,6 +168,7 @@ class Ingestor:
         self.bootstrap = bootstrap
         self.topic = topic
         self.group_id = group_id
+        self.group_instance_id = group_instance_id
         self.dead_letters = dead_letters
         self.max_poll_records = max_poll_records
         self.on_applied = on_applied
@@ -177,14 +179,15 @@ class Ingestor:
         self._lag_checked = 0.0
 
     def _default_consumer(self) -> Any:
-        return make_consumer(
-            self.bootstrap,
-            self.group_id,
-            client_id="coldstart-trainer",
-            max_poll_records=self.max_poll_records,
+        options: dict[str, Any] = {
+            "client_id": "coldstart-trainer",
+            "max_poll_records": self.max_poll_records,
             # A big batch is one transaction; the broker may give us more per fetch.
-            max_partition_fetch_bytes=4 * 1024 * 1024,
-        )
+            "max_partition_fetch_bytes": 4 * 1024 * 1024,
+        }
+        if self.group_instance_id:
+            options["group_instance_id"] = self.group_instance_id
+        return make_consumer(self.bootstrap, self.group_id, **options)
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> None:

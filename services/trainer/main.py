@@ -49,6 +49,7 @@ def build(settings: TrainerSettings) -> ServiceParts:
         bootstrap=settings.kafka_bootstrap,
         topic=settings.events_topic,
         group_id=settings.group_id,
+        group_instance_id=settings.group_instance_id,
         dead_letters=dead_letters,
         max_poll_records=settings.max_poll_records,
         on_applied=lambda result: scheduler.on_applied(result.applied),

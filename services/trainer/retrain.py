@@ -35,7 +35,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -45,14 +45,9 @@ from services.common.registry import MANIFEST, ModelRegistry, RegistryError, wri
 from services.trainer import metrics
 from services.trainer.event_log import EventLog
 from services.trainer.settings import TrainerSettings
-from services.trainer.training_set import (
-    ExportedData,
-    HoldOut,
-    InitialData,
-    build_training_set,
-    empty_initial,
-    initial_from_dataset,
-)
+
+if TYPE_CHECKING:
+    from services.trainer.training_set import ExportedData, HoldOut, InitialData
 
 log = logging.getLogger("coldstart.trainer.retrain")
 
@@ -367,6 +362,9 @@ class Retrainer:
         log.info("run state", extra={"run_id": record.run_id, "state": state})
 
     def initial_data(self) -> InitialData:
+        # pandas and scipy load here, not at import: the service starts faster.
+        from services.trainer.training_set import empty_initial, initial_from_dataset
+
         if self._initial is None:
             if self.settings.initial_data:
                 from services.trainer.data.registry import load_dataset
@@ -377,6 +375,8 @@ class Retrainer:
         return self._initial
 
     def _run(self, record: RunRecord) -> None:
+        from services.trainer.training_set import build_training_set
+
         run_dir = self.runs_dir / record.run_id
         run_dir.mkdir(parents=True, exist_ok=True)
 

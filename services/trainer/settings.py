@@ -32,6 +32,10 @@ class TrainerSettings(ServerSettings):
     events_topic: str = "coldstart.events"
     dead_letter_topic: str = "coldstart.events.dlq"
     group_id: str = "coldstart-trainer"
+    # Static group membership (KIP-345): a restarted trainer takes its partitions
+    # back at once instead of waiting for the killed member's session to expire,
+    # and a second trainer with the same id is fenced. "" = dynamic membership.
+    group_instance_id: str = "trainer-0"
     # Records per poll and per SQLite transaction: big batches amortise the
     # commit and the Kafka round trips (the >= 20k events/s target needs them).
     max_poll_records: int = 5000

@@ -315,25 +315,15 @@ class Recommender:
         history_rows = known[-self.store.history_length :]
         return new_user, UserInputs(attributes, interest, history_rows, query.user_id)
 
-    def _ranked(
-        self, model: ModelVersion, user: UserInputs, rows: np.ndarray, user_vec: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ranker scores, interest sims, candidate content) for ``rows``."""
+    @staticmethod
+    def _reasons(model: ModelVersion, user: UserInputs, rows: np.ndarray) -> list[str]:
+        """One short reason per returned row (only the final k: cheap)."""
         content = model.index.content(rows)
+        history_rows, attributes = user.history_rows, user.attributes
         if user.interest is not None:
             interest_sim = content @ user.interest
         else:
             interest_sim = np.zeros(len(rows), dtype=np.float32)
-        return model.rank(user, rows, user_vec), interest_sim, content
-
-    @staticmethod
-    def _reasons(
-        model: ModelVersion,
-        content: np.ndarray,
-        interest_sim: np.ndarray,
-        history_rows: np.ndarray,
-        attributes: Mapping[str, str],
-    ) -> list[str]:
         segment = ", ".join(attributes[k] for k in sorted(attributes)) or "new users"
         popular = f"popular with {segment}"
         best_sim = np.full(len(content), -1.0, dtype=np.float32)
@@ -387,11 +377,9 @@ class Recommender:
         rows = np.unique(np.concatenate([rows, popular[:POPULAR_CANDIDATES]]))
         if len(rows) == 0:
             return Result([], model.version, new_user)
-        scores, interest_sim, content = self._ranked(model, user, rows, user_vec)
+        scores = model.rank(user, rows, user_vec)
         order = np.argsort(-scores, kind="stable")[:k]
-        reasons = self._reasons(
-            model, content[order], interest_sim[order], user.history_rows, user.attributes
-        )
+        reasons = self._reasons(model, user, rows[order])
         items = [
             Scored(index.meta(int(rows[i])).item_id, float(scores[i]), reason)
             for i, reason in zip(order, reasons, strict=True)
@@ -419,11 +407,9 @@ class Recommender:
             return Result([], model.version, new_user, unknown)
         user_vec = model.user_vector(user)
         rows = np.asarray(known, dtype=np.int64)
-        scores, interest_sim, content = self._ranked(model, user, rows, user_vec)
+        scores = model.rank(user, rows, user_vec)
         order = np.argsort(-scores, kind="stable")
-        reasons = self._reasons(
-            model, content[order], interest_sim[order], user.history_rows, user.attributes
-        )
+        reasons = self._reasons(model, user, rows[order])
         items = [
             Scored(model.index.meta(int(rows[i])).item_id, float(scores[i]), reason)
             for i, reason in zip(order, reasons, strict=True)

@@ -155,11 +155,20 @@ class Batcher:
                     self._take(nxt)
                     batch.append(nxt)
                     size += len(nxt.texts)
+            if self._closed:
+                for request in batch:
+                    self._fail(request)
+                break
             try:
                 self._run(batch)
             except BaseException:  # pragma: no cover - _run answers every future itself
                 log.exception("batcher run failed")
         self._fail_queued()
+
+    @staticmethod
+    def _fail(request: _Request) -> None:
+        if request.future.set_running_or_notify_cancel():
+            request.future.set_exception(Unavailable("encoder is shutting down"))
 
     def _fail_queued(self) -> None:
         while True:
@@ -169,8 +178,7 @@ class Batcher:
                 return
             if isinstance(item, _Request):
                 self._take(item)
-                if item.future.set_running_or_notify_cancel():
-                    item.future.set_exception(Unavailable("encoder is shutting down"))
+                self._fail(item)
 
     def _run(self, batch: list[_Request]) -> None:
         now = self.clock()

@@ -161,7 +161,20 @@ def export_onnx(reference: hf_model.TorchTextModel, path: Path, opset: int = OPS
             do_constant_folding=True,
             dynamo=False,
         )
+    _declare_output_shape(path, reference.info.dimension)
     return names
+
+
+def _declare_output_shape(path: Path, dimension: int) -> None:
+    """The tracer leaves the vector width symbolic; state it: (batch, dimension)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    del dims[:]
+    dims.add().dim_param = "batch"
+    dims.add().dim_value = dimension
+    onnx.save(model, str(path))
 
 
 def weight_matmuls(path: Path) -> list[str]:

@@ -67,7 +67,7 @@ def ensure_models(data: str, retrain: bool) -> None:
     if ModelRegistry(encoder_registry).current() is None:
         _run_step(
             "exporting the text encoder to ONNX",
-            _coldstart("export", "encoder", "--registry", str(encoder_registry)),
+            _coldstart("export", "encoder", "--registry-dir", str(encoder_registry), "--int8"),
         )
     if retrain or ModelRegistry(model_registry).current() is None:
         _run_step(
@@ -97,8 +97,9 @@ def service_settings(service: str, ports: Ports, kafka: str) -> dict[str, object
             "registry_dir": model_registry,
             "kafka_bootstrap": kafka,
             "encoder_address": f"127.0.0.1:{ports.encoder}",
+            "snapshot_dir": run_dir() / "fusion",
         },
-        "trainer": {"registry_dir": model_registry, "kafka_bootstrap": kafka},
+        "trainer": {"registry_dir": model_registry, "kafka_bootstrap": kafka, "log_dir": run_dir() / "trainer"},
         "gateway": {
             "kafka_bootstrap": kafka,
             "fusion_address": f"127.0.0.1:{ports.fusion}",

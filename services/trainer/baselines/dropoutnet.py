@@ -10,6 +10,9 @@ attributes alone; at scoring time an entity without training interactions
 simply has no id. Loss: sampled softmax over the batch (in-batch negatives)
 with the logQ correction for in-batch sampling, plus a learned item bias, so
 the model can still express popularity.
+
+One torch thread by default: with small batches on a shared 2-core machine,
+a second OpenMP thread mostly spins waiting (measured: 5x slower fits).
 """
 
 from __future__ import annotations
@@ -25,6 +28,42 @@ from services.trainer.baselines.common import user_attribute_rows
 
 def _to_dense(m: sp.csr_matrix) -> np.ndarray:
     return np.asarray(m.todense(), dtype=np.float32)
+
+
+class _AdamW:
+    """AdamW in a few lines.
+
+    torch.optim imports torch._dynamo on first use, which costs 10+ s on a
+    loaded 2-core machine: more than this model's whole fit on small data.
+    """
+
+    def __init__(self, params: list[Any], weight_decay: float) -> None:
+        import torch
+
+        self.params = params
+        self.weight_decay = weight_decay
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.steps = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        import torch
+
+        self.steps += 1
+        b1, b2 = betas
+        c1, c2 = 1 - b1**self.steps, 1 - b2**self.steps
+        with torch.no_grad():
+            for p, m, v in zip(self.params, self.m, self.v, strict=True):
+                if p.grad is None:
+                    continue
+                m.mul_(b1).add_(p.grad, alpha=1 - b1)
+                v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                p.mul_(1 - lr * self.weight_decay)
+                p.addcdiv_(m / c1, (v / c2).sqrt_().add_(eps), value=-lr)
 
 
 class DropoutNet:
@@ -43,7 +82,7 @@ class DropoutNet:
         max_history: int = 30,
         temperature: float = 0.1,
         logq: float = 1.0,
-        threads: int = 2,
+        threads: int = 1,
     ) -> None:
         self.seed = seed
         self.dim = int(dim)
@@ -123,9 +162,7 @@ class DropoutNet:
                 return nn.functional.normalize(self.user_out(h), dim=1)
 
         net = Net()
-        opt = torch.optim.AdamW(
-            net.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay
-        )
+        opt = _AdamW(list(net.parameters()), self.weight_decay)
         pos = train.positives.tocsr()
         coo = pos.tocoo()
         pair_u, pair_i = coo.row.astype(np.int64), coo.col.astype(np.int64)
@@ -136,9 +173,8 @@ class DropoutNet:
         log_q = torch.from_numpy(np.log(freq / freq.sum()).astype(np.float32))
         item_seen_t = torch.from_numpy(item_seen.astype(np.float32))
         steps_per_epoch = max(1, len(pair_u) // self.batch_size)
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=self.learning_rate, total_steps=self.epochs * steps_per_epoch
-        )
+        total = self.epochs * steps_per_epoch
+        warmup = max(1, total // 10)
         net.train()
         for _ in range(self.epochs):
             order = rng.permutation(len(pair_u))
@@ -163,10 +199,16 @@ class DropoutNet:
                 )
                 logits = logits.masked_fill(same, float("-inf"))
                 loss = nn.functional.cross_entropy(logits, torch.arange(len(b)))
+                done = opt.steps
+                # Linear warm-up, then cosine decay to zero.
+                lr = self.learning_rate * (
+                    (done + 1) / warmup
+                    if done < warmup
+                    else 0.5 * (1 + np.cos(np.pi * (done - warmup) / max(1, total - warmup)))
+                )
                 opt.zero_grad()
                 loss.backward()
-                opt.step()
-                sched.step()
+                opt.step(lr)
         net.eval()
         with torch.no_grad():
             all_items = torch.arange(n_items)

@@ -64,22 +64,28 @@ class Table:
         return parsed.astype(np.int64) if integer else parsed
 
     def timestamps(self, column: str) -> np.ndarray:
-        """Unix seconds as int64; ISO dates are accepted too."""
+        """Unix seconds as int64; ISO dates are accepted too (cell by cell)."""
         values = self.non_empty(column)
-        parsed = pd.to_numeric(pd.Series(values), errors="coerce").to_numpy(dtype=np.float64)
-        if np.isfinite(parsed).all():
-            return parsed.astype(np.int64)
-        dates = pd.to_datetime(pd.Series(values), errors="coerce", utc=True, format="mixed")
-        bad = dates.isna().to_numpy()
+        numeric = pd.to_numeric(pd.Series(values), errors="coerce")
+        parsed = numeric.to_numpy(dtype=np.float64, copy=True)
+        bad = ~np.isfinite(parsed)
         if bad.any():
-            i = int(np.argmax(bad))
-            raise DataError(
-                self.path,
-                f"not a timestamp (Unix seconds or ISO date): {values[i]!r}",
-                line=int(self.lines[i]),
-                column=column,
+            rows = np.flatnonzero(bad)
+            dates = pd.to_datetime(
+                pd.Series([values[i] for i in rows]), errors="coerce", utc=True, format="mixed"
             )
-        return (dates.astype("int64").to_numpy() // 1_000_000_000).astype(np.int64)
+            missing = dates.isna().to_numpy()
+            if missing.any():
+                i = int(rows[int(np.argmax(missing))])
+                raise DataError(
+                    self.path,
+                    f"not a timestamp (Unix seconds or ISO date): {values[i]!r}",
+                    line=int(self.lines[i]),
+                    column=column,
+                )
+            seconds = dates.to_numpy(dtype="datetime64[s]").astype(np.int64)
+            parsed[rows] = seconds
+        return parsed.astype(np.int64)
 
 
 def read_table(

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 KS = (10, 20, 50)
 
@@ -83,7 +84,7 @@ class MetricAccumulator:
 
 
 def evaluate_ranking(
-    scores: np.ndarray,
+    scores: ArrayLike,
     targets: list[np.ndarray],
     excluded: list[np.ndarray] | None = None,
     ks: Sequence[int] = KS,

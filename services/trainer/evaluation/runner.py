@@ -8,13 +8,12 @@ metrics are handled here, identically for every model.
 
 from __future__ import annotations
 
-import gc
 import os
 import threading
 import time
 import tracemalloc
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,7 +56,7 @@ class RunConfig:
     batch_size: int = 256
     part: str = "test"  # or "validation" (tuning) or "all"
     tracemalloc: bool = False
-    options: dict[str, Options] = field(default_factory=dict)  # per model name
+    options: Mapping[str, Options] = field(default_factory=dict)  # per model name
 
 
 def _rss_bytes() -> int | None:
@@ -74,7 +73,6 @@ def measure(use_tracemalloc: bool) -> Iterator[dict[str, Any]]:
     """Wall time, peak RSS above the starting RSS (sampled every 10 ms), and
     optionally the tracemalloc peak (Python and numpy allocations only: torch
     and the C++ of LightFM/implicit are invisible to it, RSS sees them)."""
-    gc.collect()
     out: dict[str, Any] = {}
     start_rss = _rss_bytes()
     peak = [start_rss or 0]
@@ -217,5 +215,4 @@ def run_split(
                 )
             )
         del model
-        gc.collect()
     return results

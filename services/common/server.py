@@ -63,7 +63,32 @@ class ServiceApp(Generic[S]):
     build: Callable[[S], ServiceParts]
 
 
-class DomainErrorInterceptor(grpc.ServerInterceptor):
+UnaryBehaviour = Callable[[Any, grpc.ServicerContext], Any]
+
+
+class UnaryInterceptor(grpc.ServerInterceptor):
+    """Base for interceptors that wrap the behaviour of unary-unary methods
+    (all of ours); other kinds of handler pass through untouched."""
+
+    def wrap(self, details: grpc.HandlerCallDetails, behaviour: UnaryBehaviour) -> UnaryBehaviour:
+        raise NotImplementedError
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self.wrap(handler_call_details, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class DomainErrorInterceptor(UnaryInterceptor):
     """Records per-RPC metrics and maps domain errors to status codes.
 
     Bad input never becomes UNKNOWN: DomainError subclasses carry their code;
@@ -74,16 +99,8 @@ class DomainErrorInterceptor(grpc.ServerInterceptor):
     def __init__(self, service: str) -> None:
         self.service = service
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        behaviour = handler.unary_unary
+    def wrap(self, details: grpc.HandlerCallDetails, behaviour: UnaryBehaviour) -> UnaryBehaviour:
+        method = details.method.rsplit("/", 1)[-1]
         service = self.service
 
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
@@ -111,11 +128,7 @@ class DomainErrorInterceptor(grpc.ServerInterceptor):
                 metrics.RPC_REQUESTS.labels(service, method, code.name).inc()
             return None  # unreachable: abort() raises
 
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return wrapped
 
 
 def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 
 from services.common.errors import ResourceExhausted, Unauthenticated
+from services.common.server import UnaryBehaviour, UnaryInterceptor
 
 # Health checks and reflection stay open: probes and tooling carry no token.
 OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
@@ -64,7 +65,7 @@ class Authenticator:
         self._buckets: dict[str, TokenBucket] = {}
         self._lock = threading.Lock()
 
-    def client_for(self, metadata: Sequence[tuple[str, Any]] | None, peer: str = "") -> str:
+    def client_for(self, metadata: Sequence[tuple[str, Any]] | None) -> str:
         """The caller's client id; raises Unauthenticated or ResourceExhausted."""
         client = self.identify(metadata)
         if self.rate > 0:
@@ -95,7 +96,7 @@ class Authenticator:
         raise Unauthenticated("authorization: unknown token")
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
+class AuthInterceptor(UnaryInterceptor):
     """Rejects unauthenticated or over-limit calls before they reach the servicer.
 
     It runs inside the runtime's error interceptor, so its errors get their
@@ -105,26 +106,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        if handler_call_details.method.startswith(OPEN_PREFIXES):
-            return handler
-        behaviour = handler.unary_unary
+    def wrap(self, details: grpc.HandlerCallDetails, behaviour: UnaryBehaviour) -> UnaryBehaviour:
+        if details.method.startswith(OPEN_PREFIXES):
+            return behaviour
         authenticator = self.authenticator
-        metadata = handler_call_details.invocation_metadata
+        metadata = details.invocation_metadata
 
         def checked(request: Any, context: grpc.ServicerContext) -> Any:
-            authenticator.client_for(metadata, context.peer())
+            authenticator.client_for(metadata)
             return behaviour(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            checked,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return checked

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 
-from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from services.common.errors import StartupError
 
@@ -24,27 +24,49 @@ RPC_LATENCY = Histogram(
     ["service", "method"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
+# multiprocess_mode tells prometheus_client how to merge the values of several
+# server processes (settings `processes` > 1); it is ignored otherwise.
 RPC_IN_FLIGHT = Gauge(
     "coldstart_grpc_server_in_flight",
     "RPCs being handled right now.",
     ["service", "method"],
+    multiprocess_mode="livesum",
 )
-BUILD_INFO = Info("coldstart_build", "Version of the running coldstart build.")
+# A gauge rather than an Info: Info metrics do not work across processes.
+BUILD_INFO = Gauge(
+    "coldstart_build_info",
+    "Version of the running coldstart build (always 1).",
+    ["service", "version"],
+    multiprocess_mode="max",
+)
 SERVICE_READY = Gauge(
     "coldstart_service_ready",
     "1 while the service reports SERVING on grpc.health.v1, else 0.",
     ["service"],
+    multiprocess_mode="livemin",
 )
 
 
-def start_metrics_server(host: str, port: int) -> int:
+def multiprocess_registry(directory: str) -> CollectorRegistry:
+    """A registry that merges the metrics files of several worker processes."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    return registry
+
+
+def start_metrics_server(host: str, port: int, registry: CollectorRegistry | None = None) -> int:
     """Serve /metrics on ``host:port``; return the bound port (0 disables)."""
     if port == 0:
         return 0
     # prometheus_client's server sets SO_REUSEADDR only, so a busy port fails
     # here with a clear OSError that we turn into a one-line start-up error.
     try:
-        server, _thread = start_http_server(port, addr=host)
+        if registry is None:
+            server, _thread = start_http_server(port, addr=host)
+        else:
+            server, _thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
         raise StartupError(
             f"metrics_port {port}: cannot listen on {host}:{port} ({exc.strerror})"

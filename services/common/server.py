@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
@@ -36,6 +39,8 @@ S = TypeVar("S", bound=ServerSettings)
 AddServicer = Callable[[Any, grpc.Server], None]
 
 VERSION = "0.1.0"
+# Set in the environment of the worker processes a supervisor starts.
+WORKER_ENV = "COLDSTART_WORKER"
 
 
 @dataclass
@@ -160,8 +165,9 @@ class RunningService:
             options=[
                 ("grpc.max_receive_message_length", settings.max_receive_message_bytes),
                 ("grpc.max_send_message_length", settings.max_send_message_bytes),
-                # Without this a second server could bind the same port silently.
-                ("grpc.so_reuseport", 0),
+                # Without this a second server could bind the same port silently;
+                # only the worker processes of one supervisor share a port.
+                ("grpc.so_reuseport", 1 if os.environ.get(WORKER_ENV) else 0),
             ],
         )
         for add, servicer in parts.servicers:
@@ -235,7 +241,9 @@ def run_service(app: ServiceApp[S], argv: Sequence[str] = ()) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     configure_logging(app.name, settings.log_level)
-    metrics.BUILD_INFO.info({"version": VERSION, "service": app.name})
+    if settings.processes > 1 and not os.environ.get(WORKER_ENV):
+        return supervise(app, settings, list(argv))
+    metrics.BUILD_INFO.labels(app.name, VERSION).set(1)
 
     stop_requested = threading.Event()
 
@@ -259,3 +267,82 @@ def run_service(app: ServiceApp[S], argv: Sequence[str] = ()) -> int:
         pass
     running.stop()
     return 0
+
+
+def supervise(app: ServiceApp[S], settings: S, argv: list[str]) -> int:
+    """Run ``settings.processes`` copies of the service on one port.
+
+    Each worker is a fresh interpreter (`coldstart serve` again) that binds the
+    port with SO_REUSEPORT, so the kernel spreads connections over them; this
+    process serves their merged metrics and passes SIGTERM on.
+    """
+    import shutil
+    import sys
+    import tempfile
+
+    prog = f"coldstart serve {app.name}"
+    # Hold the port (bound, not listening) so an outside server cannot take it
+    # between the workers' starts, and fail early if it is taken already.
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        holder.bind((settings.host, settings.port))
+    except OSError as exc:
+        print(
+            f"{prog}: error: port {settings.port}: cannot listen on {settings.host}:{settings.port} ({exc.strerror})",
+            file=sys.stderr,
+        )
+        return 2
+    port = holder.getsockname()[1]
+    metrics_dir = tempfile.mkdtemp(prefix=f"coldstart-{app.name}-metrics-")
+    try:
+        metrics.start_metrics_server(
+            settings.host, settings.metrics_port, metrics.multiprocess_registry(metrics_dir)
+        )
+    except StartupError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    command = [
+        sys.executable,
+        "-m",
+        "services.cli",
+        "serve",
+        app.name,
+        *argv,
+        "--set",
+        f"port={port}",
+        "--set",
+        "metrics_port=0",
+    ]
+    workers = [
+        subprocess.Popen(
+            command, env={**os.environ, WORKER_ENV: str(i), "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+        )
+        for i in range(settings.processes)
+    ]
+    log.info("supervising workers", extra={"port": port, "pids": [w.pid for w in workers]})
+    stopping = threading.Event()
+
+    def forward(signum: int, _frame: object) -> None:
+        stopping.set()
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    code = 0
+    try:
+        while any(w.poll() is None for w in workers):
+            failed = [w for w in workers if w.poll() not in (None, 0)]
+            if failed and not stopping.is_set():
+                # One worker down (bad start or crash): stop the rest and say so.
+                code = failed[0].returncode
+                forward(signal.SIGTERM, None)
+            time.sleep(0.2)
+        if not code:
+            code = next((w.returncode for w in workers if w.returncode), 0)
+    finally:
+        holder.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return code

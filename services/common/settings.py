@@ -35,6 +35,10 @@ class ServerSettings:
     # Prometheus metrics on a separate HTTP port; 0 disables the endpoint.
     metrics_port: int = 0
     max_workers: int = 32
+    # Server processes sharing the port (SO_REUSEPORT): Python handlers are
+    # bound by the GIL, so one machine scales with processes. On Kubernetes
+    # keep 1 and scale with pods.
+    processes: int = 1
     # Seconds in-flight calls get to finish after SIGTERM.
     grace_seconds: float = 10.0
     max_receive_message_bytes: int = 4 * 1024 * 1024
@@ -50,6 +54,7 @@ class ServerSettings:
         check_port("port", self.port, allow_zero=True)
         check_port("metrics_port", self.metrics_port, allow_zero=True)
         check_positive("max_workers", self.max_workers)
+        check_positive("processes", self.processes)
         check_positive("max_receive_message_bytes", self.max_receive_message_bytes)
         check_positive("max_send_message_bytes", self.max_send_message_bytes)
         if self.grace_seconds < 0:

@@ -122,6 +122,7 @@ def run_serve(args: list[str], timeout_s: float = 60) -> subprocess.CompletedPro
         (["--set", "bogus=1"], "--set bogus: unknown setting"),
         (["--set", "port=abc"], "--set port: expected an integer, got 'abc'"),
         (["--set", "grace_seconds=-1"], "grace_seconds: must be >= 0"),
+        (["--set", "processes=0"], "processes: must be > 0"),
         (
             ["--set", "tls_cert_file=/nonexistent.pem", "--set", "tls_key_file=/nonexistent.key"],
             "tls_cert_file: file not found",
@@ -158,3 +159,30 @@ def test_metrics_port_in_use_exits_nonzero_with_one_line() -> None:
     assert result.returncode == 2
     assert f"metrics_port {port}: cannot listen" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_several_processes_share_the_port_and_merge_their_metrics(tmp_path: Path) -> None:
+    import psutil
+
+    with running_service("echo", tmp_path, settings={"processes": 2}) as echo:
+        workers = psutil.Process(echo.process.pid).children()
+        assert len(workers) == 2
+        for i in range(20):
+            # A fresh connection each time: the kernel spreads them over the workers.
+            with grpc.insecure_channel(echo.address) as channel:
+                reply = echo_pb2_grpc.EchoServiceStub(channel).Echo(
+                    echo_pb2.EchoRequest(message=str(i)), timeout=5
+                )
+                assert reply.message == str(i)
+        body = (
+            urllib.request.urlopen(f"http://127.0.0.1:{echo.metrics_port}/metrics", timeout=5)
+            .read()
+            .decode()
+        )
+        assert (
+            'coldstart_grpc_server_handled_total{code="OK",method="Echo",service="echo"} 20.0'
+            in body
+        )
+        echo.process.send_signal(signal.SIGTERM)
+        assert echo.process.wait(timeout=30) == 0
+        assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)

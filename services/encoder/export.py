@@ -97,7 +97,7 @@ INT8_SCHEMES: dict[str, Int8Scheme] = {
         per_channel=(_FFN_OUT,),
     ),
 }
-DEFAULT_INT8_SCHEME = "ffn-out-fp32"
+DEFAULT_INT8_SCHEME = "per-channel"
 
 
 # -- the graph -----------------------------------------------------------------

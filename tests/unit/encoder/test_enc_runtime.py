@@ -89,11 +89,12 @@ def test_model_folder_from_settings_and_registry(tiny_export: Path, tmp_path: Pa
     with pytest.raises(StartupError, match="run `coldstart export encoder`"):
         resolve_model_folder(EncoderSettings(registry_dir=str(root)))
     registry = ModelRegistry(root)
-    manifest: dict[str, object] = {}
+    manifest = json.loads((tiny_export / "manifest.json").read_text())
     with registry.stage(manifest) as folder:
         shutil.copytree(tiny_export, folder, dirs_exist_ok=True)
     version = str(manifest["version"])
     registry.set_current(version)
     assert resolve_model_folder(EncoderSettings(registry_dir=str(root))) == registry.path(version)
+    assert OnnxTextModel(registry.path(version)).dimension == 32
     with pytest.raises(StartupError, match="not found"):
         resolve_model_folder(EncoderSettings(registry_dir=str(root), version="v0-nope"))

@@ -1,0 +1,362 @@
+"""Model inputs from plain data: the one feature builder training and serving share.
+
+The trainer builds every ONNX input of the cold-start model (user tower, item
+tower, ranker) through these functions, and the fusion service calls the same
+functions on its online state, so a served score is computed from exactly the
+features the model was trained on. Pure numpy on purpose: the fusion service
+never imports torch (nor scipy).
+
+Conventions (also written into each registry version's manifest.json):
+
+- Attribute vectors are multi-hot float32 rows over a vocabulary of
+  ``(field, value)`` columns. Column 0 is a constant 1 (``ALWAYS_ON``) so the
+  width is never 0, even for a catalog without attributes; unknown values set
+  no column.
+- Id codes: ``row + 1`` for an entity the model has an id embedding for, ``0``
+  for "no id" (a new user or item). The towers were trained with ids dropped,
+  so 0 is a normal input, not an error.
+- A user's history is a list of item rows (into the version's item table),
+  oldest first; only the last ``max_history`` are pooled.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+ALWAYS_ON = ("", "")
+# Ranker features that do not depend on the attribute vocabularies, in column order.
+BASE_RANKER_FEATURES: tuple[str, ...] = (
+    "tower_score",
+    "content_max_sim",
+    "content_mean_sim",
+    "interest_sim",
+    "attr_affinity",
+    "log_pop",
+    "pop_share",
+    "item_is_new",
+    "log_hist_len",
+    "hist_empty",
+    "has_interest",
+)
+
+
+@dataclass(frozen=True)
+class AttributeVocab:
+    """Column layout of a multi-hot attribute vector: ``(field, value)`` per column."""
+
+    fields: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @property
+    def columns(self) -> list[tuple[str, str]]:
+        cols = [ALWAYS_ON]
+        for name, values in self.fields:
+            cols.extend((name, v) for v in values)
+        return cols
+
+    @property
+    def width(self) -> int:
+        return 1 + sum(len(values) for _, values in self.fields)
+
+    def field_slices(self) -> dict[str, slice]:
+        out: dict[str, slice] = {}
+        start = 1
+        for name, values in self.fields:
+            out[name] = slice(start, start + len(values))
+            start += len(values)
+        return out
+
+    def index(self) -> dict[str, dict[str, int]]:
+        """field -> value -> column (the JSON form in the manifest)."""
+        out: dict[str, dict[str, int]] = {}
+        start = 1
+        for name, values in self.fields:
+            out[name] = {v: start + j for j, v in enumerate(values)}
+            start += len(values)
+        return out
+
+    def encode(self, rows: Sequence[Mapping[str, str | Sequence[str]]]) -> np.ndarray:
+        """Multi-hot rows from ``{field: value or [values]}`` dicts (unknowns ignored)."""
+        index = self.index()
+        out = np.zeros((len(rows), self.width), dtype=np.float32)
+        out[:, 0] = 1.0
+        for r, attrs in enumerate(rows):
+            for name, value in attrs.items():
+                columns = index.get(name)
+                if columns is None:
+                    continue
+                values = [value] if isinstance(value, str) else list(value)
+                for v in values:
+                    j = columns.get(v)
+                    if j is not None:
+                        out[r, j] = 1.0
+        return out
+
+    def from_blocks(self, n: int, blocks: Mapping[str, Any]) -> np.ndarray:
+        """Multi-hot rows from per-field 0/1 matrices (anything with ``toarray`` or an array).
+
+        A field missing from ``blocks`` stays empty; a block must have the field's width.
+        """
+        out = np.zeros((n, self.width), dtype=np.float32)
+        out[:, 0] = 1.0
+        for name, sl in self.field_slices().items():
+            block = blocks.get(name)
+            if block is None:
+                continue
+            dense = block.toarray() if hasattr(block, "toarray") else np.asarray(block)
+            if dense.shape != (n, sl.stop - sl.start):
+                raise ValueError(
+                    f"attribute {name!r}: got shape {dense.shape}, want {(n, sl.stop - sl.start)}"
+                )
+            out[:, sl] = dense
+        return out
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return [{"field": name, "values": list(values)} for name, values in self.fields]
+
+    @classmethod
+    def from_json(cls, data: list[dict[str, Any]]) -> AttributeVocab:
+        return cls(tuple((str(f["field"]), tuple(str(v) for v in f["values"])) for f in data))
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything needed to turn raw user/item state into the model's inputs."""
+
+    user_vocab: AttributeVocab
+    item_vocab: AttributeVocab
+    text_dim: int
+    item_vec_dim: int
+    max_history: int
+    # User fields whose values define popularity segments (ranker features).
+    segment_fields: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def ranker_feature_names(self) -> list[str]:
+        names = list(BASE_RANKER_FEATURES)
+        names += [f"seg_share:{f}" for f in self.segment_fields]
+        names += [f"user:{f}={v}" for f, v in self.user_vocab.columns[1:]]
+        names += [f"item:{f}={v}" for f, v in self.item_vocab.columns[1:]]
+        return names
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "user_vocab": self.user_vocab.to_json(),
+            "item_vocab": self.item_vocab.to_json(),
+            "text_dim": self.text_dim,
+            "item_vec_dim": self.item_vec_dim,
+            "max_history": self.max_history,
+            "segment_fields": list(self.segment_fields),
+            "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FeatureSpec:
+        return cls(
+            user_vocab=AttributeVocab.from_json(data["user_vocab"]),
+            item_vocab=AttributeVocab.from_json(data["item_vocab"]),
+            text_dim=int(data["text_dim"]),
+            item_vec_dim=int(data["item_vec_dim"]),
+            max_history=int(data["max_history"]),
+            segment_fields=tuple(data.get("segment_fields", ())),
+            extra=dict(data.get("extra", {})),
+        )
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=True)
+
+
+def item_tower_inputs(
+    content: np.ndarray, item_attrs: np.ndarray, item_codes: np.ndarray
+) -> dict[str, np.ndarray]:
+    """ONNX inputs of the item tower: content vectors, attribute rows, id codes (0 = none)."""
+    return {
+        "content": np.ascontiguousarray(content, dtype=np.float32),
+        "item_attrs": np.ascontiguousarray(item_attrs, dtype=np.float32),
+        "item_id": np.ascontiguousarray(item_codes, dtype=np.int64),
+    }
+
+
+def pool_history(
+    histories: Sequence[np.ndarray], item_vectors: np.ndarray, max_history: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean item vector of each user's last ``max_history`` items, and the history lengths.
+
+    Empty histories pool to zeros; the length input tells the tower which case it is.
+    """
+    n = len(histories)
+    pooled = np.zeros((n, item_vectors.shape[1]), dtype=np.float32)
+    lengths = np.zeros((n, 1), dtype=np.float32)
+    for r, hist in enumerate(histories):
+        h = np.asarray(hist, dtype=np.int64)
+        lengths[r, 0] = len(h)
+        if len(h):
+            pooled[r] = item_vectors[h[-max_history:]].mean(axis=0)
+    return pooled, lengths
+
+
+def user_tower_inputs(
+    spec: FeatureSpec,
+    user_attrs: np.ndarray,
+    user_codes: np.ndarray,
+    histories: Sequence[np.ndarray],
+    item_vectors: np.ndarray,
+    interest: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """ONNX inputs of the user tower.
+
+    ``interest``: (n, text_dim) stated-interest vectors; an all-zero row means none.
+    ``item_vectors``: the version's item-tower outputs (the ANN index rows).
+    """
+    n = len(histories)
+    hist_vec, hist_len = pool_history(histories, item_vectors, spec.max_history)
+    if interest is None:
+        interest = np.zeros((n, spec.text_dim), dtype=np.float32)
+    has_interest = (np.abs(interest).sum(axis=1, keepdims=True) > 0).astype(np.float32)
+    return {
+        "user_attrs": np.ascontiguousarray(user_attrs, dtype=np.float32),
+        "user_id": np.ascontiguousarray(user_codes, dtype=np.int64),
+        "interest": np.ascontiguousarray(interest, dtype=np.float32),
+        "has_interest": has_interest,
+        "hist_vec": hist_vec,
+        "hist_len": hist_len,
+    }
+
+
+@dataclass(frozen=True)
+class RankerTables:
+    """Per-item tables the ranker features read (all rows in the version's item order).
+
+    ``pop``: training positives per item (0 for a new item). ``seg_counts[c, i]``:
+    positives of item i among users having user-attribute column c;
+    ``seg_sizes[c]``: users having column c. ``n_users``: users counted in ``pop``.
+    """
+
+    content: np.ndarray
+    item_attrs: np.ndarray
+    pop: np.ndarray
+    seg_counts: np.ndarray
+    seg_sizes: np.ndarray
+    n_users: int
+
+
+def _content_sims(
+    hist_content: list[np.ndarray], cand_content: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Max and mean cosine of each candidate to the user's history items (0 with none)."""
+    n, c = cand_content.shape[:2]
+    mx = np.zeros((n, c), dtype=np.float32)
+    mean = np.zeros((n, c), dtype=np.float32)
+    for r, hc in enumerate(hist_content):
+        if len(hc) == 0:
+            continue
+        sims = cand_content[r] @ hc.T  # (c, h)
+        mx[r] = sims.max(axis=1)
+        mean[r] = sims.mean(axis=1)
+    return mx, mean
+
+
+def ranker_features(
+    spec: FeatureSpec,
+    tables: RankerTables,
+    tower_scores: np.ndarray,
+    user_attrs: np.ndarray,
+    histories: Sequence[np.ndarray],
+    candidates: np.ndarray,
+    interest: np.ndarray | None = None,
+    new_items: np.ndarray | None = None,
+    exclude_self: np.ndarray | None = None,
+) -> np.ndarray:
+    """(n_users, n_candidates, n_features) float32, columns as ``spec.ranker_feature_names()``.
+
+    ``candidates``: (n_users, n_candidates) item rows; ``tower_scores``: the
+    user-vector . item-vector inner products of those pairs (what retrieval
+    already computed; a new item's vector is its item-tower output with id 0).
+    ``new_items``: optional bool
+    mask of the same shape forcing "no interaction data" for those candidates
+    (popularity features zeroed), which is how training shows the ranker new items.
+    ``exclude_self``: optional (n_users, n_candidates) 0/1 counts of the user's own
+    training positives, subtracted from the popularity counts so a training query
+    never sees its own targets in the counts (serving passes nothing).
+    """
+    n, c = candidates.shape
+    tower = np.asarray(tower_scores, dtype=np.float32)
+    cand_content = tables.content[candidates]
+    hist_rows = [np.asarray(h, dtype=np.int64)[-spec.max_history :] for h in histories]
+    cmax, cmean = _content_sims([tables.content[h] for h in hist_rows], cand_content)
+    if interest is None:
+        interest = np.zeros((n, spec.text_dim), dtype=np.float32)
+    has_interest = (np.abs(interest).sum(axis=1) > 0).astype(np.float32)
+    interest_sim = np.einsum("ncd,nd->nc", cand_content, interest).astype(np.float32)
+
+    cand_attrs = tables.item_attrs[candidates][:, :, 1:]  # drop the always-on column
+    hist_attrs = np.zeros((n, cand_attrs.shape[2]), dtype=np.float32)
+    for r, h in enumerate(hist_rows):
+        if len(h):
+            hist_attrs[r] = tables.item_attrs[h][:, 1:].mean(axis=0)
+    n_on = np.maximum(cand_attrs.sum(axis=2), 1.0)
+    affinity = np.einsum("nca,na->nc", cand_attrs, hist_attrs) / n_on
+
+    pop = tables.pop[candidates].astype(np.float32)
+    own = np.zeros((n, c), dtype=np.float32) if exclude_self is None else exclude_self
+    pop = np.maximum(pop - own, 0.0)
+    if new_items is not None:
+        pop = np.where(new_items, 0.0, pop).astype(np.float32)
+    is_new = (pop <= 0).astype(np.float32)
+    log_pop = np.log1p(pop)
+    pop_share = np.log((pop + 1.0) / (tables.n_users + 2.0))
+    hist_len = np.array([len(h) for h in histories], dtype=np.float32)
+
+    cols = [
+        tower,
+        cmax,
+        cmean,
+        interest_sim,
+        affinity.astype(np.float32),
+        log_pop,
+        pop_share.astype(np.float32),
+        is_new,
+        np.broadcast_to(np.log1p(hist_len)[:, None], (n, c)),
+        np.broadcast_to((hist_len == 0).astype(np.float32)[:, None], (n, c)),
+        np.broadcast_to(has_interest[:, None], (n, c)),
+    ]
+    slices = spec.user_vocab.field_slices()
+    for name in spec.segment_fields:
+        sl = slices[name]
+        member = user_attrs[:, sl]  # (n, v)
+        counts = tables.seg_counts[sl][:, candidates]  # (v, n, c)
+        counts = np.maximum(counts - own[None] * (member.T[:, :, None] > 0), 0.0)
+        if new_items is not None:
+            counts = np.where(new_items[None], 0.0, counts)
+        sizes = tables.seg_sizes[sl]  # (v,)
+        share = np.log((counts + 1.0) / (sizes[:, None, None] + 2.0))  # (v, n, c)
+        weight = member.sum(axis=1)  # users with no value fall back to the overall share
+        seg = np.einsum("vnc,nv->nc", share, member) / np.maximum(weight, 1.0)[:, None]
+        seg = np.where(weight[:, None] > 0, seg, pop_share)
+        cols.append(seg.astype(np.float32))
+    user_cols = np.broadcast_to(user_attrs[:, None, 1:], (n, c, user_attrs.shape[1] - 1))
+    parts = [np.stack(cols, axis=2), user_cols, cand_attrs]
+    out = np.concatenate([p.astype(np.float32) for p in parts], axis=2)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def segment_tables(
+    user_attrs: np.ndarray, pos_users: np.ndarray, pos_items: np.ndarray, n_items: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``seg_counts`` (columns x items) and ``seg_sizes`` from positive (user, item) pairs.
+
+    Sizes count the users that have any positive (the population the counts come from).
+    """
+    width = user_attrs.shape[1]
+    counts = np.zeros((width, n_items), dtype=np.float32)
+    # One pass per attribute column: each is a handful of users' rows summed.
+    for col in range(width):
+        members = user_attrs[pos_users, col] > 0
+        if members.any():
+            counts[col] = np.bincount(pos_items[members], minlength=n_items)
+    sizes = user_attrs[np.unique(pos_users)].sum(axis=0).astype(np.float32)
+    return counts, sizes

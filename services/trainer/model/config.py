@@ -1,0 +1,77 @@
+"""Hyper-parameters of the cold-start model (towers + ranker) and its training run."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+LOSSES = ("softmax", "bpr")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Towers
+    dim: int = 64
+    hidden: int = 256
+    temperature: float = 0.1
+    item_id_dropout: float = 0.5
+    user_id_dropout: float = 0.5
+    interest_dropout: float = 0.3
+    use_content: bool = True
+    max_history: int = 50
+    # Loss: "softmax" = in-batch (global batch) candidates plus shared uniform
+    # negatives, logQ-corrected; "bpr" = pairwise against the shared negatives.
+    loss: str = "softmax"
+    logq_weight: float = 1.0
+    n_negatives: int = 512
+    # Training samples: one per training positive; its history is the user's earlier
+    # positives, cut short (to 0..short_history_max items) with this probability, so
+    # the towers see the 0/1/3/5-item histories that cold users arrive with.
+    short_history_prob: float = 0.5
+    short_history_max: int = 8
+    batch_size: int = 512  # global: split evenly over the workers
+    epochs: int = 12
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    # Ranker
+    use_ranker: bool = True
+    ranker_candidates: int = 100
+    ranker_hidden: int = 64
+    ranker_cross_layers: int = 2
+    ranker_queries_per_user: int = 6
+    ranker_cold_item_share: float = 0.25
+    ranker_batch_size: int = 128
+    ranker_epochs: int = 4
+    ranker_lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss: {self.loss!r} is not one of {', '.join(LOSSES)}")
+        for name in ("item_id_dropout", "user_id_dropout", "interest_dropout"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name}: {value} is not in [0, 1]")
+        for name in ("dim", "hidden", "batch_size", "epochs", "max_history", "ranker_candidates"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1")
+        if self.temperature <= 0:
+            raise ValueError("temperature: must be positive")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model option(s): {', '.join(unknown)}")
+        return cls(**data)
+
+    def with_options(self, **options: Any) -> ModelConfig:
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown model option(s): {', '.join(unknown)}")
+        return replace(self, **options)

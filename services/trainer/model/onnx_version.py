@@ -1,0 +1,122 @@
+"""A registry version served the way the fusion service serves it: ONNX Runtime,
+numpy and the shared feature builder, no torch.
+
+Used by export (to check the exported version end to end against the torch
+model) and by tests; it is also the reference for how to read a version's
+manifest (format ``coldstart.recommender/2``, see docs/MODEL.md).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from services.common.recsys_features import (
+    FeatureSpec,
+    RankerTables,
+    item_tower_inputs,
+    ranker_features,
+    user_tower_inputs,
+)
+
+FORMAT = "coldstart.recommender/2"
+
+
+def _session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxVersion:
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.manifest: dict[str, Any] = json.loads((self.folder / "manifest.json").read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{self.folder}: manifest format is not {FORMAT}")
+        m = self.manifest
+        files = m["files"]
+        self.spec = FeatureSpec.from_json(m["feature_spec"])
+        self.user = _session(self.folder / files["user_tower"])
+        self.item = _session(self.folder / files["item_tower"])
+        self.ranker = (
+            _session(self.folder / files["ranker"]) if m["ranker"].get("enabled") else None
+        )
+        self.item_ids: list[str] = json.loads((self.folder / files["item_ids"]).read_text())
+        self.item_vectors = np.load(self.folder / files["item_vectors"])
+        self.item_codes = np.load(self.folder / files["item_codes"])
+        self.user_codes: dict[str, int] = json.loads(
+            (self.folder / files["user_codes"]).read_text()
+        )
+        self.tables = RankerTables(
+            content=np.load(self.folder / files["content_vectors"]),
+            item_attrs=np.load(self.folder / files["item_attributes"]),
+            pop=np.load(self.folder / files["popularity"]),
+            seg_counts=np.load(self.folder / files["segment_counts"]),
+            seg_sizes=np.load(self.folder / files["segment_sizes"]),
+            n_users=int(m["ranker"]["popularity_users"]),
+        )
+        self.n_candidates = int(m["ranker"]["candidates"])
+
+    def item_vecs(
+        self, content: np.ndarray, item_attrs: np.ndarray, item_codes: np.ndarray
+    ) -> np.ndarray:
+        out: np.ndarray = self.item.run(None, item_tower_inputs(content, item_attrs, item_codes))[0]
+        return out
+
+    def user_vecs(
+        self,
+        user_attrs: np.ndarray,
+        user_codes: np.ndarray,
+        histories: Sequence[np.ndarray],
+        interest: np.ndarray | None = None,
+    ) -> np.ndarray:
+        inputs = user_tower_inputs(
+            self.spec, user_attrs, user_codes, histories, self.item_vectors, interest
+        )
+        out: np.ndarray = self.user.run(None, inputs)[0]
+        return out
+
+    def rank(
+        self,
+        user_attrs: np.ndarray,
+        user_codes: np.ndarray,
+        histories: Sequence[np.ndarray],
+        candidates: np.ndarray,
+        interest: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Tower scores over ``candidates`` (item rows) and ranker scores of each user's head.
+
+        Returns (head candidates (n, h) as item rows, ranker scores (n, h)), the head
+        being each user's top ``n_candidates`` by tower score, history excluded.
+        """
+        uvecs = self.user_vecs(user_attrs, user_codes, histories, interest)
+        tower = uvecs @ self.item_vectors[candidates].T
+        for r, hist in enumerate(histories):
+            tower[r, np.isin(candidates, hist)] = -np.inf
+        h = min(self.n_candidates, len(candidates))
+        part = np.argpartition(-tower, h - 1, axis=1)[:, :h]
+        order = np.argsort(-np.take_along_axis(tower, part, axis=1), axis=1, kind="stable")
+        head = np.take_along_axis(part, order, axis=1)
+        head_items = candidates[head]
+        head_scores = np.take_along_axis(tower, head, axis=1)
+        if self.ranker is None:
+            return head_items, head_scores
+        feats = ranker_features(
+            self.spec,
+            self.tables,
+            head_scores,
+            user_attrs,
+            histories,
+            head_items,
+            interest=interest,
+        )
+        n, c, f = feats.shape
+        scores = self.ranker.run(None, {"features": feats.reshape(n * c, f)})[0].reshape(n, c)
+        return head_items, scores

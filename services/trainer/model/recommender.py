@@ -1,0 +1,93 @@
+"""The trained model as the evaluation harness (and export) sees it.
+
+Scoring is retrieval then ranking, as the fusion service does it: tower
+scores over all candidates, the ranker re-scores each user's top
+``ranker_candidates`` (history excluded), and everything else keeps its tower
+order below them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from services.common.recsys_features import ranker_features
+from services.trainer.model.config import ModelConfig
+from services.trainer.model.dataset import ModelData
+from services.trainer.model.train import (
+    TrainResult,
+    _topk,
+    item_vectors,
+    ranker_tables,
+    user_vectors,
+)
+
+# Scores outside the re-ranked head sit this far below it (finite, as the harness wants).
+_TAIL_OFFSET = 1.0e4
+
+
+class ScoringModel:
+    """Inference over a TrainResult in torch (the ONNX graphs compute the same functions)."""
+
+    def __init__(self, result: TrainResult) -> None:
+        self.result = result
+        self.data: ModelData = result.data
+        self.cfg: ModelConfig = result.config
+        self.item_vecs = item_vectors(result.towers, self.data)
+        self.tables = ranker_tables(self.data)
+
+    def user_vecs(
+        self,
+        users: np.ndarray | None,
+        user_attrs: np.ndarray,
+        histories: list[np.ndarray],
+        interest: np.ndarray | None = None,
+    ) -> np.ndarray:
+        codes = (
+            np.zeros(len(histories), dtype=np.int64)
+            if users is None
+            else self.data.user_codes[users].astype(np.int64)
+        )
+        return user_vectors(
+            self.result.towers, self.data, user_attrs, codes, histories, self.item_vecs, interest
+        )
+
+    def score(
+        self,
+        users: np.ndarray | None,
+        user_attrs: np.ndarray,
+        histories: list[np.ndarray],
+        candidates: np.ndarray,
+        interest: np.ndarray | None = None,
+        use_ranker: bool = True,
+    ) -> np.ndarray:
+        uvecs = self.user_vecs(users, user_attrs, histories, interest)
+        tower = uvecs @ self.item_vecs[candidates].T  # (n_users, n_candidates)
+        ranker = self.result.ranker
+        if ranker is None or not use_ranker:
+            return tower.astype(np.float64)
+        n_head = min(self.cfg.ranker_candidates, len(candidates))
+        masked = tower.copy()
+        for r, hist in enumerate(histories):
+            masked[r, np.isin(candidates, hist)] = -np.inf
+        head = _topk(masked, n_head)  # positions into candidates
+        out = tower.astype(np.float64) - _TAIL_OFFSET
+        chunk = 128
+        for start in range(0, len(histories), chunk):
+            rows = np.arange(start, min(start + chunk, len(histories)))
+            cand_rows = candidates[head[rows]]
+            feats = ranker_features(
+                self.data.spec,
+                self.tables,
+                np.take_along_axis(tower[rows], head[rows], axis=1),
+                user_attrs[rows],
+                [histories[r] for r in rows],
+                cand_rows,
+                interest=None if interest is None else interest[rows],
+            )
+            q, n, f = feats.shape
+            with torch.no_grad():
+                s = ranker(torch.from_numpy(feats.reshape(q * n, f))).numpy().reshape(q, n)
+            for i, r in enumerate(rows):
+                out[r, head[r]] = s[i]
+        return out

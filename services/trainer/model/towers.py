@@ -1,0 +1,131 @@
+"""The two towers. Their forward signatures are the ONNX graphs' inputs.
+
+Score of (user, item) = <user_vec, item_vec> with
+``item_vec = [normalize(v) / temperature, b]`` and ``user_vec = [normalize(u), 1]``:
+a temperature-scaled cosine plus an item bias predicted from the item's
+content and attributes (and its id when it has one). Folding the bias into one
+extra dimension keeps the score a plain inner product, so a flat inner-product
+ANN index serves it unchanged. The bias matters for item cold-start: it is
+how the item tower predicts that a new item will be popular.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, n_out))
+
+
+class ItemTower(nn.Module):
+    """content (N, D) + attributes (N, A) + id code (N,) -> item vector (N, dim + 1)."""
+
+    def __init__(
+        self,
+        text_dim: int,
+        n_attrs: int,
+        n_ids: int,
+        dim: int,
+        hidden: int,
+        temperature: float,
+        use_content: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.scale = 1.0 / temperature
+        # The "no content vector" ablation multiplies content by 0 instead of changing
+        # the graph, so the exported inputs stay the same for every variant.
+        self.register_buffer("content_gate", torch.tensor(1.0 if use_content else 0.0))
+        self.mlp = _mlp(text_dim + n_attrs, hidden, dim + 1)
+        # Row 0 is "no id" and stays zero; ids start as zero so a fresh id means "content only".
+        self.id_emb = nn.Embedding(n_ids + 1, dim + 1, padding_idx=0)
+        nn.init.zeros_(self.id_emb.weight)
+
+    def forward(
+        self, content: torch.Tensor, item_attrs: torch.Tensor, item_id: torch.Tensor
+    ) -> torch.Tensor:
+        x = torch.cat([content * self.content_gate, item_attrs], dim=1)
+        h = self.mlp(x) + self.id_emb(item_id)
+        vec = F.normalize(h[:, : self.dim], dim=1) * self.scale
+        return torch.cat([vec, h[:, self.dim :]], dim=1)
+
+
+class UserTower(nn.Module):
+    """attributes, id, interest text vector, pooled history item vectors -> user vector."""
+
+    def __init__(
+        self,
+        n_attrs: int,
+        text_dim: int,
+        item_vec_dim: int,
+        n_ids: int,
+        dim: int,
+        hidden: int,
+        temperature: float,
+        use_content: bool = True,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.temperature = temperature
+        self.register_buffer("content_gate", torch.tensor(1.0 if use_content else 0.0))
+        n_in = n_attrs + text_dim + 1 + item_vec_dim + 2
+        self.mlp = nn.Sequential(
+            nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU()
+        )
+        self.out = nn.Linear(hidden, dim)
+        self.id_emb = nn.Embedding(n_ids + 1, dim, padding_idx=0)
+        nn.init.zeros_(self.id_emb.weight)
+
+    def forward(
+        self,
+        user_attrs: torch.Tensor,
+        user_id: torch.Tensor,
+        interest: torch.Tensor,
+        has_interest: torch.Tensor,
+        hist_vec: torch.Tensor,
+        hist_len: torch.Tensor,
+    ) -> torch.Tensor:
+        # Item vectors carry the 1/temperature scale; undo it so inputs are O(1).
+        pooled = hist_vec * self.temperature
+        x = torch.cat(
+            [
+                user_attrs,
+                interest * self.content_gate,
+                has_interest,
+                pooled,
+                torch.log1p(hist_len),
+                (hist_len == 0).to(hist_vec.dtype),
+            ],
+            dim=1,
+        )
+        u = self.out(self.mlp(x)) + self.id_emb(user_id)
+        u = F.normalize(u, dim=1)
+        return torch.cat([u, torch.ones_like(u[:, :1])], dim=1)
+
+
+class TwoTower(nn.Module):
+    """Both towers in one module: DDP wraps one thing and syncs all parameters."""
+
+    def __init__(
+        self,
+        *,
+        text_dim: int,
+        n_item_attrs: int,
+        n_user_attrs: int,
+        n_items: int,
+        n_users: int,
+        dim: int,
+        hidden: int,
+        temperature: float,
+        use_content: bool = True,
+    ) -> None:
+        super().__init__()
+        self.item = ItemTower(
+            text_dim, n_item_attrs, n_items, dim, hidden, temperature, use_content
+        )
+        self.user = UserTower(
+            n_user_attrs, text_dim, dim + 1, n_users, dim, hidden, temperature, use_content
+        )

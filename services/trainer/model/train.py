@@ -1,0 +1,665 @@
+"""Training: the towers, then the ranker on the towers' retrieval candidates.
+
+One code path for one worker or many (DDP, gloo on CPU, NCCL on CUDA): a
+*global* batch is a pure function of (seed, epoch, step) and worker r takes
+slice r of it. Every worker computes the item tower on the whole global
+batch's candidate set (item ids of all workers' targets are known to every
+worker, so no collective is needed for them), and its loss is the mean over
+its own queries; DDP's gradient average then equals the gradient of the mean
+over the global batch. Hence: two workers with batch B each take exactly the
+steps one worker takes with batch 2B (tests/integration/test_ddp_parity.py).
+Nothing random happens outside those seeded functions (no nn.Dropout; id
+dropout masks are drawn per (epoch, step, item)), which is also what makes a
+resumed run identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from services.common.recsys_features import (
+    RankerTables,
+    pool_history,
+    ranker_features,
+)
+from services.trainer.model.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from services.trainer.model.config import ModelConfig
+from services.trainer.model.dataset import ModelData
+from services.trainer.model.distributed import DistContext, all_reduce_mean
+from services.trainer.model.ranker import Ranker
+from services.trainer.model.towers import TwoTower
+
+log = logging.getLogger("coldstart.trainer.model")
+
+Batch = dict[str, np.ndarray]
+
+
+class Batcher(Protocol):
+    steps_per_epoch: int
+
+    def batch(self, epoch: int, step: int) -> Batch: ...
+
+
+def _rng(*key: int) -> np.random.Generator:
+    return np.random.default_rng([abs(int(k)) for k in key])
+
+
+def global_batch_size(requested: int, n: int, world: int) -> int:
+    """The largest multiple of ``world`` that is <= min(requested, n) (at least world)."""
+    size = min(requested, n)
+    return max(world, size - size % world)
+
+
+# --------------------------------------------------------------------------- towers
+
+
+class TowerBatcher:
+    """Samples: one per training positive (user, position in the user's time-ordered list)."""
+
+    def __init__(self, data: ModelData, cfg: ModelConfig, rank: int, world: int) -> None:
+        self.data, self.cfg, self.rank, self.world = data, cfg, rank, world
+        self.users, self.pos = data.sample_user_pos()
+        n = len(self.users)
+        if n == 0:
+            raise ValueError("no training positives")
+        self.global_batch = global_batch_size(cfg.batch_size, n, world)
+        self.local_batch = self.global_batch // world
+        self.steps_per_epoch = max(1, n // self.global_batch)
+        self.targets = data.user_items  # sample s's target is user_items[s]
+        self.neg_pool = np.flatnonzero(data.pop > 0)
+        # logQ: log of the expected number of times an item is in a step's candidate
+        # set (as a target of the global batch, or as one of the uniform negatives).
+        q = data.pop / n
+        expected = 1.0 - np.power(1.0 - q, self.global_batch)
+        expected += cfg.n_negatives / max(1, len(self.neg_pool))
+        self.logq = np.log(np.maximum(expected, 1e-12)).astype(np.float32)
+        self._plan_epoch = -1
+        self._plan: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(order, history cut, user id kept, interest kept) for every sample of the epoch."""
+        if self._plan is None or self._plan_epoch != epoch:
+            cfg = self.cfg
+            rng = _rng(cfg.seed, epoch, 1)
+            n = len(self.users)
+            order = rng.permutation(n)
+            short = rng.random(n) < cfg.short_history_prob
+            cut_short = np.floor(
+                rng.random(n) * (np.minimum(self.pos, cfg.short_history_max) + 1)
+            ).astype(np.int64)
+            cut = np.where(short, cut_short, self.pos)
+            keep_uid = rng.random(n) >= cfg.user_id_dropout
+            keep_interest = rng.random(n) >= cfg.interest_dropout
+            self._plan = (order, cut, keep_uid, keep_interest)
+            self._plan_epoch = epoch
+        return self._plan
+
+    def batch(self, epoch: int, step: int) -> Batch:
+        cfg, data = self.cfg, self.data
+        order, cut, keep_uid, keep_interest = self.plan(epoch)
+        g = order[step * self.global_batch : (step + 1) * self.global_batch]
+        local = g[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
+        step_rng = _rng(cfg.seed, epoch, step, 2)
+        negatives = step_rng.choice(self.neg_pool, size=cfg.n_negatives, replace=True)
+        candidates = np.unique(np.concatenate([self.targets[g], negatives]))
+
+        users = self.users[local]
+        starts = data.user_offsets[users]
+        cuts = cut[local]
+        lo = np.maximum(0, cuts - cfg.max_history)
+        hist_lens = cuts - lo
+        width = max(1, int(hist_lens.max()))
+        positions = lo[:, None] + np.arange(width)[None, :]
+        hist_mask = np.arange(width)[None, :] < hist_lens[:, None]
+        hist_items = data.user_items[np.where(hist_mask, starts[:, None] + positions, 0)]
+
+        items = np.unique(np.concatenate([candidates, hist_items[hist_mask]]))
+        # History pooling as a (local batch x items) averaging matrix: one matmul
+        # forward and backward instead of a gather + scatter over (batch, history).
+        pool = np.zeros((len(local), len(items)), dtype=np.float32)
+        rows = np.repeat(np.arange(len(local)), hist_lens)
+        cols = np.searchsorted(items, hist_items[hist_mask])
+        np.add.at(pool, (rows, cols), 1.0)
+        pool /= np.maximum(hist_lens, 1)[:, None].astype(np.float32)
+        drop_item = step_rng.random(data.n_items) < cfg.item_id_dropout
+        item_ids = np.where(drop_item[items], 0, data.item_codes[items])
+        target_items = self.targets[local]
+        target = np.searchsorted(candidates, target_items)
+        # A user's other training positives are not negatives for them.
+        sub = data.positives[users][:, candidates].toarray() > 0
+        sub[np.arange(len(local)), target] = False
+        interest = data.interest[users] * keep_interest[local][:, None]
+        return {
+            "item_content": data.content[items],
+            "item_attrs": data.item_attrs[items],
+            "item_id": item_ids.astype(np.int64),
+            "cand_index": np.searchsorted(items, candidates).astype(np.int64),
+            "neg_cols": np.searchsorted(candidates, np.unique(negatives)).astype(np.int64),
+            "logq": self.logq[candidates],
+            "hist_pool": pool,
+            "hist_len": cuts.astype(np.float32)[:, None],
+            "user_attrs": data.user_attrs[users],
+            "user_id": np.where(keep_uid[local], data.user_codes[users], 0).astype(np.int64),
+            "interest": interest.astype(np.float32),
+            "has_interest": (np.abs(interest).sum(axis=1, keepdims=True) > 0).astype(np.float32),
+            "target": target.astype(np.int64),
+            "exclude": sub,
+        }
+
+
+class TowerLoss(nn.Module):
+    def __init__(self, towers: TwoTower, loss: str, logq_weight: float) -> None:
+        super().__init__()
+        self.towers = towers
+        self.loss = loss
+        self.logq_weight = logq_weight
+
+    def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        item_vecs = self.towers.item(b["item_content"], b["item_attrs"], b["item_id"])
+        # The mean over the last max_history items, as recsys_features.pool_history does.
+        hist = b["hist_pool"] @ item_vecs
+        user_vecs = self.towers.user(
+            b["user_attrs"], b["user_id"], b["interest"], b["has_interest"], hist, b["hist_len"]
+        )
+        logits = user_vecs @ item_vecs[b["cand_index"]].T  # (B, C)
+        logits = logits.masked_fill(b["exclude"], float("-inf"))
+        target = b["target"]
+        if self.loss == "softmax":
+            corrected = logits - self.logq_weight * b["logq"].unsqueeze(0)
+            return F.cross_entropy(corrected, target)
+        pos = logits.gather(1, target.unsqueeze(1))
+        neg = logits[:, b["neg_cols"]]
+        valid = torch.isfinite(neg) & (b["neg_cols"].unsqueeze(0) != target.unsqueeze(1))
+        pair = F.softplus(torch.where(valid, neg - pos, torch.zeros_like(neg)))
+        return (pair * valid).sum() / valid.sum().clamp(min=1)
+
+
+# --------------------------------------------------------------------------- ranker
+
+
+@dataclass
+class RankerQueries:
+    """Ranker training queries, built once from the trained towers (same on every worker)."""
+
+    users: np.ndarray  # (Q,)
+    histories: list[np.ndarray]
+    candidates: np.ndarray  # (Q, N)
+    tower_scores: np.ndarray  # (Q, N)
+    labels: np.ndarray  # (Q, N) float32
+    new_items: np.ndarray  # (Q, N) bool
+    exclude_self: np.ndarray  # (Q, N) float32
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def _topk(scores: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(part, order, axis=1)
+
+
+@torch.no_grad()
+def item_vectors(towers: TwoTower, data: ModelData, codes: np.ndarray | None = None) -> np.ndarray:
+    towers.eval()
+    out = towers.item(
+        torch.from_numpy(data.content),
+        torch.from_numpy(data.item_attrs),
+        torch.from_numpy(data.item_codes if codes is None else codes),
+    )
+    return out.numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def user_vectors(
+    towers: TwoTower,
+    data: ModelData,
+    user_attrs: np.ndarray,
+    user_codes: np.ndarray,
+    histories: list[np.ndarray],
+    item_vecs: np.ndarray,
+    interest: np.ndarray | None = None,
+) -> np.ndarray:
+    from services.common.recsys_features import user_tower_inputs
+
+    towers.eval()
+    inputs = user_tower_inputs(data.spec, user_attrs, user_codes, histories, item_vecs, interest)
+    out = towers.user(**{k: torch.from_numpy(v) for k, v in inputs.items()})
+    return out.numpy().astype(np.float32)
+
+
+def build_ranker_queries(towers: TwoTower, data: ModelData, cfg: ModelConfig) -> RankerQueries:
+    """Queries that look like the three situations the ranker must handle.
+
+    - a cold user: the first 0..8 positives revealed, no user id;
+    - a warm user: the first 80% of positives revealed, with the user id;
+    - new items: a random 20% of items play "new" (content-only vectors, no counts);
+      the user's other positives are the history, candidates come only from the new ones.
+    Labels: the user's remaining training positives among the candidates.
+    """
+    rng = _rng(cfg.seed, 99)
+    full = item_vectors(towers, data)
+    content_only = item_vectors(towers, data, np.zeros(data.n_items, dtype=np.int64))
+    lengths = np.diff(data.user_offsets)
+    eligible = np.flatnonzero(lengths >= 2)
+    warm_items = np.flatnonzero(data.pop > 0)
+    n_cand = cfg.ranker_candidates
+    rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    # (user, history, candidates, scores, labels, new)
+    kinds = rng.random((len(eligible), cfg.ranker_queries_per_user))
+    cold_cut_choices = np.array([0, 0, 1, 2, 3, 3, 4, 5, 5, 6, 8])
+    # (user, history, pseudo-new items or None, keep the user id)
+    pending: list[tuple[int, np.ndarray, np.ndarray | None, bool]] = []
+    for qi, u in enumerate(eligible):
+        items = data.history(int(u))
+        for kind in kinds[qi]:
+            if kind < cfg.ranker_cold_item_share:
+                pseudo = warm_items[rng.random(len(warm_items)) < 0.2]
+                is_new = np.isin(items, pseudo)
+                if not is_new.any() or is_new.all():
+                    continue
+                pending.append((int(u), items[~is_new], pseudo, True))
+            elif kind < cfg.ranker_cold_item_share + (1 - cfg.ranker_cold_item_share) / 2:
+                cut = int(min(rng.choice(cold_cut_choices), len(items) - 1))
+                pending.append((int(u), items[:cut], None, False))
+            else:
+                cut = len(items) - max(1, round(0.2 * len(items)))
+                pending.append((int(u), items[:cut], None, True))
+    # Vectorised in chunks: user vectors for all pending queries.
+    chunk = 256
+    for start in range(0, len(pending), chunk):
+        part = pending[start : start + chunk]
+        users = np.array([p[0] for p in part])
+        hists = [p[1] for p in part]
+        codes = np.array([data.user_codes[p[0]] if p[3] else 0 for p in part], dtype=np.int64)
+        uvecs = user_vectors(towers, data, data.user_attrs[users], codes, hists, full)
+        for j, (u, hist, pseudo, _) in enumerate(part):
+            if pseudo is not None:
+                scores = content_only[pseudo] @ uvecs[j]
+                top = pseudo[_topk(scores[None], n_cand)[0]]
+                top_scores = content_only[top] @ uvecs[j]
+                new = np.ones(len(top), dtype=bool)
+            else:
+                scores = full @ uvecs[j]
+                scores[hist] = -np.inf
+                top = _topk(scores[None], n_cand)[0]
+                top_scores = scores[top]
+                new = np.zeros(len(top), dtype=bool)
+            future = np.setdiff1d(data.history(u), hist)
+            labels = np.isin(top, future)
+            if not labels.any() or len(top) < n_cand:
+                continue
+            rows.append((u, hist, top, top_scores, labels, new))
+    if not rows:
+        raise ValueError("no ranker training queries (too little data)")
+    cands = np.stack([r[2] for r in rows])
+    users_a = np.array([r[0] for r in rows])
+    own = data.positives[users_a].toarray() > 0
+    return RankerQueries(
+        users=users_a,
+        histories=[r[1] for r in rows],
+        candidates=cands,
+        tower_scores=np.stack([r[3] for r in rows]).astype(np.float32),
+        labels=np.stack([r[4] for r in rows]).astype(np.float32),
+        new_items=np.stack([r[5] for r in rows]),
+        exclude_self=np.take_along_axis(own, cands, axis=1).astype(np.float32),
+    )
+
+
+def ranker_tables(data: ModelData) -> RankerTables:
+    return RankerTables(
+        content=data.content,
+        item_attrs=data.item_attrs,
+        pop=data.pop,
+        seg_counts=data.seg_counts,
+        seg_sizes=data.seg_sizes,
+        n_users=data.n_pos_users,
+    )
+
+
+class RankerBatcher:
+    def __init__(
+        self, data: ModelData, queries: RankerQueries, cfg: ModelConfig, rank: int, world: int
+    ) -> None:
+        self.data, self.q, self.cfg, self.rank, self.world = data, queries, cfg, rank, world
+        self.tables = ranker_tables(data)
+        self.global_batch = global_batch_size(cfg.ranker_batch_size, len(queries), world)
+        self.local_batch = self.global_batch // world
+        self.steps_per_epoch = max(1, len(queries) // self.global_batch)
+
+    def features(self, rows: np.ndarray) -> np.ndarray:
+        q = self.q
+        users = q.users[rows]
+        return ranker_features(
+            self.data.spec,
+            self.tables,
+            q.tower_scores[rows],
+            self.data.user_attrs[users],
+            [q.histories[r] for r in rows],
+            q.candidates[rows],
+            interest=self.data.interest[users],
+            new_items=q.new_items[rows],
+            exclude_self=q.exclude_self[rows],
+        )
+
+    def batch(self, epoch: int, step: int) -> Batch:
+        order = _rng(self.cfg.seed, epoch, 3).permutation(len(self.q))
+        g = order[step * self.global_batch : (step + 1) * self.global_batch]
+        local = g[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
+        return {"features": self.features(local), "labels": self.q.labels[local]}
+
+
+class RankerLoss(nn.Module):
+    """Listwise softmax over each query's candidates, averaged over its positives."""
+
+    def __init__(self, ranker: Ranker) -> None:
+        super().__init__()
+        self.ranker = ranker
+
+    def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        feats = b["features"]
+        q, n, f = feats.shape
+        scores = self.ranker(feats.reshape(q * n, f)).reshape(q, n)
+        logp = F.log_softmax(scores, dim=1)
+        labels = b["labels"]
+        return (-(logp * labels).sum(1) / labels.sum(1).clamp(min=1.0)).mean()
+
+
+# --------------------------------------------------------------------------- loop
+
+
+@dataclass
+class RunOptions:
+    """Where and how a run reports; none of it changes the result."""
+
+    run_dir: Path | None = None
+    resume: bool = False
+    progress: bool = False
+    checkpoint_every: int = 0  # steps; 0 = at the end of each epoch only
+    stop_after_steps: int | None = None  # tower steps; for tests and benchmarks
+    skip_ranker: bool = False
+    on_step: Callable[[str, int, float], None] | None = None
+
+
+@dataclass
+class StageState:
+    epoch: int = 0
+    step: int = 0
+    global_step: int = 0
+    losses: list[float] = field(default_factory=list)
+
+
+def _to_tensors(batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in batch.items()}
+
+
+def run_stage(
+    *,
+    name: str,
+    loss_module: nn.Module,
+    batcher: Batcher,
+    epochs: int,
+    optimizer: torch.optim.Optimizer,
+    ctx: DistContext,
+    state: StageState,
+    opts: RunOptions,
+    save: Callable[[StageState], None],
+    stop_after_steps: int | None = None,
+) -> StageState:
+    """Run ``epochs`` over ``batcher`` from ``state`` (which a checkpoint may have restored)."""
+    model: nn.Module = loss_module
+    if ctx.distributed:
+        model = DistributedDataParallel(loss_module)
+    model.train()
+    total = epochs * batcher.steps_per_epoch
+    if stop_after_steps is not None:
+        total = min(total, stop_after_steps)
+    bar = None
+    if opts.progress and ctx.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=state.global_step, desc=name, unit="step")
+    try:
+        while state.epoch < epochs and state.global_step < total:
+            while state.step < batcher.steps_per_epoch and state.global_step < total:
+                batch = _to_tensors(batcher.batch(state.epoch, state.step), ctx.device)
+                optimizer.zero_grad(set_to_none=True)
+                loss = model(batch)
+                loss.backward()
+                optimizer.step()
+                value = all_reduce_mean(ctx, float(loss.detach()))
+                state.losses.append(value)
+                state.step += 1
+                state.global_step += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(epoch=state.epoch, loss=f"{value:.4f}")
+                if opts.on_step is not None:
+                    opts.on_step(name, state.global_step, value)
+                if opts.checkpoint_every and state.global_step % opts.checkpoint_every == 0:
+                    save(state)
+            if state.step >= batcher.steps_per_epoch:
+                state.epoch += 1
+                state.step = 0
+                save(state)
+        if state.global_step >= total:
+            save(state)
+    finally:
+        if bar is not None:
+            bar.close()
+    return state
+
+
+@dataclass
+class TrainResult:
+    config: ModelConfig
+    data: ModelData
+    towers: TwoTower
+    ranker: Ranker | None
+    losses: dict[str, list[float]]
+    seconds: dict[str, float]
+    samples: dict[str, int]
+
+
+def make_towers(data: ModelData, cfg: ModelConfig) -> TwoTower:
+    torch.manual_seed(cfg.seed)
+    return TwoTower(
+        text_dim=data.spec.text_dim,
+        n_item_attrs=data.item_attrs.shape[1],
+        n_user_attrs=data.user_attrs.shape[1],
+        n_items=data.n_items,
+        n_users=data.n_users,
+        dim=cfg.dim,
+        hidden=cfg.hidden,
+        temperature=cfg.temperature,
+        use_content=cfg.use_content,
+    )
+
+
+def make_ranker(data: ModelData, cfg: ModelConfig) -> Ranker:
+    torch.manual_seed(cfg.seed + 1)
+    n_features = len(data.spec.ranker_feature_names())
+    return Ranker(n_features, hidden=cfg.ranker_hidden, cross_layers=cfg.ranker_cross_layers)
+
+
+def _optimizer(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(module.parameters(), lr=lr, weight_decay=weight_decay)
+
+
+def train(
+    data: ModelData, cfg: ModelConfig, ctx: DistContext, opts: RunOptions | None = None
+) -> TrainResult:
+    """Train towers then ranker; checkpoints and the loss plot go to ``opts.run_dir``."""
+    opts = opts or RunOptions()
+    # Adam's second moments of rarely-hit embedding rows decay into denormals, which
+    # are ~50x slower on x86 CPUs; flushing them to zero changes nothing measurable.
+    torch.set_flush_denormal(True)
+    ckpt_path = opts.run_dir / CHECKPOINT if opts.run_dir else None
+    towers = make_towers(data, cfg).to(ctx.device)
+    ranker = make_ranker(data, cfg).to(ctx.device) if cfg.use_ranker else None
+    tower_loss = TowerLoss(towers, cfg.loss, cfg.logq_weight)
+    tower_opt = _optimizer(towers, cfg.lr, cfg.weight_decay)
+    tower_state, ranker_state = StageState(), StageState()
+    ranker_opt_state: dict[str, Any] | None = None
+    stage = "towers"
+    if opts.resume and ckpt_path is not None and ckpt_path.is_file():
+        ck = load_checkpoint(ckpt_path)
+        if ck["config"] != cfg.to_dict():
+            raise ValueError(f"{ckpt_path}: checkpoint was written with a different config")
+        towers.load_state_dict(ck["towers"])
+        tower_opt.load_state_dict(ck["tower_optimizer"])
+        tower_state = StageState(**ck["tower_state"])
+        stage = ck["stage"]
+        if ck.get("ranker") is not None and ranker is not None:
+            ranker.load_state_dict(ck["ranker"])
+            ranker_opt_state = ck["ranker_optimizer"]
+            ranker_state = StageState(**ck["ranker_state"])
+        if ctx.is_main:
+            log.info(
+                "resumed %s at %s epoch %d step %d",
+                ckpt_path,
+                stage,
+                tower_state.epoch,
+                tower_state.step,
+            )
+
+    ranker_opt: torch.optim.Optimizer | None = None
+
+    def save(_: StageState) -> None:
+        if ckpt_path is None or not ctx.is_main:
+            return
+        save_checkpoint(
+            ckpt_path,
+            {
+                "stage": stage,
+                "config": cfg.to_dict(),
+                "towers": towers.state_dict(),
+                "tower_optimizer": tower_opt.state_dict(),
+                "tower_state": tower_state.__dict__,
+                "ranker": ranker.state_dict() if ranker is not None and stage == "ranker" else None,
+                "ranker_optimizer": ranker_opt.state_dict() if ranker_opt is not None else None,
+                "ranker_state": ranker_state.__dict__,
+            },
+        )
+
+    seconds: dict[str, float] = {}
+    samples: dict[str, int] = {}
+    if stage == "towers":
+        batcher = TowerBatcher(data, cfg, ctx.rank, ctx.world_size)
+        t0 = time.perf_counter()
+        start_steps = tower_state.global_step
+        run_stage(
+            name="towers",
+            loss_module=tower_loss,
+            batcher=batcher,
+            epochs=cfg.epochs,
+            optimizer=tower_opt,
+            ctx=ctx,
+            state=tower_state,
+            opts=opts,
+            save=save,
+            stop_after_steps=opts.stop_after_steps,
+        )
+        seconds["towers"] = time.perf_counter() - t0
+        samples["towers"] = (tower_state.global_step - start_steps) * batcher.global_batch
+        samples["tower_steps_per_epoch"] = batcher.steps_per_epoch
+        samples["tower_global_batch"] = batcher.global_batch
+        finished = tower_state.epoch >= cfg.epochs
+        if ranker is not None and finished and not opts.skip_ranker:
+            stage = "ranker"
+            save(tower_state)
+    towers_cpu = towers.to("cpu").eval()
+    if ranker is not None and stage == "ranker":
+        t0 = time.perf_counter()
+        queries = build_ranker_queries(towers_cpu, data, cfg)
+        towers.to(ctx.device)
+        rbatcher = RankerBatcher(data, queries, cfg, ctx.rank, ctx.world_size)
+        if ranker_state.global_step == 0:
+            probe = rbatcher.features(np.arange(min(len(queries), 512)))
+            flat = torch.from_numpy(probe.reshape(-1, probe.shape[2]))
+            ranker.set_normalisation(flat.mean(0).to(ctx.device), flat.std(0).to(ctx.device))
+        ranker_opt = _optimizer(ranker, cfg.ranker_lr, 0.0)
+        if ranker_opt_state is not None:
+            ranker_opt.load_state_dict(ranker_opt_state)
+        run_stage(
+            name="ranker",
+            loss_module=RankerLoss(ranker),
+            batcher=rbatcher,
+            epochs=cfg.ranker_epochs,
+            optimizer=ranker_opt,
+            ctx=ctx,
+            state=ranker_state,
+            opts=opts,
+            save=save,
+        )
+        seconds["ranker"] = time.perf_counter() - t0
+        samples["ranker_queries"] = len(queries)
+    towers = towers.to("cpu").eval()
+    ranker_out = ranker.to("cpu").eval() if ranker is not None and stage == "ranker" else None
+    losses = {"towers": tower_state.losses, "ranker": ranker_state.losses}
+    if opts.run_dir is not None and ctx.is_main:
+        write_run_report(opts.run_dir, cfg, losses, seconds, samples)
+    return TrainResult(cfg, data, towers, ranker_out, losses, seconds, samples)
+
+
+def write_run_report(
+    run_dir: Path,
+    cfg: ModelConfig,
+    losses: dict[str, list[float]],
+    seconds: dict[str, float],
+    samples: dict[str, int],
+) -> None:
+    """losses.json and loss_curve.png (one panel per stage) in the run folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "losses.json").write_text(
+        json.dumps(
+            {"config": cfg.to_dict(), "losses": losses, "seconds": seconds, "samples": samples},
+            indent=1,
+        )
+    )
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in ("towers", "ranker") if losses.get(s)]
+    fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(5 * max(1, len(stages)), 3.5))
+    axes_list = list(np.atleast_1d(axes))
+    for ax, stage in zip(axes_list, stages, strict=False):
+        values = np.asarray(losses[stage])
+        ax.plot(values, lw=0.6, alpha=0.4, label="step")
+        window = max(1, len(values) // 50)
+        if len(values) >= window:
+            smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+            ax.plot(np.arange(window - 1, len(values)), smooth, lw=1.5, label=f"mean of {window}")
+        ax.set_title(f"{stage} loss")
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss_curve.png", dpi=100)
+    plt.close(fig)
+
+
+def pooled_history(data: ModelData, histories: list[np.ndarray], vecs: np.ndarray) -> np.ndarray:
+    """Exposed for tests: the serving-side pooling the training graph mirrors."""
+    pooled, _ = pool_history(histories, vecs, data.spec.max_history)
+    return pooled
+
+
+def steps_for(n_samples: int, batch: int, world: int, epochs: int) -> int:
+    g = global_batch_size(batch, n_samples, world)
+    return epochs * max(1, math.floor(n_samples / g))

@@ -21,6 +21,7 @@ from prometheus_client import Counter, Gauge
 
 from services.common.errors import InvalidArgument, NotFound
 from services.common.registry import ModelRegistry, RegistryError
+from services.fusion.batcher import MicroBatcher
 from services.fusion.index import ItemMeta
 from services.fusion.model_version import ModelLoadError, ModelVersion, UserInputs
 from services.fusion.online_state import ItemEvent, UserState, UserStore
@@ -278,7 +279,22 @@ class ModelHolder:
             self.upsert(items)
 
 
+@dataclass(frozen=True)
+class _Request:
+    """A validated Recommend call in the terms of the version that serves it."""
+
+    model: ModelVersion
+    user: UserInputs
+    new_user: bool
+    k: int
+    excluded: np.ndarray  # rows never returned: exclusions + history
+    eligible: np.ndarray | None  # rows passing the filters; None = no filter
+
+
 class Recommender:
+    """The calls. With ``max_batch`` > 1 concurrent Recommend calls are served in
+    micro-batches (``services.fusion.batcher``); the answers are the same."""
+
     def __init__(
         self,
         holder: ModelHolder,
@@ -286,11 +302,23 @@ class Recommender:
         *,
         candidates: int = 200,
         max_k: int = 1_000,
+        batch_wait_ms: float = 0.0,
+        max_batch: int = 1,
     ) -> None:
         self.holder = holder
         self.store = store
         self.candidates = candidates
         self.max_k = max_k
+        self._batcher: MicroBatcher[_Request, Result] | None = (
+            MicroBatcher(self._serve, wait_s=batch_wait_ms / 1000, max_batch=max_batch)
+            if max_batch > 1
+            else None
+        )
+
+    def close(self) -> None:
+        """Stop the batcher thread (queued calls are served first)."""
+        if self._batcher is not None:
+            self._batcher.close()
 
     # -- user features ----------------------------------------------------------
     def _user(self, model: ModelVersion, query: UserQuery) -> tuple[bool, UserInputs]:
@@ -351,40 +379,90 @@ class Recommender:
         k: int,
         exclude_item_ids: Sequence[str] = (),
         filters: Filters | None = None,
+        *,
+        deadline: float | None = None,
     ) -> Result:
+        """Top ``k``; ``deadline`` (``time.monotonic()``): drop the call if it is still
+        queued for a batch by then."""
         check_k(k, self.max_k)
         check_list("exclude_item_ids", exclude_item_ids)
         check_list("user.recent_item_ids", query.recent_item_ids)
         model = self.holder.current
         new_user, user = self._user(model, query)
-        user_vec = model.user_vector(user)
         index = model.index
         # Unknown exclusion ids are ignored: nothing by that id can be returned anyway.
-        excluded_rows = [r for r in (index.row(i) for i in exclude_item_ids) if r is not None]
+        excluded_rows = [r for r in map(index.row, exclude_item_ids) if r is not None]
         # What the user already interacted with is not recommended again.
-        excluded = np.unique(
-            np.concatenate([np.asarray(excluded_rows, np.int64), user.history_rows])
-        )
+        if excluded_rows:
+            excluded = np.unique(
+                np.concatenate([np.asarray(excluded_rows, np.int64), user.history_rows])
+            )
+        else:
+            excluded = np.unique(user.history_rows)
         filters = filters or Filters()
         eligible = index.eligible(filters.attribute_equals, filters.tags_any)
-        want = max(self.candidates, k)
-        rows, _ = index.search(user_vec, want, eligible=eligible, excluded=excluded)
-        popular = index.popular(POPULAR_CANDIDATES * 4 + len(excluded))
-        if eligible is not None:
-            popular = popular[np.isin(popular, eligible)]
-        if len(excluded):
-            popular = popular[~np.isin(popular, excluded)]
-        rows = np.unique(np.concatenate([rows, popular[:POPULAR_CANDIDATES]]))
-        if len(rows) == 0:
-            return Result([], model.version, new_user)
-        scores = model.rank(user, rows, user_vec)
-        order = np.argsort(-scores, kind="stable")[:k]
-        reasons = self._reasons(model, user, rows[order])
-        items = [
-            Scored(index.meta(int(rows[i])).item_id, float(scores[i]), reason)
-            for i, reason in zip(order, reasons, strict=True)
-        ]
-        return Result(items, model.version, new_user)
+        request = _Request(model, user, new_user, k, excluded, eligible)
+        if self._batcher is None:
+            result = self._serve([request])[0]
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        return self._batcher.submit(request, deadline)
+
+    def _serve(self, requests: Sequence[_Request]) -> list[Result | BaseException]:
+        """Answer ``requests`` together; each group of one version in one pass."""
+        by_model: dict[int, list[int]] = {}
+        for n, request in enumerate(requests):
+            by_model.setdefault(id(request.model), []).append(n)
+        out: list[Result | BaseException] = [ValueError("not served")] * len(requests)
+        for numbers in by_model.values():
+            served = self._serve_version([requests[n] for n in numbers])
+            for n, result in zip(numbers, served, strict=True):
+                out[n] = result
+        return out
+
+    def _serve_version(self, requests: Sequence[_Request]) -> list[Result]:
+        model = requests[0].model
+        index = model.index
+        users = [r.user for r in requests]
+        user_vecs = model.user_vector_batch(users)
+        found = index.search_batch(
+            user_vecs,
+            [max(self.candidates, r.k) for r in requests],
+            eligibles=[r.eligible for r in requests],
+            excludeds=[r.excluded for r in requests],
+        )
+        # popular(n) is a prefix of popular(m) for n < m: one look-up for the batch.
+        head = index.popular(POPULAR_CANDIDATES * 4 + max(len(r.excluded) for r in requests))
+        # Scratch mask for the exclusions: set, test, reset per request (cheaper than isin).
+        blocked = np.zeros(max(index.row_count, 1), dtype=bool)
+        candidates: list[np.ndarray] = []
+        for request, (rows, _scores) in zip(requests, found, strict=True):
+            popular = head[: POPULAR_CANDIDATES * 4 + len(request.excluded)]
+            if request.eligible is not None:
+                popular = popular[np.isin(popular, request.eligible)]
+            if len(request.excluded):
+                blocked[request.excluded] = True
+                popular = popular[~blocked[popular]]
+                blocked[request.excluded] = False
+            candidates.append(np.unique(np.concatenate([rows, popular[:POPULAR_CANDIDATES]])))
+        scores = model.rank_batch(users, candidates, user_vecs)
+        results: list[Result] = []
+        for request, rows, row_scores in zip(requests, candidates, scores, strict=True):
+            if len(rows) == 0:
+                results.append(Result([], model.version, request.new_user))
+                continue
+            order = np.argsort(-row_scores, kind="stable")[: request.k]
+            top = rows[order]
+            reasons = self._reasons(model, request.user, top)
+            items = [
+                Scored(index.meta(row).item_id, score, reason)
+                for row, score, reason in zip(
+                    top.tolist(), row_scores[order].tolist(), reasons, strict=True
+                )
+            ]
+            results.append(Result(items, model.version, request.new_user))
+        return results
 
     def rank(self, query: UserQuery, candidate_item_ids: Sequence[str]) -> Result:
         check_list("candidate_item_ids", candidate_item_ids)

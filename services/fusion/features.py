@@ -49,6 +49,37 @@ def multi_hot(
     return out
 
 
+class MultiHot:
+    """``multi_hot`` for many rows at once, with the vocabulary's positions built once."""
+
+    def __init__(self, vocab: Mapping[str, Sequence[str]]) -> None:
+        self.width = attribute_width(vocab)
+        self._fields: list[tuple[str, dict[str, int]]] = []
+        offset = 0
+        for name, field_vocab in vocab.items():
+            positions: dict[str, int] = {}
+            for j, value in enumerate(field_vocab):
+                positions[value] = offset + j  # a repeated value: the last one, as multi_hot
+            self._fields.append((name, positions))
+            offset += len(field_vocab)
+
+    def encode(self, rows: Sequence[Mapping[str, str | Sequence[str]]]) -> np.ndarray:
+        """[len(rows), width] float32, row i = ``multi_hot(rows[i], vocab)``."""
+        out = np.zeros((len(rows), self.width), dtype=np.float32)
+        for i, values in enumerate(rows):
+            if not values:
+                continue
+            for name, positions in self._fields:
+                raw = values.get(name)
+                if raw is None:
+                    continue
+                for value in [raw] if isinstance(raw, str) else raw:
+                    j = positions.get(value)
+                    if j is not None:
+                        out[i, j] = 1.0
+        return out
+
+
 def normalise(vector: np.ndarray) -> np.ndarray:
     norm = float(np.linalg.norm(vector))
     if norm < 1e-12:
@@ -63,15 +94,26 @@ def ranker_features(
     interest_sim: np.ndarray,
     history_sim: np.ndarray,
     log_popularity: np.ndarray,
-    history_count: int,
+    history_count: int | np.ndarray,
 ) -> np.ndarray:
-    """[N, F] float32 in the manifest's feature order."""
+    """[N, F] float32 in the manifest's feature order.
+
+    ``history_count``: the number of recent items (one user), or per row the
+    already log1p-transformed value (rows of several users in one batch).
+    """
     n = dot.shape[0]
+    if isinstance(history_count, np.ndarray):
+        counts = history_count.astype(np.float32, copy=False)
+    else:
+        counts = np.full(n, np.log1p(history_count), dtype=np.float32)
     columns = {
         "dot": dot,
         "interest_sim": interest_sim,
         "history_sim": history_sim,
         "log_popularity": log_popularity,
-        "history_count": np.full(n, np.log1p(history_count), dtype=np.float32),
+        "history_count": counts,
     }
-    return np.stack([columns[name] for name in names], axis=1).astype(np.float32, copy=False)
+    out = np.empty((n, len(names)), dtype=np.float32)
+    for j, name in enumerate(names):
+        out[:, j] = columns[name]
+    return out

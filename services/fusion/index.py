@@ -139,6 +139,11 @@ class ItemIndex:
         return self._view.log_popularity[rows]
 
     @property
+    def row_count(self) -> int:
+        """Rows written so far (replaced ones included): every row number is below it."""
+        return self._view.count
+
+    @property
     def side_count(self) -> int:
         view = self._view
         return view.count - view.ann_count
@@ -273,6 +278,90 @@ class ItemIndex:
         all_scores = np.concatenate([scores, side[1]])
         order = np.argsort(-all_scores, kind="stable")[:k]
         return all_rows[order], all_scores[order]
+
+    def search_batch(
+        self,
+        queries: np.ndarray,
+        ks: Sequence[int],
+        *,
+        eligibles: Sequence[np.ndarray | None],
+        excludeds: Sequence[np.ndarray],
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """``search`` for several queries at once, with the same answers.
+
+        The unfiltered (or broadly filtered) queries share one faiss call per
+        distinct efSearch: faiss releases the GIL and amortises its set-up over
+        the batch. A query's top ``fetch`` of a search for more rows at the same
+        efSearch are the rows a search for ``fetch`` finds (HNSW visits nodes
+        by efSearch alone), so batching does not change any answer. Exact
+        scans (narrow filters, the side buffer) and the rare retry with a
+        larger fetch go through ``search`` one query at a time.
+        """
+        view = self._view
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(ks)
+        # efSearch -> [(query number, fetch, mask)]
+        groups: dict[int, list[tuple[int, int, np.ndarray | None]]] = {}
+        for i, (k, wanted, excluded) in enumerate(zip(ks, eligibles, excludeds, strict=True)):
+            eligible = None if wanted is None else wanted[wanted < view.count]
+            if (
+                view.ann is None
+                or view.ann_count == 0
+                or (eligible is not None and len(eligible) <= EXACT_FILTER_LIMIT)
+            ):
+                # Exact paths: the one-query code.
+                results[i] = self.search(queries[i], k, eligible=eligible, excluded=excluded)
+                continue
+            mask: np.ndarray | None = None
+            fraction = 1.0
+            if eligible is not None:
+                mask = np.zeros(view.count, dtype=bool)
+                mask[eligible] = True
+                fraction = max(len(eligible) / max(view.count, 1), 1e-3)
+            fetch = int((k + len(excluded) + self._deleted_count) / fraction * 1.2) + 16
+            fetch = min(fetch, view.ann_count)
+            groups.setdefault(max(self.ef_search, fetch), []).append((i, fetch, mask))
+        # Scratch mask for the exclusions: set, test, reset per query (cheaper than isin).
+        blocked = np.zeros(view.count, dtype=bool) if groups else None
+        for ef, jobs in groups.items():
+            assert view.ann is not None and blocked is not None
+            width = max(fetch for _i, fetch, _m in jobs)
+            params = faiss.SearchParametersHNSW(efSearch=ef)  # type: ignore[attr-defined]
+            all_scores, all_rows = view.ann.search(
+                queries[[i for i, _f, _m in jobs]], width, params=params
+            )
+            for j, (i, fetch, mask) in enumerate(jobs):
+                rows, scores = all_rows[j, :fetch], all_scores[j, :fetch]
+                keep = rows >= 0
+                keep &= ~self._deleted[np.maximum(rows, 0)]
+                if mask is not None:
+                    keep &= mask[np.maximum(rows, 0)]
+                excluded = excludeds[i]
+                if len(excluded):
+                    blocked[excluded] = True
+                    keep &= ~blocked[np.maximum(rows, 0)]
+                    blocked[excluded] = False
+                rows, scores = rows[keep], scores[keep]
+                k = ks[i]
+                if len(rows) < k and fetch < view.ann_count:
+                    # Too much was dropped: the one-query path retries wider.
+                    results[i] = self.search(
+                        queries[i], k, eligible=eligibles[i], excluded=excluded
+                    )
+                    continue
+                rows = rows.astype(np.int64)
+                if view.ann_count < view.count:  # merge the side buffer's exact top k
+                    side_rows = np.arange(view.ann_count, view.count)
+                    if mask is not None:
+                        side_rows = side_rows[mask[side_rows]]
+                    side = self._exact(view, queries[i : i + 1], side_rows, k, excluded)
+                    rows = np.concatenate([rows, side[0]])
+                    scores = np.concatenate([scores, side[1]])
+                order = np.argsort(-scores, kind="stable")[:k]
+                results[i] = (rows[order], scores[order])
+        done = [r for r in results if r is not None]
+        assert len(done) == len(results)
+        return done
 
     def _exact(
         self,

@@ -70,11 +70,19 @@ def build(settings: FusionSettings) -> ServiceParts:
         else None
     )
     store = UserStore(settings.history_length, encoder=encoder, on_item=holder.upsert_event)
-    core = Recommender(holder, store, candidates=settings.candidates, max_k=settings.max_k)
+    core = Recommender(
+        holder,
+        store,
+        candidates=settings.candidates,
+        max_k=settings.max_k,
+        batch_wait_ms=settings.batch_wait_ms,
+        max_batch=settings.max_batch,
+    )
     holder.warm = core.warm
     try:
         holder.load_initial()
     except ModelLoadError as exc:
+        core.close()
         raise StartupError(str(exc)) from None
 
     consumer: EventConsumer | None = None
@@ -106,6 +114,7 @@ def build(settings: FusionSettings) -> ServiceParts:
         holder.start_watcher(settings.swap_poll_s)
 
     def close() -> None:
+        core.close()
         holder.stop()
         if consumer is not None:
             consumer.stop()

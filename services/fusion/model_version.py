@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,9 @@ class UserInputs:
     interest: np.ndarray | None  # content-space vector, or None
     history_rows: np.ndarray  # item rows of this version's index, oldest first
     user_id: str = ""
+    # Values the version derives from these inputs, computed once per call
+    # (the user tower and the ranker both need them).
+    derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 class ModelLoadError(Exception):
@@ -94,6 +97,8 @@ class ModelVersion:
         self.content_dimension = int(manifest["content_dimension"])
         self.user_vocab: dict[str, list[str]] = dict(manifest.get("user_attributes", {}))
         self.item_vocab: dict[str, list[str]] = dict(manifest.get("item_attributes", {}))
+        self._user_hot = features.MultiHot(self.user_vocab)
+        self._item_hot = features.MultiHot(self.item_vocab)
         self.user_spec = _spec(manifest, "user", ("user_attributes", "interest", "history"))
         self.item_spec = _spec(manifest, "item", ("content", "item_attributes"))
         ranker = manifest.get("ranker", {})
@@ -278,33 +283,65 @@ class ModelVersion:
     # -- the serving interface (what core.py calls) ---------------------------
     def user_vector(self, user: UserInputs) -> np.ndarray:
         """[D] query vector for the ANN index."""
-        zeros = np.zeros(self.content_dimension, dtype=np.float32)
-        history = self._history_mean(user)
-        return self.user_vectors(
-            [user.attributes],
-            (user.interest if user.interest is not None else zeros)[None, :],
-            (history if history is not None else zeros)[None, :],
-        )[0]
+        vector: np.ndarray = self.user_vector_batch([user])[0]
+        return vector
 
     def rank(self, user: UserInputs, rows: np.ndarray, user_vec: np.ndarray) -> np.ndarray:
         """Ranker scores of candidate ``rows`` for ``user`` (higher is better)."""
-        content = self.index.content(rows)
-        zeros = np.zeros(len(rows), dtype=np.float32)
-        history = self._history_mean(user)
+        return self.rank_batch([user], [rows], user_vec[None, :])[0]
+
+    def user_vector_batch(self, users: Sequence[UserInputs]) -> np.ndarray:
+        """[B, D] query vectors, one user-tower run for all of ``users``."""
+        interest, history = self._content_inputs(users)
+        return self.user_vectors([u.attributes for u in users], interest, history)
+
+    def rank_batch(
+        self,
+        users: Sequence[UserInputs],
+        rows: Sequence[np.ndarray],
+        user_vecs: np.ndarray,
+    ) -> list[np.ndarray]:
+        """Ranker scores of each user's candidate rows: one ranker run for all."""
+        sizes = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+        if not sizes.sum():
+            return [np.empty(0, dtype=np.float32) for _ in rows]
+        all_rows = np.concatenate(rows)
+        segment = np.repeat(np.arange(len(rows)), sizes)
+        dot = np.einsum("ij,ij->i", self.index.vectors(all_rows), user_vecs[segment])
+        interest, history = self._content_inputs(users)
+        sims = np.zeros((len(all_rows), 2), dtype=np.float32)  # interest_sim, history_sim
+        start = 0
+        for i, (user, size) in enumerate(zip(users, sizes.tolist(), strict=True)):
+            if size and (user.interest is not None or len(user.history_rows)):
+                both = np.stack([interest[i], history[i]], axis=1)  # [C, 2]
+                sims[start : start + size] = self.index.content(rows[i]) @ both
+            start += size
+        history_count = np.log1p(np.asarray([len(u.history_rows) for u in users], np.float64))
         feature_rows = features.ranker_features(
             self.ranker_features,
-            dot=self.index.vectors(rows) @ user_vec,
-            interest_sim=content @ user.interest if user.interest is not None else zeros,
-            history_sim=content @ history if history is not None else zeros,
-            log_popularity=self.index.log_popularity(rows),
-            history_count=len(user.history_rows),
+            dot=dot,
+            interest_sim=sims[:, 0],
+            history_sim=sims[:, 1],
+            log_popularity=self.index.log_popularity(all_rows),
+            history_count=history_count[segment],
         )
-        return self.score(feature_rows)
+        scores = self.score(feature_rows)
+        return np.split(scores, np.cumsum(sizes)[:-1])
 
-    def _history_mean(self, user: UserInputs) -> np.ndarray | None:
-        if not len(user.history_rows):
-            return None
-        return features.normalise(self.index.content(user.history_rows).mean(axis=0))
+    def _content_inputs(self, users: Sequence[UserInputs]) -> tuple[np.ndarray, np.ndarray]:
+        """[B, C] stated interests and normalised history-content means (zeros when absent)."""
+        interest = np.zeros((len(users), self.content_dimension), dtype=np.float32)
+        history = np.zeros((len(users), self.content_dimension), dtype=np.float32)
+        for i, user in enumerate(users):
+            if user.interest is not None:
+                interest[i] = user.interest
+            if len(user.history_rows):
+                mean = user.derived.get("history_mean")
+                if mean is None:
+                    mean = features.normalise(self.index.content(user.history_rows).mean(axis=0))
+                    user.derived["history_mean"] = mean
+                history[i] = mean
+        return interest, history
 
     # -- inference ----------------------------------------------------------
     def user_vectors(
@@ -314,9 +351,7 @@ class ModelVersion:
         history: np.ndarray,
     ) -> np.ndarray:
         feeds = {
-            self.user_spec.inputs["user_attributes"]: np.stack(
-                [features.multi_hot(a, self.user_vocab) for a in attributes]
-            ),
+            self.user_spec.inputs["user_attributes"]: self._user_hot.encode(attributes),
             self.user_spec.inputs["interest"]: np.asarray(interest, dtype=np.float32),
             self.user_spec.inputs["history"]: np.asarray(history, dtype=np.float32),
         }
@@ -328,9 +363,7 @@ class ModelVersion:
     ) -> np.ndarray:
         feeds = {
             self.item_spec.inputs["content"]: np.asarray(content, dtype=np.float32),
-            self.item_spec.inputs["item_attributes"]: np.stack(
-                [features.multi_hot(a, self.item_vocab) for a in attributes]
-            ),
+            self.item_spec.inputs["item_attributes"]: self._item_hot.encode(attributes),
         }
         (out,) = self._item.run([self.item_spec.output], feeds)
         return np.asarray(out, dtype=np.float32)

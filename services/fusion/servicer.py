@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -30,11 +31,13 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
     def Recommend(
         self, request: fusion_pb2.RecommendRequest, context: grpc.ServicerContext
     ) -> fusion_pb2.RecommendResponse:
+        remaining = context.time_remaining()
         result = self.core.recommend(
             _query(request.user),
             request.k,
             list(request.exclude_item_ids),
             Filters(dict(request.filters.attribute_equals), list(request.filters.tags_any)),
+            deadline=None if remaining is None else time.monotonic() + remaining,
         )
         return fusion_pb2.RecommendResponse(
             items=_items(result.items), model_version=result.model_version, new_user=result.new_user

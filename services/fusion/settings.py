@@ -35,6 +35,11 @@ class FusionSettings(ServerSettings):
     # ONNX Runtime threads per call; 1 suits many concurrent calls on few cores.
     intra_op_threads: int = 1
     max_k: int = 1_000
+    # Micro-batching of concurrent Recommend calls (services/fusion/batcher.py): a batch
+    # is topped up until its oldest call waited batch_wait_ms (only when the previous
+    # batch held more than one call), at most max_batch calls; max_batch 1 = no batching.
+    batch_wait_ms: float = 2.0
+    max_batch: int = 32
 
     def validate(self) -> None:
         super().validate()
@@ -48,5 +53,8 @@ class FusionSettings(ServerSettings):
         check_positive("fold_threshold", self.fold_threshold)
         check_positive("intra_op_threads", self.intra_op_threads)
         check_positive("max_k", self.max_k)
+        check_positive("max_batch", self.max_batch)
+        if self.batch_wait_ms < 0:
+            raise SettingsError(f"batch_wait_ms: must be >= 0, got {self.batch_wait_ms}")
         if not self.events_topic:
             raise SettingsError("events_topic: must not be empty")

@@ -45,17 +45,18 @@ class ALS:
         from implicit.cpu.als import AlternatingLeastSquares
         from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
-        model = AlternatingLeastSquares(
-            factors=self.factors,
-            regularization=self.regularization,
-            alpha=self.alpha,
-            iterations=self.iterations,
-            random_state=self.seed,
-            num_threads=self.threads,
-            calculate_training_loss=False,
-        )
-        # implicit parallelises itself; a multi-threaded BLAS underneath only contends.
+        # implicit parallelises itself; a multi-threaded BLAS underneath only contends
+        # (and implicit warns about it when the model is built).
         with threadpool_limits(1, "blas"):
+            model = AlternatingLeastSquares(
+                factors=self.factors,
+                regularization=self.regularization,
+                alpha=self.alpha,
+                iterations=self.iterations,
+                random_state=self.seed,
+                num_threads=self.threads,
+                calculate_training_loss=False,
+            )
             model.fit(train.positives.tocsr().astype(np.float32), show_progress=False)
         self.user_factors = np.asarray(model.user_factors, dtype=np.float64)
         self.item_factors = np.asarray(model.item_factors, dtype=np.float64)

@@ -102,6 +102,7 @@ class DropoutNet:
         self.item_bias = np.zeros(0, dtype=np.float32)
         self.known_users = np.zeros(0, dtype=bool)
         self.n_users = 0
+        self.item_emb_rows = 0
 
     def fit(self, train: TrainData) -> None:
         import torch
@@ -119,6 +120,7 @@ class DropoutNet:
         item_attr = torch.from_numpy(_to_dense(ds.items.feature_matrix()))
         user_attr = torch.from_numpy(_to_dense(ds.users.feature_matrix(self.user_fields)))
         n_items, d_content = content.shape
+        self.item_emb_rows = n_items
         dim, hidden = self.dim, self.hidden
 
         def mlp(d_in: int) -> nn.Module:
@@ -149,13 +151,12 @@ class DropoutNet:
                 self,
                 idx: torch.Tensor,
                 attrs: torch.Tensor,
-                hist: torch.Tensor,
-                mask: torch.Tensor,
+                pool: torch.Tensor,
                 keep_id: torch.Tensor,
             ) -> torch.Tensor:
-                count = mask.sum(1, keepdim=True).clamp(min=1.0)
-                hist_content = (content[hist] * mask[..., None]).sum(1) / count
-                hist_ids = (self.item_id(hist) * mask[..., None]).sum(1) / count
+                # pool: sparse (users x items), each row averages that user's history.
+                hist_content = torch.sparse.mm(pool, content)
+                hist_ids = torch.sparse.mm(pool, self.item_id.weight)
                 h = self.user_in(torch.cat([attrs, hist_content], dim=1)) + hist_ids
                 h = h + self.user_id(idx) * keep_id[:, None]
                 h = torch.nn.functional.gelu(h)
@@ -168,7 +169,8 @@ class DropoutNet:
         pair_u, pair_i = coo.row.astype(np.int64), coo.col.astype(np.int64)
         # Histories by time would be nicer, but any subset of the other positives
         # is a valid "what the user revealed"; the target itself is never in it.
-        per_user = [pos.indices[pos.indptr[u] : pos.indptr[u + 1]] for u in range(train.n_users)]
+        # Position of each pair inside its user's row, so sampling can skip the target.
+        pair_pos = np.arange(len(pair_u)) - pos.indptr[pair_u]
         freq = np.asarray(pos.sum(axis=0)).ravel() + 1.0
         log_q = torch.from_numpy(np.log(freq / freq.sum()).astype(np.float32))
         item_seen_t = torch.from_numpy(item_seen.astype(np.float32))
@@ -181,7 +183,7 @@ class DropoutNet:
             for step in range(steps_per_epoch):
                 b = order[step * self.batch_size : (step + 1) * self.batch_size]
                 u, i = pair_u[b], pair_i[b]
-                hist, mask = self._sample_history(per_user, u, i, rng)
+                pool = self._sample_history(pos, u, pair_pos[b], rng)
                 keep_u = torch.from_numpy(
                     (rng.random(len(b)) >= self.id_dropout).astype(np.float32)
                 )
@@ -190,7 +192,7 @@ class DropoutNet:
                 )
                 ut = torch.from_numpy(u)
                 it = torch.from_numpy(i)
-                uv = net.users(ut, user_attr[ut], hist, mask, keep_u)
+                uv = net.users(ut, user_attr[ut], pool, keep_u)
                 iv, ib = net.items(it, keep_i * item_seen_t[it])
                 logits = uv @ iv.T / self.temperature + ib[None, :] - self.logq * log_q[it][None, :]
                 # The same item twice in a batch is a positive, not a negative, for both rows.
@@ -219,45 +221,56 @@ class DropoutNet:
 
     def _sample_history(
         self,
-        per_user: list[np.ndarray],
+        pos: sp.csr_matrix,
         users: np.ndarray,
-        targets: np.ndarray,
+        target_pos: np.ndarray,
         rng: np.random.Generator,
-    ) -> tuple[Any, Any]:
+    ) -> Any:
+        """A mean-pooling matrix over a random subset of each user's other positives.
+
+        Lengths are uniform in 0..min(others, max_history): short histories are as
+        common as long ones, because cold users reveal 0-5 items. Items are drawn
+        with replacement (a repeat just weighs double), which keeps this vectorised.
+        """
         import torch
 
-        hist = np.zeros((len(users), self.max_history), dtype=np.int64)
-        mask = np.zeros((len(users), self.max_history), dtype=np.float32)
-        for row, (u, t) in enumerate(zip(users, targets, strict=True)):
-            others = per_user[u][per_user[u] != t]
-            if len(others) == 0:
-                continue
-            # Short histories as often as long ones: cold users reveal 0-5 items.
-            length = int(rng.integers(0, min(len(others), self.max_history) + 1))
-            if length:
-                hist[row, :length] = rng.choice(others, size=length, replace=False)
-                mask[row, :length] = 1.0
-        return torch.from_numpy(hist), torch.from_numpy(mask)
+        n_others = pos.indptr[users + 1] - pos.indptr[users] - 1
+        cap = np.minimum(n_others, self.max_history)
+        lengths = np.floor(rng.random(len(users)) * (cap + 1)).astype(np.int64)
+        rows = np.repeat(np.arange(len(users)), lengths)
+        draw = np.floor(rng.random(len(rows)) * n_others[rows]).astype(np.int64)
+        draw += draw >= target_pos[rows]  # skip the target's own slot
+        cols = pos.indices[pos.indptr[users[rows]] + draw]
+        return self._pool(rows, cols, lengths, len(users), torch)
+
+    def _pool(
+        self, rows: np.ndarray, cols: np.ndarray, lengths: np.ndarray, n: int, torch: Any
+    ) -> Any:
+        weights = 1.0 / np.maximum(lengths[rows], 1)
+        return torch.sparse_coo_tensor(
+            torch.from_numpy(np.stack([rows, cols]).astype(np.int64)),
+            torch.from_numpy(weights.astype(np.float32)),
+            size=(n, self.item_emb_rows),
+            check_invariants=False,
+        ).coalesce()
 
     def score(self, request: ScoreRequest) -> np.ndarray:
         import torch
 
         n = len(request)
         users = np.asarray(request.users, dtype=np.int64)
-        hist = np.zeros((n, self.max_history), dtype=np.int64)
-        mask = np.zeros((n, self.max_history), dtype=np.float32)
-        for row, h in enumerate(request.history):
-            recent = np.asarray(h)[-self.max_history :]
-            hist[row, : len(recent)] = recent
-            mask[row, : len(recent)] = 1.0
+        recent = [np.asarray(h, dtype=np.int64)[-self.max_history :] for h in request.history]
+        lengths = np.asarray([len(h) for h in recent], dtype=np.int64)
+        rows = np.repeat(np.arange(n), lengths)
+        cols = np.concatenate(recent) if len(rows) else np.zeros(0, dtype=np.int64)
+        pool = self._pool(rows, cols, lengths, n, torch)
         known = (users < self.n_users) & self.known_users[np.minimum(users, self.n_users - 1)]
         attrs = _to_dense(user_attribute_rows(request.user_attributes, self.user_fields, n))
         with torch.no_grad():
             uv = self.net.users(
                 torch.from_numpy(np.minimum(users, self.n_users - 1)),
                 torch.from_numpy(attrs),
-                torch.from_numpy(hist),
-                torch.from_numpy(mask),
+                pool,
                 torch.from_numpy(known.astype(np.float32)),
             ).numpy()
         cand = request.candidates

@@ -18,7 +18,9 @@ to the log's offsets, backs off and reads the batch again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -148,6 +150,84 @@ class IngestStatus:
     batches: int = 0
 
 
+Completion = tuple[SplitBatch, "ApplyResult | EventLogError | None", float]
+
+
+class _Writer:
+    """Applies batches to the log in submission order, in its own thread.
+
+    SQLite does its work with the GIL released, so while one batch is written
+    the consumer thread already polls and decodes the next: the loop's rate
+    approaches the slower of the two stages instead of their sum. After a
+    failed batch the writer skips (None) what is queued behind it until
+    ``reset``: those batches are re-read after the consumer rewinds.
+    """
+
+    def __init__(self, event_log: EventLog, topic: str, depth: int = 2) -> None:
+        self.log = event_log
+        self.topic = topic
+        self._in: queue.Queue[SplitBatch | None] = queue.Queue(maxsize=depth)
+        self._out: queue.Queue[Completion] = queue.Queue()
+        self._pending = 0
+        self._idle = threading.Condition()
+        self._failed = False
+        self._thread = threading.Thread(target=self._loop, name="trainer-log-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            split = self._in.get()
+            if split is None:
+                return
+            outcome: ApplyResult | EventLogError | None = None
+            started = time.perf_counter()
+            if not self._failed:
+                try:
+                    outcome = self.log.apply(
+                        self.topic, split.events, split.next_offsets, dead_lettered=len(split.dead)
+                    )
+                except EventLogError as exc:
+                    self._failed = True
+                    outcome = exc
+            self._out.put((split, outcome, time.perf_counter() - started))
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
+
+    def submit(self, split: SplitBatch, stop: threading.Event) -> bool:
+        """Queue a batch (blocking while the queue is full); False if stopped first."""
+        with self._idle:
+            self._pending += 1
+        while True:
+            try:
+                self._in.put(split, timeout=0.1)
+                return True
+            except queue.Full:
+                if stop.is_set():
+                    with self._idle:
+                        self._pending -= 1
+                    return False
+
+    def completed(self) -> list[Completion]:
+        done: list[Completion] = []
+        while True:
+            try:
+                done.append(self._out.get_nowait())
+            except queue.Empty:
+                return done
+
+    def wait_idle(self, timeout_s: float = 60.0) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout=timeout_s)
+
+    def reset(self) -> None:
+        self._failed = False
+
+    def close(self) -> None:
+        self._in.put(None)
+        self._thread.join(timeout=10)
+
+
 class Ingestor:
     """Runs the consumer loop in a thread until ``stop``."""
 
@@ -160,6 +240,7 @@ class Ingestor:
         group_id: str,
         dead_letters: DeadLetterSink,
         group_instance_id: str = "",
+        check_crcs: bool = True,
         max_poll_records: int = 5000,
         on_applied: Callable[[ApplyResult], None] | None = None,
         consumer_factory: Callable[[], Any] | None = None,
@@ -169,6 +250,7 @@ class Ingestor:
         self.topic = topic
         self.group_id = group_id
         self.group_instance_id = group_instance_id
+        self.check_crcs = check_crcs
         self.dead_letters = dead_letters
         self.max_poll_records = max_poll_records
         self.on_applied = on_applied
@@ -177,6 +259,7 @@ class Ingestor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lag_checked = 0.0
+        self._writer = _Writer(event_log, topic)
 
     def _default_consumer(self) -> Any:
         options: dict[str, Any] = {
@@ -184,6 +267,7 @@ class Ingestor:
             "max_poll_records": self.max_poll_records,
             # A big batch is one transaction; the broker may give us more per fetch.
             "max_partition_fetch_bytes": 4 * 1024 * 1024,
+            "check_crcs": self.check_crcs,
         }
         if self.group_instance_id:
             options["group_instance_id"] = self.group_instance_id
@@ -198,6 +282,7 @@ class Ingestor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=timeout_s)
+        self._writer.close()
 
     # -- the loop ---------------------------------------------------------
     def _run(self) -> None:
@@ -210,10 +295,11 @@ class Ingestor:
                     if consumer is None:
                         consumer = self.consumer_factory()
                         self._subscribe(consumer)
-                    self.poll_once(consumer)
+                    self._turn(consumer, wait=False)
                     backoff = BACKOFF_MIN_S
                 except _BatchFailed as exc:
                     self.status.last_error = str(exc)
+                    self._settle(consumer)
                     if not self._rewind(consumer):
                         # The next turn rebuilds the consumer, which seeks on assignment.
                         self._close(consumer)
@@ -224,28 +310,31 @@ class Ingestor:
                     log.exception("consumer loop error; retrying", extra={"error": repr(exc)})
                     self.status.last_error = repr(exc)
                     if consumer is not None:
+                        self._settle(consumer)
                         self._close(consumer)
                         consumer = None
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
         finally:
             if consumer is not None:
+                self._settle(consumer, final=True)
                 self._close(consumer)
             self.status.running = False
 
     def _subscribe(self, consumer: Any) -> None:
         from kafka import ConsumerRebalanceListener
 
-        event_log, topic = self.log, self.topic
+        ingestor, event_log, topic = self, self.log, self.topic
 
         class SeekToLog(ConsumerRebalanceListener):
             """Resume every assigned partition where the event log says."""
 
             def on_partitions_revoked(self, revoked: Any) -> None:
-                # Nothing to flush: every applied batch is already in the log.
-                pass
+                # Finish the batches in flight so the log's offsets are current.
+                ingestor._settle(consumer)
 
             def on_partitions_assigned(self, assigned: Any) -> None:
+                ingestor._settle(consumer)
                 stored = event_log.stored_offsets(topic)
                 for tp in assigned:
                     if tp.partition in stored:
@@ -262,41 +351,77 @@ class Ingestor:
         consumer.subscribe([self.topic], listener=SeekToLog())
 
     def poll_once(self, consumer: Any) -> ApplyResult | None:
-        """Poll one batch and apply it; None when the poll returned nothing."""
+        """Poll one batch and apply it before returning; None when the poll was empty."""
+        return self._turn(consumer, wait=True)
+
+    def _turn(self, consumer: Any, *, wait: bool) -> ApplyResult | None:
+        """Finish what the writer completed, then poll, dead-letter and queue one batch."""
+        self._finish(consumer, self._writer.completed())
         batches = consumer.poll(timeout_ms=200, max_records=self.max_poll_records)
         if not batches:
-            self._update_lag(consumer, force=False)
+            self._update_lag(consumer)
             return None
         records = [r for tp in sorted(batches, key=lambda t: t.partition) for r in batches[tp]]
         split = split_batch(records)
         if split.dead:
-            try:
-                self.dead_letters.send(self.topic, split.dead)
-            except Exception as exc:
-                raise _BatchFailed(f"dead-letter topic unavailable: {exc!r}") from exc
-            for letter in split.dead:
-                metrics.EVENTS_DEAD_LETTERED.labels(letter.reason).inc()
-                log.warning(
-                    "event dead-lettered",
-                    extra={
-                        "topic": self.topic,
-                        "partition": letter.partition,
-                        "offset": letter.offset,
-                        "reason": letter.reason,
-                        "detail": letter.detail,
-                    },
-                )
-        started = time.perf_counter()
+            self._dead_letter(split.dead)
+        if not self._writer.submit(split, self._stop):
+            return None
+        if not wait:
+            return None
+        self._writer.wait_idle()
+        return self._finish(consumer, self._writer.completed())
+
+    def _dead_letter(self, dead: list[DeadLetter]) -> None:
         try:
-            result = self.log.apply(
-                self.topic, split.events, split.next_offsets, dead_lettered=len(split.dead)
+            self.dead_letters.send(self.topic, dead)
+        except Exception as exc:
+            raise _BatchFailed(f"dead-letter topic unavailable: {exc!r}") from exc
+        for letter in dead:
+            metrics.EVENTS_DEAD_LETTERED.labels(letter.reason).inc()
+            log.warning(
+                "event dead-lettered",
+                extra={
+                    "topic": self.topic,
+                    "partition": letter.partition,
+                    "offset": letter.offset,
+                    "reason": letter.reason,
+                    "detail": letter.detail,
+                },
             )
-        except EventLogError as exc:
+
+    def _finish(
+        self, consumer: Any, done: list[Completion], *, final: bool = False
+    ) -> ApplyResult | None:
+        """Commit and count completed batches; a failed one raises _BatchFailed."""
+        last: ApplyResult | None = None
+        offsets: dict[int, int] = {}
+        failure: EventLogError | None = None
+        for split, outcome, seconds in done:
+            if outcome is None:
+                continue  # skipped behind a failure; re-read after the rewind
+            if isinstance(outcome, EventLogError):
+                failure = outcome
+                continue
+            metrics.APPLY_BATCH_SECONDS.observe(seconds)
+            offsets.update(split.next_offsets)
+            self._count(outcome)
+            last = outcome
+        if offsets:
+            self._commit(consumer, offsets, sync=final)
+            self._update_lag(consumer)
+        if failure is not None:
             metrics.LOG_WRITE_FAILURES.inc()
-            log.error("event log write failed; batch will be re-read", extra={"error": str(exc)})
-            raise _BatchFailed(str(exc)) from exc
-        metrics.APPLY_BATCH_SECONDS.observe(time.perf_counter() - started)
-        self._commit(consumer, split.next_offsets)
+            log.error(
+                "event log write failed; batch will be re-read", extra={"error": str(failure)}
+            )
+            self._writer.wait_idle()
+            self._writer.completed()  # all skipped
+            self._writer.reset()
+            raise _BatchFailed(str(failure))
+        return last
+
+    def _count(self, result: ApplyResult) -> None:
         metrics.EVENTS_APPLIED.inc(result.applied)
         metrics.EVENTS_DUPLICATE.inc(result.duplicates)
         metrics.EVENTS_DROPPED_FORGOTTEN.inc(result.dropped_forgotten)
@@ -305,12 +430,17 @@ class Ingestor:
             log.info("users forgotten", extra={"count": len(result.erased)})
         self.status.batches += 1
         self.status.last_error = ""
-        self._update_lag(consumer, force=False)
         if self.on_applied is not None:
             self.on_applied(result)
-        return result
 
-    def _commit(self, consumer: Any, next_offsets: dict[int, int]) -> None:
+    def _settle(self, consumer: Any, *, final: bool = False) -> None:
+        """Wait for the batches in flight and commit them (failures: already re-read)."""
+        self._writer.wait_idle()
+        # A failed batch needs nothing more: the caller rewinds to the log's offsets.
+        with contextlib.suppress(_BatchFailed):
+            self._finish(consumer, self._writer.completed(), final=final)
+
+    def _commit(self, consumer: Any, next_offsets: dict[int, int], *, sync: bool) -> None:
         from kafka import TopicPartition
         from kafka.errors import KafkaError
         from kafka.structs import OffsetAndMetadata
@@ -320,7 +450,12 @@ class Ingestor:
             for p, o in next_offsets.items()
         }
         try:
-            consumer.commit(offsets)
+            # Asynchronous while running (no round trip per batch): the log, not
+            # Kafka, decides where consumption resumes. Synchronous on the way out.
+            if sync:
+                consumer.commit(offsets)
+            else:
+                consumer.commit_async(offsets)
         except KafkaError as exc:
             # Harmless: the log holds the offsets; a rebalance seeks to them.
             log.warning("offset commit to Kafka failed", extra={"error": repr(exc)})
@@ -339,9 +474,9 @@ class Ingestor:
             return False
         return True
 
-    def _update_lag(self, consumer: Any, *, force: bool) -> None:
+    def _update_lag(self, consumer: Any) -> None:
         now = time.monotonic()
-        if not force and now - self._lag_checked < LAG_INTERVAL_S:
+        if now - self._lag_checked < LAG_INTERVAL_S:
             return
         self._lag_checked = now
         assigned = list(consumer.assignment())

@@ -50,6 +50,7 @@ def build(settings: TrainerSettings) -> ServiceParts:
         topic=settings.events_topic,
         group_id=settings.group_id,
         group_instance_id=settings.group_instance_id,
+        check_crcs=settings.check_crcs,
         dead_letters=dead_letters,
         max_poll_records=settings.max_poll_records,
         on_applied=lambda result: scheduler.on_applied(result.applied),

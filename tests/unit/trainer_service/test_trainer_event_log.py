@@ -63,8 +63,14 @@ def test_batch_is_applied_with_its_offsets_and_counters(tmp_path: Path) -> None:
             "FROM events WHERE event_id = ?",
             (events[0].event_id,),
         ).fetchone()
-    assert row[:8] == (2, 40, 1000, "interaction", "u1", "i0", "view", 1.0)
-    assert row[8] == encode_event(events[0])
+    assert row == (2, 40, 1000, "interaction", "u1", "i0", "view", 1.0, None)
+    profile = register("u1", 5)
+    log.apply(TOPIC, incoming([profile], first=45), {2: 46})
+    with log.reader() as conn:
+        (payload,) = conn.execute(
+            "SELECT payload FROM events WHERE event_id = ?", (profile.event_id,)
+        ).fetchone()
+    assert payload == encode_event(profile)  # profiles and items keep their raw bytes
 
 
 def test_replayed_and_repeated_event_ids_are_stored_once(tmp_path: Path) -> None:

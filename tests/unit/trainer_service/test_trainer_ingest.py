@@ -13,7 +13,7 @@ from kafka import TopicPartition
 
 from services.common.events import encode_event, new_event
 from services.trainer import metrics
-from services.trainer.event_log import EventLog
+from services.trainer.event_log import EventLog, EventLogError
 from services.trainer.ingest import DeadLetter, Ingestor, _BatchFailed, split_batch
 
 TOPIC = "events"
@@ -94,6 +94,8 @@ class FakeConsumer:
 
     def commit(self, offsets: dict[TopicPartition, Any]) -> None:
         self.commits.append({tp.partition: meta.offset for tp, meta in offsets.items()})
+
+    commit_async = commit
 
     def assignment(self) -> set[TopicPartition]:
         return {TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)}
@@ -215,3 +217,42 @@ def test_the_loop_survives_failures_and_keeps_consuming(tmp_path: Path) -> None:
     assert log.event_count() == 2
     assert calls["n"] == 2
     assert not ingestor.status.running
+
+
+def test_pipelined_batches_behind_a_failed_write_are_not_applied(tmp_path: Path) -> None:
+    """The writer thread applies in order; after a failure nothing queued behind it
+    lands in the log, only the batch before it is committed, and the rewind goes
+    back to the log's offsets."""
+    batches = [[Record(0, i, b"u", good(i))] for i in range(3)]
+    log, _sink, consumer, ingestor = make(tmp_path, batches)
+    real_apply = log.apply
+    calls = {"n": 0}
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise EventLogError("database or disk is full")
+        return real_apply(*args, **kwargs)
+
+    log.apply = flaky
+    raised = False
+    try:
+        for _ in range(3):
+            ingestor._turn(consumer, wait=False)
+        ingestor._writer.wait_idle()
+        ingestor._finish(consumer, ingestor._writer.completed())
+    except _BatchFailed:
+        raised = True
+    assert raised
+    ingestor._settle(consumer)
+    assert log.event_count() == 1
+    assert log.stored_offsets(TOPIC) == {0: 1}
+    assert consumer.commits == [{0: 1}]
+    assert ingestor._rewind(consumer)
+    assert (0, 1) in consumer.seeks
+    # After the reset the writer applies again.
+    consumer.batches = [[Record(0, 1, b"u", good(1))], [Record(0, 2, b"u", good(2))]]
+    assert ingestor.poll_once(consumer) is not None
+    assert ingestor.poll_once(consumer) is not None
+    assert log.event_count() == 3
+    ingestor.stop()

@@ -80,7 +80,7 @@ def ensure_models(data: str, retrain: bool) -> None:
                 "1",
                 "--registry",
                 str(model_registry),
-                "--publish",
+                "--quiet",
             ),
         )
 
@@ -99,7 +99,11 @@ def service_settings(service: str, ports: Ports, kafka: str) -> dict[str, object
             "encoder_address": f"127.0.0.1:{ports.encoder}",
             "snapshot_dir": run_dir() / "fusion",
         },
-        "trainer": {"registry_dir": model_registry, "kafka_bootstrap": kafka, "log_dir": run_dir() / "trainer"},
+        "trainer": {
+            "registry_dir": model_registry,
+            "kafka_bootstrap": kafka,
+            "log_dir": run_dir() / "trainer",
+        },
         "gateway": {
             "kafka_bootstrap": kafka,
             "fusion_address": f"127.0.0.1:{ports.fusion}",
@@ -238,16 +242,23 @@ def main(argv: list[str]) -> int:
     except KafkaError as exc:
         print(f"coldstart up: error: {exc}", file=sys.stderr)
         return 1
-    ensure_models(args.data, args.retrain)
     log_dir = run_dir() / "logs"
     started: dict[str, int] = {}
     state_file().parent.mkdir(parents=True, exist_ok=True)
-    for service in ("encoder", "fusion", "trainer", "gateway"):
-        print(f"==> starting {service}", flush=True)
-        pid = start_service(service, service_settings(service, ports, broker.bootstrap), log_dir)
-        started[service] = pid
-        state_file().write_text(json.dumps({"services": started, "ports": ports.__dict__}))
-        wait_serving(service, pid, getattr(ports, service), log_dir)
+    try:
+        ensure_models(args.data, args.retrain)
+        for service in ("encoder", "fusion", "trainer", "gateway"):
+            print(f"==> starting {service}", flush=True)
+            pid = start_service(
+                service, service_settings(service, ports, broker.bootstrap), log_dir
+            )
+            started[service] = pid
+            state_file().write_text(json.dumps({"services": started, "ports": ports.__dict__}))
+            wait_serving(service, pid, getattr(ports, service), log_dir)
+    except (SystemExit, KeyboardInterrupt):
+        # Half a system is worse than none: stop what this run started.
+        main_down([])
+        raise
     print(how_to_call(ports, grpcurl_path()))
     return 0
 

@@ -231,3 +231,16 @@ def test_synthetic_is_seeded() -> None:
     a, b = load_dataset("synthetic"), load_dataset("synthetic")
     assert np.array_equal(a.interactions.item, b.interactions.item)
     assert a.items.text == b.items.text
+
+
+@pytest.mark.data
+def test_real_movielens_counts(shared_data: Path) -> None:
+    d = load_ml100k(shared_data / "ml-100k")
+    assert (d.n_users, d.n_items, len(d.interactions)) == (943, 1682, 100_000)
+    assert int(d.positive_mask().sum()) == 34_174 + 21_201
+    assert "Misérables, Les (1995) | Drama, Musical" in d.items.text
+    assert d.skipped == {}
+    if (shared_data / "ml-latest-small").is_dir():
+        s = load_ml_latest(shared_data / "ml-latest-small")
+        assert (s.n_users, s.n_items, len(s.interactions)) == (610, 9742, 100_836)
+        assert s.items.text[0].startswith("Toy Story (1995) | Adventure, Animation")

@@ -78,10 +78,11 @@ class MicroBatcher(Generic[T, R]):
         *,
         wait_s: float = 0.002,
         max_batch: int = 32,
+        workers: int = 1,
         name: str = "fusion-batcher",
     ) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
+        if max_batch < 1 or workers < 1:
+            raise ValueError("max_batch and workers must be >= 1")
         self._serve = serve
         self.wait_s = wait_s
         self.max_batch = max_batch
@@ -89,8 +90,12 @@ class MicroBatcher(Generic[T, R]):
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
         self._last_size = 0
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"{name}-{n}", daemon=True)
+            for n in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, item: T, deadline: float | None = None) -> R:
         """Serve ``item`` in the next batch; ``deadline`` is a ``time.monotonic()`` value."""
@@ -103,8 +108,8 @@ class MicroBatcher(Generic[T, R]):
             # while it collects it wakes by itself when the wait is over.
             if len(self._queue) == 1 or len(self._queue) >= self.max_batch:
                 self._cond.notify()
-        # Past the deadline (plus a margin for a batch in progress) nobody waits for the answer.
-        timeout = None if deadline is None else deadline - time.monotonic() + 1.0
+        # Past the deadline nobody waits for the answer (gRPC has cancelled the call).
+        timeout = None if deadline is None else deadline - time.monotonic()
         if not pending.wait(timeout):
             raise DeadlineExceeded("deadline exceeded while queued for a batch")
         if pending.error is not None:
@@ -115,8 +120,9 @@ class MicroBatcher(Generic[T, R]):
         """Serve what is queued, then stop the thread; later submits get UNAVAILABLE."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        self._thread.join(timeout=timeout_s)
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=timeout_s)
 
     # -- the batcher thread ----------------------------------------------------
     def _take(self) -> list[_Pending[T, R]] | None:
@@ -133,7 +139,10 @@ class MicroBatcher(Generic[T, R]):
                         break
                     self._cond.wait(left)
             count = min(len(self._queue), self.max_batch)
-            return [self._queue.popleft() for _ in range(count)]
+            batch = [self._queue.popleft() for _ in range(count)]
+            if self._queue:  # more than one batch waits: another worker can start on it
+                self._cond.notify()
+            return batch
 
     def _loop(self) -> None:
         while True:

@@ -304,13 +304,19 @@ class Recommender:
         max_k: int = 1_000,
         batch_wait_ms: float = 0.0,
         max_batch: int = 1,
+        batch_workers: int = 1,
     ) -> None:
         self.holder = holder
         self.store = store
         self.candidates = candidates
         self.max_k = max_k
         self._batcher: MicroBatcher[_Request, Result] | None = (
-            MicroBatcher(self._serve, wait_s=batch_wait_ms / 1000, max_batch=max_batch)
+            MicroBatcher(
+                self._serve,
+                wait_s=batch_wait_ms / 1000,
+                max_batch=max_batch,
+                workers=batch_workers,
+            )
             if max_batch > 1
             else None
         )
@@ -384,6 +390,22 @@ class Recommender:
     ) -> Result:
         """Top ``k``; ``deadline`` (``time.monotonic()``): drop the call if it is still
         queued for a batch by then."""
+        request = self._prepare(query, k, exclude_item_ids, filters)
+        if self._batcher is None:
+            result = self._serve([request])[0]
+            if isinstance(result, BaseException):
+                raise result
+            return result
+        return self._batcher.submit(request, deadline)
+
+    def _prepare(
+        self,
+        query: UserQuery,
+        k: int,
+        exclude_item_ids: Sequence[str] = (),
+        filters: Filters | None = None,
+    ) -> _Request:
+        """Validate a call and put it in the terms of the version serving now."""
         check_k(k, self.max_k)
         check_list("exclude_item_ids", exclude_item_ids)
         check_list("user.recent_item_ids", query.recent_item_ids)
@@ -401,13 +423,7 @@ class Recommender:
             excluded = np.unique(user.history_rows)
         filters = filters or Filters()
         eligible = index.eligible(filters.attribute_equals, filters.tags_any)
-        request = _Request(model, user, new_user, k, excluded, eligible)
-        if self._batcher is None:
-            result = self._serve([request])[0]
-            if isinstance(result, BaseException):
-                raise result
-            return result
-        return self._batcher.submit(request, deadline)
+        return _Request(model, user, new_user, k, excluded, eligible)
 
     def _serve(self, requests: Sequence[_Request]) -> list[Result | BaseException]:
         """Answer ``requests`` together; each group of one version in one pass."""

@@ -77,6 +77,7 @@ def build(settings: FusionSettings) -> ServiceParts:
         max_k=settings.max_k,
         batch_wait_ms=settings.batch_wait_ms,
         max_batch=settings.max_batch,
+        batch_workers=settings.batch_workers,
     )
     holder.warm = core.warm
     try:

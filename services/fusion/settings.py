@@ -40,6 +40,9 @@ class FusionSettings(ServerSettings):
     # batch held more than one call), at most max_batch calls; max_batch 1 = no batching.
     batch_wait_ms: float = 2.0
     max_batch: int = 32
+    # Threads serving batches: faiss and ONNX Runtime release the GIL, so a second
+    # batch can search while the first one's Python parts run.
+    batch_workers: int = 2
 
     def validate(self) -> None:
         super().validate()
@@ -54,6 +57,7 @@ class FusionSettings(ServerSettings):
         check_positive("intra_op_threads", self.intra_op_threads)
         check_positive("max_k", self.max_k)
         check_positive("max_batch", self.max_batch)
+        check_positive("batch_workers", self.batch_workers)
         if self.batch_wait_ms < 0:
             raise SettingsError(f"batch_wait_ms: must be >= 0, got {self.batch_wait_ms}")
         if not self.events_topic:

@@ -5,7 +5,9 @@ threads). Callers put a request (its texts and an absolute deadline) on a
 queue and wait on a future. The worker takes the first request, then keeps
 taking requests until the run holds ``max_batch`` texts or the first request
 has waited ``max_wait`` seconds; under load, requests pile up while a run is
-in progress, so the next run fills without waiting at all.
+in progress, so the next run fills without waiting at all. The wait applies
+only while requests come together (the previous run merged several): a lone
+caller is never delayed.
 
 Before a run, requests whose deadline has passed (or whose caller gave up) are
 dropped and answered DEADLINE_EXCEEDED, never computed. The texts of a run are
@@ -76,6 +78,7 @@ class Batcher:
         self._lock = threading.Lock()
         self._queued_texts = 0
         self._closed = False
+        self._last_run_requests = 0
         self._thread = threading.Thread(target=self._work, name="encoder-batcher", daemon=True)
         self._thread.start()
 
@@ -138,7 +141,10 @@ class Batcher:
             batch = [item]
             size = len(item.texts)
             if self.batching:
-                wait_until = item.enqueued + self.max_wait_s
+                # Wait for company only while callers come together: a lone
+                # caller (the last run served one request) is not delayed.
+                wait = self.max_wait_s if self._last_run_requests > 1 else 0.0
+                wait_until = item.enqueued + wait
                 while size < self.max_batch:
                     remaining = wait_until - self.clock()
                     try:
@@ -155,6 +161,7 @@ class Batcher:
                     self._take(nxt)
                     batch.append(nxt)
                     size += len(nxt.texts)
+            self._last_run_requests = len(batch)
             if self._closed:
                 for request in batch:
                     self._fail(request)

@@ -48,6 +48,7 @@ def build_encoder(settings: EncoderSettings) -> ServiceParts:
         int8=settings.int8,
         provider=settings.provider,
         intra_op_threads=settings.intra_op_threads,
+        allow_spinning=settings.allow_spinning,
     )
     metrics.MODEL_INFO.info(
         {

@@ -124,6 +124,7 @@ class OnnxTextModel:
         provider: str = "auto",
         intra_op_threads: int = 0,
         verify_hashes: bool = True,
+        allow_spinning: bool = True,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -161,6 +162,8 @@ class OnnxTextModel:
         if intra_op_threads > 0:
             options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
+        if not allow_spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(model_path), options, providers=providers)
         except Exception as exc:

@@ -37,6 +37,9 @@ class EncoderSettings(ServerSettings):
     provider: str = "auto"
     # Threads of one inference; 0 = one per CPU core.
     intra_op_threads: int = 0
+    # Let ONNX Runtime's idle threads spin between runs (lower latency, but
+    # burns CPU that gRPC threads on a small machine could use).
+    allow_spinning: bool = True
 
     # -- batching ----------------------------------------------------------
     # Requests that arrive together are merged into one model run of at

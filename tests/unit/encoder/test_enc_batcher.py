@@ -16,6 +16,7 @@ def _gate_first_run(model: FakeModel, batcher: Batcher) -> tuple[threading.Event
     """Block the worker inside a first run so that the next requests queue up."""
     gate = threading.Event()
     model.gate = gate
+    model.started.clear()
     first = batcher.submit(["blocker"])
     assert model.started.wait(5)
     return gate, first
@@ -76,13 +77,27 @@ def test_batching_off_runs_each_request_alone(fake_model: FakeModel) -> None:
         batcher.close()
 
 
-def test_the_first_request_waits_at_most_max_wait_for_company(fake_model: FakeModel) -> None:
-    batcher = Batcher(fake_model, max_batch=32, max_wait_s=0.2)
+def test_a_lone_caller_is_not_delayed_but_merged_callers_wait_for_company(
+    fake_model: FakeModel,
+) -> None:
+    batcher = Batcher(fake_model, max_batch=32, max_wait_s=0.3)
     try:
         started = time.monotonic()
         batcher.embed(["alone"])
+        assert time.monotonic() - started < 0.25
+        # Two callers together: that run merged requests ...
+        gate, first = _gate_first_run(fake_model, batcher)
+        pair = [batcher.submit(["p1"]), batcher.submit(["p2"])]
+        gate.set()
+        fake_model.gate = None
+        for f in [first, *pair]:
+            f.result(5)
+        assert sorted(fake_model.runs[-1]) == ["p1", "p2"]
+        # ... so the next first request waits up to max_wait for company.
+        started = time.monotonic()
+        batcher.embed(["next"])
         waited = time.monotonic() - started
-        assert 0.15 <= waited < 3.0
+        assert 0.25 <= waited < 3.0
     finally:
         batcher.close()
 

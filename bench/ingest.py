@@ -31,7 +31,7 @@ from services.common.registry import ModelRegistry
 from services.trainer.event_log import EventLog
 from services.trainer.ingest import Ingestor, KafkaDeadLetterSink
 from services.trainer.retrain import Retrainer, RetrainScheduler
-from services.trainer.settings import TrainerSettings
+from services.trainer.settings import DEFAULT_TRAIN_COMMAND, TrainerSettings
 
 PARTITIONS = 6
 STAND_IN = (
@@ -171,10 +171,15 @@ def trainer_rate(
     return n / (ended - clock.first)
 
 
+TRAIN_EXTRA: list[str] = []  # --train-extra, appended to the training command
+
+
 def training_command() -> tuple[str, str]:
     """(template, label): `coldstart train` when it is in this build, else the stand-in."""
+    extra = " ".join(TRAIN_EXTRA)
     if importlib.util.find_spec("services.trainer.model.train_cli") is not None:
-        return "", "coldstart train"
+        template = f"{DEFAULT_TRAIN_COMMAND} {extra}".strip()
+        return template, f"coldstart train {extra}".strip()
     return STAND_IN, "stand-in (coldstart train not in this build)"
 
 
@@ -182,7 +187,7 @@ def retrain_rows(work: Path, workers: tuple[int, ...]) -> list[dict[str, Any]]:
     template, label = training_command()
     rows: list[dict[str, Any]] = []
     for n in workers:
-        if template:
+        if template == STAND_IN:
             rows.append(
                 {"measure": f"retrain ml-100k, {n} worker(s)", "value": None, "unit": "s",
                  "notes": "skipped: coldstart train is not in this build"}
@@ -193,6 +198,7 @@ def retrain_rows(work: Path, workers: tuple[int, ...]) -> list[dict[str, Any]]:
             registry_dir=str(work / f"registry-{n}"),
             initial_data="ml-100k",
             workers=n,
+            train_command=template,
         )
         log = EventLog(work / f"retrain-{n}" / "events.sqlite")
         retrainer = Retrainer(settings, log, ModelRegistry(work / f"registry-{n}"))
@@ -218,7 +224,7 @@ def trigger_to_published(bootstrap: str, work: Path, every: int) -> dict[str, An
     settings = TrainerSettings(
         log_dir=str(work / "trigger"),
         registry_dir=str(work / "trigger-registry"),
-        initial_data="" if template else "ml-100k",
+        initial_data="" if template == STAND_IN else "ml-100k",
         train_command=template,
         retrain_every_events=every,
         events_topic=topic,
@@ -286,7 +292,13 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--trigger-events", type=int, default=5000)
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument(
+        "--train-extra",
+        default="",
+        help='options appended to `coldstart train` (e.g. "--epochs 2"); default: none',
+    )
     args = parser.parse_args(argv)
+    TRAIN_EXTRA[:] = args.train_extra.split()
 
     rows: list[dict[str, Any]] = []
     meta: dict[str, Any] = {"events": args.events, "partitions": PARTITIONS}

@@ -78,7 +78,7 @@ _INSERT = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
-Row = tuple[str, int, int, int, str, str | None, str | None, str | None, float | None, bytes]
+Row = tuple[str, int, int, int, str, str | None, str | None, str | None, float | None, bytes | None]
 
 
 class EventLogError(RuntimeError):

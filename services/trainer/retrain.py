@@ -255,8 +255,8 @@ class Retrainer:
             self._save(record)
         if self.runs_dir.exists():
             for folder in self.runs_dir.iterdir():
-                shutil.rmtree(folder / "data", ignore_errors=True)
-                shutil.rmtree(folder / "candidates", ignore_errors=True)
+                for leftover in ("data", "candidates", "work"):
+                    shutil.rmtree(folder / leftover, ignore_errors=True)
 
     def _recover_publishing(self, record: RunRecord) -> None:
         staged = [
@@ -351,8 +351,8 @@ class Retrainer:
             with contextlib.suppress(Exception):
                 self._save(record)
             run_dir = self.runs_dir / record.run_id
-            shutil.rmtree(run_dir / "data", ignore_errors=True)
-            shutil.rmtree(run_dir / "candidates", ignore_errors=True)
+            for leftover in ("data", "candidates", "work"):
+                shutil.rmtree(run_dir / leftover, ignore_errors=True)
             with self._lock:
                 self._active = None
 
@@ -436,9 +436,14 @@ class Retrainer:
             "registry": shlex.quote(str(candidates.root)),
             "run_id": record.run_id,
             "device": self.settings.device,
+            # Checkpoints and logs of the training command, deleted with the run's data.
+            "workdir": shlex.quote(str(exported.folder.parent / "work")),
         }
         command = shlex.split(self.settings.train_command_template().format(**values))
         env = {**os.environ, RUN_ENV: record.run_id, "PYTHONUNBUFFERED": "1"}
+        if self.settings.device == "cpu":
+            # No GPU visible: torch picks gloo and CPU tensors in every worker.
+            env["CUDA_VISIBLE_DEVICES"] = ""
         started = time.perf_counter()
         with log_path.open("ab") as out:
             try:

@@ -16,9 +16,11 @@ from services.common.settings import ServerSettings, SettingsError, check_positi
 # candidates.
 DEFAULT_TRAIN_COMMAND = (
     "{python} -m services.cli train --workers {workers} --data {data} "
-    "--registry {registry} --tag {run_id}"
+    "--registry {registry} --tag {run_id} --out {workdir} --quiet"
 )
-TRAIN_PLACEHOLDERS = frozenset({"python", "workers", "data", "registry", "run_id", "device"})
+TRAIN_PLACEHOLDERS = frozenset(
+    {"python", "workers", "data", "registry", "run_id", "device", "workdir"}
+)
 PAUSE_POINTS = frozenset({"", "publish_staging", "publish_renamed"})
 _SCORER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 

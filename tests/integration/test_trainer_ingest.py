@@ -178,6 +178,12 @@ def test_three_sigkills_while_50k_events_are_produced_lose_and_double_nothing(
     assert counters["duplicates"] >= len(resent)
 
 
+def metrics_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+        text: str = reply.read().decode()
+        return text
+
+
 def raw_send(producer: Any, topic: str, value: bytes | None, key: bytes = b"k") -> None:
     producer.send(topic, key=key, value=value).get(timeout=30)
 
@@ -234,13 +240,12 @@ def test_bad_input_goes_to_the_dead_letter_topic_and_consumption_goes_on(
             assert log_rows(db, f"SELECT COUNT(*) FROM events WHERE user_id = '{victim}'") == 0
             assert log_rows(db) == len([e for e in good if e.interaction.user_id != victim])
 
-            body = (
-                urllib.request.urlopen(
-                    f"http://127.0.0.1:{trainer.metrics_port}/metrics", timeout=5
-                )
-                .read()
-                .decode()
-            )
+            # The log commits first; the counters follow on the consumer thread.
+            deadline = time.monotonic() + 10
+            body = metrics_text(trainer.metrics_port)
+            while "users_forgotten_total 1.0" not in body and time.monotonic() < deadline:
+                time.sleep(0.05)
+                body = metrics_text(trainer.metrics_port)
             for reason in ("unparseable", "unknown_schema_version", "missing_field", "empty"):
                 assert f'coldstart_trainer_events_dead_lettered_total{{reason="{reason}"}}' in body
             assert (

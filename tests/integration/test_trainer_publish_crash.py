@@ -58,6 +58,16 @@ def seed_log(path: Path) -> None:
     log.close()
 
 
+def complete(folder: Path) -> bool:
+    """All files the stand-in trainer writes, at their full size."""
+    weights = folder / "weights.bin"
+    return (
+        (folder / "popularity.json").is_file()
+        and weights.is_file()
+        and weights.stat().st_size == 4096
+    )
+
+
 class RegistryWatcher:
     """Checks the registry's invariants every few milliseconds in a thread."""
 
@@ -82,14 +92,10 @@ class RegistryWatcher:
                 manifest = json.loads((folder / MANIFEST).read_text())
             except FileNotFoundError:
                 continue  # pruned between listing and reading: gone whole, not partial
-            weights = folder / "weights.bin"
             if manifest.get("version") != version:
                 self.violations.append(f"{version}: manifest names {manifest.get('version')}")
-            if not (folder / "popularity.json").is_file() or (
-                weights.is_file() and weights.stat().st_size != 4096
-            ):
-                if folder.exists():
-                    self.violations.append(f"{version}: listed without all of its files")
+            if not complete(folder) and folder.exists():
+                self.violations.append(f"{version}: listed without all of its files")
         current = self.registry.current()
         if current is not None and not (self.registry.path(current) / MANIFEST).is_file():
             self.violations.append(f"CURRENT names {current}, which is not a complete version")

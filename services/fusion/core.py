@@ -520,7 +520,7 @@ class Recommender:
             raise NotFound(f"item_id: unknown item {item_id!r}")
         meta = model.index.meta(row)
         rows, scores = model.index.search(
-            model.index.vectors(np.asarray([row]))[0], k, excluded=np.asarray([row])
+            model.similarity_query(row), k, excluded=np.asarray([row])
         )
         reason = f"similar to {meta.text or meta.item_id}"
         items = [

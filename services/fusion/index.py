@@ -132,6 +132,11 @@ class ItemIndex:
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         return self._view.vectors[rows]
 
+    def all_vectors(self) -> np.ndarray:
+        """[row_count, D] every row's vector (a view: rows never change once written)."""
+        view = self._view
+        return view.vectors[: view.count]
+
     def content(self, rows: np.ndarray) -> np.ndarray:
         return self._view.content[rows]
 

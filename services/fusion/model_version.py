@@ -34,7 +34,8 @@ from services.fusion.index import ItemIndex, ItemMeta, build_hnsw
 
 log = logging.getLogger("coldstart.fusion.model")
 
-FORMAT = "coldstart.recommender/1"
+FORMAT = "coldstart.recommender/1"  # the provisional format (synthetic.py writes it)
+RECSYS_FORMAT = "coldstart.recommender/2"  # the trainer's export: recsys_version.py
 DEFAULT_FILES = {
     "user_tower": "user_tower.onnx",
     "item_tower": "item_tower.onnx",
@@ -131,9 +132,20 @@ class ModelVersion:
             raise ModelLoadError(f"{path}/manifest.json: not a JSON object")
         version = str(manifest.get("version") or path.name)
         fmt = manifest.get("format", FORMAT)
+        if cls is ModelVersion and fmt == RECSYS_FORMAT:
+            # The trainer's export (services/trainer/model/export.py).
+            from services.fusion.recsys_version import RecsysModelVersion
+
+            return RecsysModelVersion.load(
+                path,
+                intra_op_threads=intra_op_threads,
+                ef_search=ef_search,
+                fold_threshold=fold_threshold,
+            )
         if fmt != FORMAT:
             raise ModelLoadError(
-                f"{path}: manifest format {fmt!r} is not supported (want {FORMAT})"
+                f"{path}: manifest format {fmt!r} is not supported "
+                f"(want {FORMAT} or {RECSYS_FORMAT})"
             )
         for key in ("dimension", "content_dimension"):
             if not isinstance(manifest.get(key), int) or manifest[key] <= 0:
@@ -289,6 +301,11 @@ class ModelVersion:
     def rank(self, user: UserInputs, rows: np.ndarray, user_vec: np.ndarray) -> np.ndarray:
         """Ranker scores of candidate ``rows`` for ``user`` (higher is better)."""
         return self.rank_batch([user], [rows], user_vec[None, :])[0]
+
+    def similarity_query(self, row: int) -> np.ndarray:
+        """[D] the ANN query for items similar to ``row`` (SimilarItems)."""
+        vector: np.ndarray = self.index.vectors(np.asarray([row]))[0]
+        return vector
 
     def user_vector_batch(self, users: Sequence[UserInputs]) -> np.ndarray:
         """[B, D] query vectors, one user-tower run for all of ``users``."""

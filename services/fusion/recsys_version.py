@@ -1,0 +1,431 @@
+"""Serving the trainer's export (manifest format ``coldstart.recommender/2``).
+
+Written by ``services/trainer/model/export.py``; every input is built with the
+shared, torch-free ``services.common.recsys_features`` (the functions training
+used), so a served user vector or ranker score is the model's own:
+
+    user_tower.onnx   user_attrs, user_id, interest, has_interest, hist_vec, hist_len -> [B, D]
+    item_tower.onnx   content, item_attrs, item_id -> [B, D] (D = dim + 1: the item bias
+                      rides in the last dimension, so inner-product search is unchanged)
+    ranker.onnx       features [N, F] -> score [N]   (optional: ``ranker.enabled``)
+    item_ids.json, item_vectors.npy, content_vectors.npy, item_attributes.npy,
+    item_codes.npy, popularity.npy, segment_counts.npy, segment_sizes.npy,
+    user_codes.json, items.faiss (built at load when absent), items.jsonl (optional)
+
+Differences from the provisional format, handled here and nowhere else:
+
+- A user's history pools **item vectors** (the index rows, upserted items
+  included), not content; users seen in training get their id code from
+  ``user_codes.json`` (0 = none, e.g. a new user).
+- An upserted item gets the item tower with id 0 and, in the ranker, the
+  features of an item without interaction data (popularity and segment counts
+  0, ``item_is_new`` 1), as training showed new items to the ranker.
+- Item metadata for filters comes from the multi-hot ``item_attributes`` and
+  the vocabulary: a field with one value becomes ``attributes[field]``, every
+  value of a field with several values set becomes a tag (``items.jsonl`` in
+  the folder, when present, gives text, attributes and tags instead).
+- SimilarItems searches with the item's direction and 0 in the bias dimension.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import onnxruntime as ort
+
+from services.common.recsys_features import (
+    FeatureSpec,
+    RankerTables,
+    item_tower_inputs,
+    ranker_features,
+    user_tower_inputs,
+)
+from services.fusion.index import ItemIndex, ItemMeta, build_hnsw
+from services.fusion.model_version import RECSYS_FORMAT, ModelLoadError, ModelVersion, UserInputs
+
+FORMAT = RECSYS_FORMAT
+DEFAULT_FILES = {
+    "user_tower": "user_tower.onnx",
+    "item_tower": "item_tower.onnx",
+    "ranker": "ranker.onnx",
+    "item_ids": "item_ids.json",
+    "user_codes": "user_codes.json",
+    "item_codes": "item_codes.npy",
+    "item_vectors": "item_vectors.npy",
+    "content_vectors": "content_vectors.npy",
+    "item_attributes": "item_attributes.npy",
+    "popularity": "popularity.npy",
+    "segment_counts": "segment_counts.npy",
+    "segment_sizes": "segment_sizes.npy",
+    "index": "items.faiss",
+    "items": "items.jsonl",
+}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+class RecsysModelVersion(ModelVersion):
+    """The ``ModelVersion`` serving interface over a format-2 version folder."""
+
+    def __init__(
+        self,
+        version: str,
+        manifest: Mapping[str, Any],
+        spec: FeatureSpec,
+        user_session: ort.InferenceSession,
+        item_session: ort.InferenceSession,
+        ranker_session: ort.InferenceSession | None,
+        index: ItemIndex,
+        tables: RankerTables,
+        user_codes: Mapping[str, int],
+    ) -> None:
+        # Not ModelVersion.__init__: that one reads the provisional manifest's sections.
+        self.version = version
+        self.manifest = manifest
+        self.spec = spec
+        self.dimension = int(manifest["dimension"])
+        self.content_dimension = int(manifest["content_dimension"])
+        self._user = user_session
+        self._item = item_session
+        self._ranker = ranker_session
+        self._user_output = user_session.get_outputs()[0].name
+        self._item_output = item_session.get_outputs()[0].name
+        ranker = manifest.get("ranker", {})
+        self.ranker_input = str(ranker.get("input", "features"))
+        self.ranker_output = str(ranker.get("output", "score"))
+        self.ranker_features = spec.ranker_feature_names()
+        self.index = index
+        self.tables = tables
+        self.user_codes = dict(user_codes)
+
+    # -- loading ----------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        path: Path,
+        *,
+        intra_op_threads: int = 1,
+        ef_search: int = 400,
+        fold_threshold: int = 5_000,
+    ) -> RecsysModelVersion:
+        path = Path(path)
+        try:
+            manifest = json.loads((path / "manifest.json").read_text())
+        except FileNotFoundError:
+            raise ModelLoadError(f"{path}/manifest.json: missing") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(f"{path}/manifest.json: not valid JSON ({exc})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise ModelLoadError(f"{path}/manifest.json: not a {FORMAT} manifest")
+        for key in ("dimension", "content_dimension"):
+            if not isinstance(manifest.get(key), int) or manifest[key] <= 0:
+                raise ModelLoadError(f"{path}/manifest.json: {key} must be a positive integer")
+        try:
+            spec = FeatureSpec.from_json(manifest["feature_spec"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelLoadError(
+                f"{path}/manifest.json: feature_spec unreadable ({_first_line(exc)})"
+            ) from None
+        if spec.text_dim != manifest["content_dimension"]:
+            raise ModelLoadError(
+                f"{path}/manifest.json: feature_spec.text_dim {spec.text_dim} != "
+                f"content_dimension {manifest['content_dimension']}"
+            )
+        files = {**DEFAULT_FILES, **(manifest.get("files") or {})}
+        ranker_enabled = bool(manifest.get("ranker", {}).get("enabled", True))
+
+        def file(role: str) -> Path:
+            found = path / files[role]
+            if not found.is_file():
+                raise ModelLoadError(f"{found}: missing ({role})")
+            return found
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+
+        def session(role: str) -> ort.InferenceSession:
+            onnx_path = file(role)
+            try:
+                return ort.InferenceSession(
+                    str(onnx_path), options, providers=["CPUExecutionProvider"]
+                )
+            except Exception as exc:  # onnxruntime raises several types for a bad file
+                raise ModelLoadError(
+                    f"{onnx_path}: cannot load ONNX model ({_first_line(exc)})"
+                ) from None
+
+        def array(role: str) -> np.ndarray:
+            try:
+                loaded: np.ndarray = np.load(file(role), allow_pickle=False)
+            except (ValueError, OSError, EOFError) as exc:
+                raise ModelLoadError(f"{path / files[role]}: not a numpy array ({exc})") from None
+            return loaded
+
+        def json_file(role: str) -> Any:
+            try:
+                return json.loads(file(role).read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ModelLoadError(f"{path / files[role]}: not valid JSON ({exc})") from None
+
+        user_session = session("user_tower")
+        item_session = session("item_tower")
+        ranker_session = session("ranker") if ranker_enabled else None
+        ids = json_file("item_ids")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ModelLoadError(f"{path / files['item_ids']}: must be a list of strings")
+        user_codes = json_file("user_codes")
+        if not isinstance(user_codes, dict) or not all(
+            isinstance(c, int) for c in user_codes.values()
+        ):
+            raise ModelLoadError(f"{path / files['user_codes']}: must map user ids to integers")
+        n = len(ids)
+        dimension, content_dimension = manifest["dimension"], manifest["content_dimension"]
+        vectors = array("item_vectors").astype(np.float32, copy=False)
+        content = array("content_vectors").astype(np.float32, copy=False)
+        item_attrs = array("item_attributes").astype(np.float32, copy=False)
+        popularity = array("popularity").astype(np.float32, copy=False)
+        seg_counts = array("segment_counts").astype(np.float32, copy=False)
+        seg_sizes = array("segment_sizes").astype(np.float32, copy=False)
+        array("item_codes")  # present and readable; an item's code is its row + 1
+        for role, got, want in (
+            ("item_vectors", vectors.shape, (n, dimension)),
+            ("content_vectors", content.shape, (n, content_dimension)),
+            ("item_attributes", item_attrs.shape, (n, spec.item_vocab.width)),
+            ("popularity", popularity.shape, (n,)),
+            ("segment_counts", seg_counts.shape, (spec.user_vocab.width, n)),
+            ("segment_sizes", seg_sizes.shape, (spec.user_vocab.width,)),
+        ):
+            if tuple(got) != want:
+                raise ModelLoadError(f"{path / files[role]}: shape {tuple(got)}, expected {want}")
+        items_path = path / files["items"]
+        metas = (
+            ModelVersion._read_items(items_path, ids)
+            if items_path.is_file()
+            else _metas_from_attributes(ids, item_attrs, spec)
+        )
+        index_path = path / files["index"]
+        ann: faiss.Index
+        if index_path.is_file():
+            try:
+                ann = faiss.read_index(str(index_path))
+            except RuntimeError as exc:
+                raise ModelLoadError(
+                    f"{index_path}: cannot read faiss index ({_first_line(exc)})"
+                ) from None
+            if ann.ntotal != n or ann.d != dimension:
+                raise ModelLoadError(
+                    f"{index_path}: holds {ann.ntotal} vectors of dimension {ann.d}, "
+                    f"expected {n} of {dimension}"
+                )
+            if not isinstance(ann, faiss.IndexHNSW):
+                # The search passes HNSW parameters per call; other kinds are rebuilt.
+                ann = build_hnsw(vectors)
+        else:
+            ann = build_hnsw(vectors)
+        index = ItemIndex(
+            metas,
+            vectors,
+            content,
+            popularity,
+            ann,
+            ef_search=ef_search,
+            fold_threshold=fold_threshold,
+        )
+        tables = RankerTables(
+            content=content,
+            item_attrs=item_attrs,
+            pop=popularity,
+            seg_counts=seg_counts,
+            seg_sizes=seg_sizes,
+            n_users=int(manifest.get("ranker", {}).get("popularity_users", 0)),
+        )
+        version = str(manifest.get("version") or path.name)
+        model = cls(
+            version,
+            manifest,
+            spec,
+            user_session,
+            item_session,
+            ranker_session,
+            index,
+            tables,
+            user_codes,
+        )
+        model.check()
+        return model
+
+    def check(self) -> None:
+        """Run every graph once on neutral inputs; shapes must match the manifest."""
+        empty = UserInputs({}, None, np.empty(0, dtype=np.int64))
+        try:
+            user = self.user_vector_batch([empty])
+            item = self.item_vectors(np.zeros((1, self.content_dimension), np.float32), [{}])
+            scores = self.rank_batch([empty], [np.arange(min(3, self.index.base_count))], user)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{self.version}: a graph does not match the manifest ({_first_line(exc)})"
+            ) from None
+        if user.shape != (1, self.dimension) or item.shape != (1, self.dimension):
+            raise ModelLoadError(
+                f"{self.version}: towers output {user.shape} / {item.shape}, "
+                f"manifest dimension {self.dimension}"
+            )
+        if scores[0].shape != (min(3, self.index.base_count),):
+            raise ModelLoadError(f"{self.version}: ranker outputs {scores[0].shape} for 3 rows")
+
+    # -- the serving interface ------------------------------------------------
+    def user_vector_batch(self, users: Sequence[UserInputs]) -> np.ndarray:
+        inputs = self.user_inputs(users)
+        (out,) = self._user.run([self._user_output], inputs)
+        return np.asarray(out, dtype=np.float32)
+
+    def user_inputs(self, users: Sequence[UserInputs]) -> dict[str, np.ndarray]:
+        """The user tower's ONNX inputs, built by the shared feature builder."""
+        return user_tower_inputs(
+            self.spec,
+            self.spec.user_vocab.encode([u.attributes for u in users]),
+            np.asarray([self.user_codes.get(u.user_id, 0) for u in users], dtype=np.int64),
+            [u.history_rows for u in users],
+            self.index.all_vectors(),
+            self._interest(users),
+        )
+
+    def _interest(self, users: Sequence[UserInputs]) -> np.ndarray:
+        interest = np.zeros((len(users), self.content_dimension), dtype=np.float32)
+        for i, user in enumerate(users):
+            if user.interest is not None:
+                interest[i] = user.interest
+        return interest
+
+    def rank_batch(
+        self,
+        users: Sequence[UserInputs],
+        rows: Sequence[np.ndarray],
+        user_vecs: np.ndarray,
+    ) -> list[np.ndarray]:
+        sizes = [len(r) for r in rows]
+        width = max(sizes, default=0)
+        if width == 0:
+            return [np.empty(0, dtype=np.float32) for _ in rows]
+        # Pad every user's candidates to one width with a repeat of its first candidate
+        # (features are per candidate, so padding changes no real row) and build the
+        # features of the whole batch in one call of the shared builder.
+        live = [n for n, size in enumerate(sizes) if size]
+        padded = np.stack(
+            [np.pad(rows[n], (0, width - sizes[n]), mode="edge") for n in live]
+        ).astype(np.int64)
+        tower = np.einsum("ncd,nd->nc", self.index.vectors(padded), user_vecs[live])
+        if self._ranker is None:
+            scores = tower
+        else:
+            histories = [users[n].history_rows for n in live]
+            tables, local = self._local_tables(padded, histories)
+            feats = ranker_features(
+                self.spec,
+                tables,
+                tower,
+                self.spec.user_vocab.encode([users[n].attributes for n in live]),
+                [local(h) for h in histories],
+                local(padded),
+                interest=self._interest([users[n] for n in live]),
+            )
+            count, cands, features = feats.shape
+            (out,) = self._ranker.run(
+                [self.ranker_output], {self.ranker_input: feats.reshape(count * cands, features)}
+            )
+            scores = np.asarray(out, dtype=np.float32).reshape(count, cands)
+        result = [np.empty(0, dtype=np.float32) for _ in rows]
+        for j, n in enumerate(live):
+            result[n] = np.ascontiguousarray(scores[j, : sizes[n]], dtype=np.float32)
+        return result
+
+    def _local_tables(
+        self, candidates: np.ndarray, histories: Sequence[np.ndarray]
+    ) -> tuple[RankerTables, Callable[[np.ndarray], np.ndarray]]:
+        """Ranker tables over just the rows this batch touches (upserted rows included:
+        content and attributes from the index, no interaction data), and the map from
+        index rows to rows of those tables."""
+        used = np.unique(np.concatenate([candidates.reshape(-1), *histories]).astype(np.int64))
+        base = self.index.base_count
+        old = used[used < base]
+        new = used[used >= base]
+        t = self.tables
+        item_attrs = np.empty((len(used), t.item_attrs.shape[1]), dtype=np.float32)
+        item_attrs[: len(old)] = t.item_attrs[old]
+        pop = np.zeros(len(used), dtype=np.float32)
+        pop[: len(old)] = t.pop[old]
+        seg_counts = np.zeros((t.seg_counts.shape[0], len(used)), dtype=np.float32)
+        seg_counts[:, : len(old)] = t.seg_counts[:, old]
+        if len(new):
+            item_attrs[len(old) :] = self.spec.item_vocab.encode(
+                [self.index.meta(int(r)).attributes for r in new]
+            )
+        # ``used`` is sorted and old < new, so its order is the local order.
+        tables = RankerTables(
+            content=self.index.content(used),
+            item_attrs=item_attrs,
+            pop=pop,
+            seg_counts=seg_counts,
+            seg_sizes=t.seg_sizes,
+            n_users=t.n_users,
+        )
+
+        def local(index_rows: np.ndarray) -> np.ndarray:
+            return np.searchsorted(used, np.asarray(index_rows, dtype=np.int64))
+
+        return tables, local
+
+    def similarity_query(self, row: int) -> np.ndarray:
+        """The item's direction with a 0 in the bias dimension: item-item scores are then
+        the cosine of the item vectors (over the temperature), not cosine + bias product
+        (which would make every item "similar" to the ones with the largest bias)."""
+        vector = self.index.vectors(np.asarray([row]))[0].astype(np.float32, copy=True)
+        direction = vector[:-1]
+        norm = float(np.linalg.norm(direction))
+        vector[:-1] = direction / norm if norm > 1e-12 else direction
+        vector[-1] = 0.0
+        return vector
+
+    def item_vectors(
+        self, content: np.ndarray, attributes: Sequence[Mapping[str, str]]
+    ) -> np.ndarray:
+        """Item tower outputs for new items: no id (code 0), as training's id-dropout."""
+        inputs = item_tower_inputs(
+            content,
+            self.spec.item_vocab.encode(list(attributes)),
+            np.zeros(len(content), dtype=np.int64),
+        )
+        (out,) = self._item.run([self._item_output], inputs)
+        return np.asarray(out, dtype=np.float32)
+
+    def score(self, feature_rows: np.ndarray) -> np.ndarray:
+        if self._ranker is None:
+            raise RuntimeError(f"{self.version}: no ranker in this version")
+        (out,) = self._ranker.run([self.ranker_output], {self.ranker_input: feature_rows})
+        return np.asarray(out, dtype=np.float32).reshape(-1)
+
+
+def _metas_from_attributes(
+    ids: Sequence[str], item_attrs: np.ndarray, spec: FeatureSpec
+) -> list[ItemMeta]:
+    columns = spec.item_vocab.columns  # column 0: always on
+    metas = []
+    for item_id, row in zip(ids, item_attrs, strict=True):
+        values: dict[str, list[str]] = {}
+        for j in np.flatnonzero(row[1:] > 0) + 1:
+            name, value = columns[int(j)]
+            values.setdefault(name, []).append(value)
+        attributes = {name: vs[0] for name, vs in values.items() if len(vs) == 1}
+        tags = tuple(v for vs in values.values() if len(vs) > 1 for v in vs)
+        metas.append(ItemMeta(item_id=item_id, attributes=attributes, tags=tags))
+    return metas

@@ -11,7 +11,7 @@ import time
 import uuid
 
 import grpc
-from coldstart.v1 import gateway_pb2, gateway_pb2_grpc
+from coldstart.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 from services.up import DEV_TOKEN, Ports
 
@@ -87,19 +87,30 @@ def main(argv: list[str]) -> int:
                     gateway_pb2.ItemInput(
                         item_id=new_item,
                         text="Robots of the Outer Rim (2026) | Sci-Fi, Adventure: a crew of robots explores deep space",
-                        tags=["Sci-Fi", "Adventure"],
+                        tags=["new-arrival"],
                     )
                 ]
             ),
             metadata=auth,
             timeout=10,
         )
-        print(f"\nadded a brand-new item {new_item}")
-        time.sleep(1.0)
-        after_item = recommend(fan.user_id)
-        show(f"recommendations for {fan.user_id} now", after_item)
-        placed = [i.item_id for i in after_item.items]
-        print(f"  -> the new item is {'in' if new_item in placed else 'not in'} the top {args.k}")
+        print(f"\nadded a brand-new item {new_item} (no interactions, tag new-arrival)")
+        new_arrivals = gateway.Recommend(
+            gateway_pb2.GatewayRecommendRequest(
+                user_id=fan.user_id,
+                k=args.k,
+                filters=common_pb2.ItemFilters(tags_any=["new-arrival"]),
+            ),
+            metadata=auth,
+            timeout=5,
+        )
+        show(f"new arrivals for {fan.user_id} (filter tags_any=new-arrival)", new_arrivals)
+        placed = [i.item_id for i in new_arrivals.items]
+        print(f"  -> the new item is {'recommended' if new_item in placed else 'NOT recommended'}")
+        similar = gateway.SimilarItems(
+            gateway_pb2.GatewaySimilarItemsRequest(item_id=new_item, k=3), metadata=auth, timeout=5
+        )
+        print(f"  items similar to {new_item}: {', '.join(i.item_id for i in similar.items)}")
 
         gateway.ForgetUser(
             gateway_pb2.ForgetUserRequest(user_id=fan.user_id), metadata=auth, timeout=10

@@ -15,7 +15,13 @@ import grpc
 from coldstart.v1 import common_pb2, encoder_pb2, encoder_pb2_grpc, fusion_pb2, fusion_pb2_grpc
 from prometheus_client import Counter
 
-from services.common.errors import DeadlineExceeded, DomainError, InvalidArgument, Unavailable
+from services.common.errors import (
+    DeadlineExceeded,
+    DomainError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 
 log = logging.getLogger("coldstart.gateway.downstream")
 
@@ -116,6 +122,8 @@ def _translate(target: str, method: str, exc: grpc.RpcError, code: grpc.StatusCo
         # The field names of the downstream request match ours: pass them on.
         field, _sep, problem = (details or "").partition(": ")
         return InvalidArgument(field or "request", problem or details or "invalid")
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(details or f"{target}.{method}: not found")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"{target}.{method} did not answer in time")
     return Unavailable(f"{target} unavailable ({code.name})")

@@ -8,6 +8,7 @@ import pytest
 from services.common.errors import (
     DeadlineExceeded,
     InvalidArgument,
+    NotFound,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
@@ -87,6 +88,11 @@ def test_idempotent_calls_retry_unavailable_only() -> None:
     with pytest.raises(Unavailable):
         caller.call("Write", not_idempotent, None, Deadline(5.0), idempotent=False)
     assert len(not_idempotent.timeouts) == 1
+
+    missing = Flaky([grpc.StatusCode.NOT_FOUND])
+    with pytest.raises(NotFound):
+        caller.call("SimilarItems", missing, None, Deadline(5.0), idempotent=True)
+    assert len(missing.timeouts) == 1
 
     invalid = Flaky([grpc.StatusCode.INVALID_ARGUMENT])
     with pytest.raises(InvalidArgument, match=r"k: must be 1\.\.1000"):

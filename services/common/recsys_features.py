@@ -22,6 +22,7 @@ Conventions (also written into each registry version's manifest.json):
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,34 @@ BASE_RANKER_FEATURES: tuple[str, ...] = (
     "hist_empty",
     "has_interest",
 )
+
+
+_YEAR = re.compile(r"\((\d{4})\)")
+# Derived attributes the model adds to an item's own ones (same name in the vocabulary).
+DERIVED_YEAR_FIELD = "_year"
+
+
+def year_band(year: int) -> str:
+    """Fine bands where catalogs are dense: single years from 1990, 5-year bands 1950-89."""
+    if year >= 1990:
+        return str(year)
+    if year >= 1950:
+        return f"{year - year % 5}-{year - year % 5 + 4}"
+    return f"{year - year % 10}s"
+
+
+def derived_item_attributes(text: str) -> dict[str, str]:
+    """Attributes read off an item's text: the release year band of "Title (1997) | ...".
+
+    Catalog attributes are often coarse (a decade); the year in the title is a strong
+    hint of how popular a brand-new item will be, and it is there the moment the item
+    appears. Serving must call this on the same text the encoder saw.
+    """
+    found = _YEAR.findall(text)
+    if not found:
+        return {}
+    year = int(found[-1])
+    return {DERIVED_YEAR_FIELD: year_band(year)} if 1800 <= year <= 2100 else {}
 
 
 @dataclass(frozen=True)

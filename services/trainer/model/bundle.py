@@ -106,6 +106,7 @@ def load_bundle(folder: Path) -> Bundle:
         def __init__(self) -> None:
             self.spec = spec
             self.item_attrs = tables["item_attrs"]
+            self.content = tables["content"]
             self.user_attrs = tables["user_attrs"]
             self.n_items = int(tables["content"].shape[0])
             self.n_users = int(tables["user_attrs"].shape[0])

@@ -18,6 +18,12 @@ class ModelConfig:
     user_id_dropout: float = 0.5
     interest_dropout: float = 0.3
     use_content: bool = True
+    # Project content onto this many top singular directions (0: the full vector),
+    # and drop an item's whole content vector with this probability in training.
+    content_dims: int = 32
+    content_dropout: float = 0.3
+    # Add the release-year band read off the item text to the item attributes.
+    derive_year: bool = True
     max_history: int = 50
     # Loss: "softmax" = in-batch (global batch) candidates plus shared uniform
     # negatives, logQ-corrected; "bpr" = pairwise against the shared negatives.
@@ -27,11 +33,13 @@ class ModelConfig:
     # Training samples: one per training positive; its history is the user's earlier
     # positives, cut short (to 0..short_history_max items) with this probability, so
     # the towers see the 0/1/3/5-item histories that cold users arrive with.
+    history_mode: str = "prefix"
     short_history_prob: float = 0.5
     short_history_max: int = 8
     batch_size: int = 512  # global: split evenly over the workers
     epochs: int = 12
     lr: float = 2e-3
+    lr_schedule: str = "cosine"  # or "constant"
     weight_decay: float = 0.0
     # Ranker
     use_ranker: bool = True
@@ -46,9 +54,13 @@ class ModelConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.history_mode not in ("prefix", "set"):
+            raise ValueError(f"history_mode: {self.history_mode!r} is not prefix or set")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"lr_schedule: {self.lr_schedule!r} is not cosine or constant")
         if self.loss not in LOSSES:
             raise ValueError(f"loss: {self.loss!r} is not one of {', '.join(LOSSES)}")
-        for name in ("item_id_dropout", "user_id_dropout", "interest_dropout"):
+        for name in ("item_id_dropout", "user_id_dropout", "interest_dropout", "content_dropout"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}: {value} is not in [0, 1]")

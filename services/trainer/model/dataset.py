@@ -10,11 +10,18 @@ exact same samples.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
-from services.common.recsys_features import AttributeVocab, FeatureSpec, segment_tables
+from services.common.recsys_features import (
+    DERIVED_YEAR_FIELD,
+    AttributeVocab,
+    FeatureSpec,
+    derived_item_attributes,
+    segment_tables,
+)
 
 
 @dataclass(frozen=True)
@@ -123,18 +130,36 @@ def build_model_data(
     )
 
 
-def from_train_data(train: object, item_vec_dim: int, max_history: int) -> ModelData:
+def item_attributes(items: Any, derive_year: bool) -> tuple[AttributeVocab, np.ndarray]:
+    """The catalog's categorical item fields, plus the year band read off the text."""
+    fields = {n: c.vocab for n, c in items.categorical.items()}
+    blocks: dict[str, Any] = {n: c.matrix for n, c in items.categorical.items()}
+    if derive_year and items.text:
+        derived = [derived_item_attributes(t).get(DERIVED_YEAR_FIELD) for t in items.text]
+        values = tuple(sorted({v for v in derived if v is not None}))
+        if values:
+            index = {v: j for j, v in enumerate(values)}
+            block = np.zeros((len(derived), len(values)), dtype=np.float32)
+            for r, v in enumerate(derived):
+                if v is not None:
+                    block[r, index[v]] = 1.0
+            fields[DERIVED_YEAR_FIELD] = values
+            blocks[DERIVED_YEAR_FIELD] = block
+    vocab = vocab_from_fields(fields)
+    return vocab, vocab.from_blocks(len(items), blocks)
+
+
+def from_train_data(
+    train: object, item_vec_dim: int, max_history: int, derive_year: bool = True
+) -> ModelData:
     """ModelData from the evaluation harness's ``TrainData`` (training positives only)."""
     from services.trainer.baselines.base import TrainData
 
     if not isinstance(train, TrainData):
         raise TypeError(f"expected TrainData, got {type(train).__name__}")
     ds = train.dataset
-    item_vocab = vocab_from_fields({n: c.vocab for n, c in ds.items.categorical.items()})
+    item_vocab, item_attrs = item_attributes(ds.items, derive_year)
     user_vocab = vocab_from_fields({n: c.vocab for n, c in ds.users.categorical.items()})
-    item_attrs = item_vocab.from_blocks(
-        ds.n_items, {n: c.matrix for n, c in ds.items.categorical.items()}
-    )
     user_attrs = user_vocab.from_blocks(
         ds.n_users, {n: c.matrix for n, c in ds.users.categorical.items()}
     )

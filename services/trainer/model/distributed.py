@@ -23,17 +23,28 @@ class DistContext:
     device: torch.device
     backend: str | None  # None: single worker, no process group
 
+    @classmethod
+    def single(cls) -> DistContext:
+        """One CPU worker, no process group (the harness's in-process fit)."""
+        return cls(0, 1, 0, torch.device("cpu"), None)
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        """In a process group (torchrun), even of one: DDP and collectives are used."""
+        return self.backend is not None
 
 
 def init_distributed(force_cpu: bool = False) -> DistContext:
-    """Join the process group torchrun describes (if any) and pick the device."""
+    """Join the process group torchrun describes (if any) and pick the device.
+
+    Under torchrun a group is formed even for one worker (so a one-GPU run
+    exercises NCCL); without torchrun's variables the run is plain single-process.
+    """
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -41,7 +52,7 @@ def init_distributed(force_cpu: bool = False) -> DistContext:
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world <= 1:
+    if not launched:
         return DistContext(0, 1, 0, device, None)
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():

@@ -210,6 +210,7 @@ def build_index(
 
     d = vectors.shape[1]
     x = np.ascontiguousarray(vectors, dtype=np.float32)
+    index: Any
     if kind == "hnsw":
         index = faiss.IndexHNSWFlat(d, params["m"], faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = params["ef_construction"]

@@ -71,7 +71,7 @@ class ColdStartRecommender:
         if cached is not None and (not cfg.use_ranker or cached.result.ranker is not None):
             self._model = cached
             return
-        data = from_train_data(train, item_vec_dim=cfg.dim + 1, max_history=cfg.max_history)
+        data = from_train_data(train, cfg.dim + 1, cfg.max_history, derive_year=cfg.derive_year)
         ctx = DistContext(0, 1, 0, torch.device("cpu"), None)
         result = train_model(data, cfg, ctx)
         self._model = ScoringModel(result)

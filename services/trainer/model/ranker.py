@@ -27,6 +27,9 @@ class CrossLayer(nn.Module):
 
 
 class Ranker(nn.Module):
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, n_features: int, hidden: int = 64, cross_layers: int = 2) -> None:
         super().__init__()
         self.register_buffer("mean", torch.zeros(n_features))

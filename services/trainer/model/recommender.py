@@ -88,6 +88,6 @@ class ScoringModel:
             q, n, f = feats.shape
             with torch.no_grad():
                 s = ranker(torch.from_numpy(feats.reshape(q * n, f))).numpy().reshape(q, n)
-            for i, r in enumerate(rows):
-                out[r, head[r]] = s[i]
+            for i in range(len(rows)):
+                out[rows[i], head[rows[i]]] = s[i]
         return out

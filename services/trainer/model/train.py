@@ -87,29 +87,61 @@ class TowerBatcher:
         expected += cfg.n_negatives / max(1, len(self.neg_pool))
         self.logq = np.log(np.maximum(expected, 1e-12)).astype(np.float32)
         self._plan_epoch = -1
+        self._draws = np.zeros((0, cfg.max_history))
         self._plan: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(order, history cut, user id kept, interest kept) for every sample of the epoch."""
+        """(order, history length, user id kept, interest kept) for every sample of the epoch.
+
+        "prefix": the history is the user's positives before the target, cut short
+        (to 0..short_history_max) with probability short_history_prob.
+        "set": a random subset of the user's *other* positives, its size uniform in
+        0..min(others, max_history): short histories as common as long ones.
+        """
         if self._plan is None or self._plan_epoch != epoch:
             cfg = self.cfg
             rng = _rng(cfg.seed, epoch, 1)
             n = len(self.users)
             order = rng.permutation(n)
-            short = rng.random(n) < cfg.short_history_prob
-            cut_short = np.floor(
-                rng.random(n) * (np.minimum(self.pos, cfg.short_history_max) + 1)
-            ).astype(np.int64)
-            cut = np.where(short, cut_short, self.pos)
+            if cfg.history_mode == "prefix":
+                short = rng.random(n) < cfg.short_history_prob
+                cut_short = np.floor(
+                    rng.random(n) * (np.minimum(self.pos, cfg.short_history_max) + 1)
+                ).astype(np.int64)
+                length = np.where(short, cut_short, self.pos)
+            else:
+                others = np.diff(self.data.user_offsets)[self.users] - 1
+                cap = np.minimum(others, cfg.max_history)
+                length = np.floor(rng.random(n) * (cap + 1)).astype(np.int64)
+                self._draws = rng.random((n, cfg.max_history))
             keep_uid = rng.random(n) >= cfg.user_id_dropout
             keep_interest = rng.random(n) >= cfg.interest_dropout
-            self._plan = (order, cut, keep_uid, keep_interest)
+            self._plan = (order, length, keep_uid, keep_interest)
             self._plan_epoch = epoch
         return self._plan
 
+    def history_positions(self, local: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, ...]:
+        """(positions in the user's list (b, width), mask, pooled length) of local samples."""
+        cfg = self.cfg
+        lens = length[local]
+        if cfg.history_mode == "prefix":
+            lo = np.maximum(0, lens - cfg.max_history)
+            pooled = lens - lo
+            width = max(1, int(pooled.max()))
+            positions = lo[:, None] + np.arange(width)[None, :]
+        else:
+            pooled = lens
+            width = max(1, int(pooled.max()))
+            others = np.diff(self.data.user_offsets)[self.users[local]] - 1
+            draw = np.floor(self._draws[local, :width] * np.maximum(others, 1)[:, None])
+            positions = draw.astype(np.int64)
+            positions += positions >= self.pos[local][:, None]  # skip the target itself
+        mask = np.arange(width)[None, :] < pooled[:, None]
+        return positions, mask, pooled
+
     def batch(self, epoch: int, step: int) -> Batch:
         cfg, data = self.cfg, self.data
-        order, cut, keep_uid, keep_interest = self.plan(epoch)
+        order, length, keep_uid, keep_interest = self.plan(epoch)
         g = order[step * self.global_batch : (step + 1) * self.global_batch]
         local = g[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
         step_rng = _rng(cfg.seed, epoch, step, 2)
@@ -118,12 +150,7 @@ class TowerBatcher:
 
         users = self.users[local]
         starts = data.user_offsets[users]
-        cuts = cut[local]
-        lo = np.maximum(0, cuts - cfg.max_history)
-        hist_lens = cuts - lo
-        width = max(1, int(hist_lens.max()))
-        positions = lo[:, None] + np.arange(width)[None, :]
-        hist_mask = np.arange(width)[None, :] < hist_lens[:, None]
+        positions, hist_mask, hist_lens = self.history_positions(local, length)
         hist_items = data.user_items[np.where(hist_mask, starts[:, None] + positions, 0)]
 
         items = np.unique(np.concatenate([candidates, hist_items[hist_mask]]))
@@ -136,6 +163,7 @@ class TowerBatcher:
         pool /= np.maximum(hist_lens, 1)[:, None].astype(np.float32)
         drop_item = step_rng.random(data.n_items) < cfg.item_id_dropout
         item_ids = np.where(drop_item[items], 0, data.item_codes[items])
+        keep_content = step_rng.random(data.n_items) >= cfg.content_dropout
         target_items = self.targets[local]
         target = np.searchsorted(candidates, target_items)
         # A user's other training positives are not negatives for them.
@@ -143,14 +171,14 @@ class TowerBatcher:
         sub[np.arange(len(local)), target] = False
         interest = data.interest[users] * keep_interest[local][:, None]
         return {
-            "item_content": data.content[items],
+            "item_content": data.content[items] * keep_content[items, None],
             "item_attrs": data.item_attrs[items],
             "item_id": item_ids.astype(np.int64),
             "cand_index": np.searchsorted(items, candidates).astype(np.int64),
             "neg_cols": np.searchsorted(candidates, np.unique(negatives)).astype(np.int64),
             "logq": self.logq[candidates],
             "hist_pool": pool,
-            "hist_len": cuts.astype(np.float32)[:, None],
+            "hist_len": length[local].astype(np.float32)[:, None],
             "user_attrs": data.user_attrs[users],
             "user_id": np.where(keep_uid[local], data.user_codes[users], 0).astype(np.int64),
             "interest": interest.astype(np.float32),
@@ -257,28 +285,30 @@ def build_ranker_queries(towers: TwoTower, data: ModelData, cfg: ModelConfig) ->
     lengths = np.diff(data.user_offsets)
     eligible = np.flatnonzero(lengths >= 2)
     warm_items = np.flatnonzero(data.pop > 0)
-    n_cand = cfg.ranker_candidates
+    n_pseudo = max(2, round(0.2 * len(warm_items)))
+    # Every query gets the same number of candidates (they are stacked).
+    n_cand = min(cfg.ranker_candidates, n_pseudo)
     rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     # (user, history, candidates, scores, labels, new)
     kinds = rng.random((len(eligible), cfg.ranker_queries_per_user))
     cold_cut_choices = np.array([0, 0, 1, 2, 3, 3, 4, 5, 5, 6, 8])
     # (user, history, pseudo-new items or None, keep the user id)
     pending: list[tuple[int, np.ndarray, np.ndarray | None, bool]] = []
-    for qi, u in enumerate(eligible):
-        items = data.history(int(u))
+    for qi, user in enumerate(eligible.tolist()):
+        items = data.history(user)
         for kind in kinds[qi]:
             if kind < cfg.ranker_cold_item_share:
-                pseudo = warm_items[rng.random(len(warm_items)) < 0.2]
+                pseudo = np.sort(rng.choice(warm_items, size=n_pseudo, replace=False))
                 is_new = np.isin(items, pseudo)
                 if not is_new.any() or is_new.all():
                     continue
-                pending.append((int(u), items[~is_new], pseudo, True))
+                pending.append((user, items[~is_new], pseudo, True))
             elif kind < cfg.ranker_cold_item_share + (1 - cfg.ranker_cold_item_share) / 2:
                 cut = int(min(rng.choice(cold_cut_choices), len(items) - 1))
-                pending.append((int(u), items[:cut], None, False))
+                pending.append((user, items[:cut], None, False))
             else:
                 cut = len(items) - max(1, round(0.2 * len(items)))
-                pending.append((int(u), items[:cut], None, True))
+                pending.append((user, items[:cut], None, True))
     # Vectorised in chunks: user vectors for all pending queries.
     chunk = 256
     for start in range(0, len(pending), chunk):
@@ -287,10 +317,10 @@ def build_ranker_queries(towers: TwoTower, data: ModelData, cfg: ModelConfig) ->
         hists = [p[1] for p in part]
         codes = np.array([data.user_codes[p[0]] if p[3] else 0 for p in part], dtype=np.int64)
         uvecs = user_vectors(towers, data, data.user_attrs[users], codes, hists, full)
-        for j, (u, hist, pseudo, _) in enumerate(part):
-            if pseudo is not None:
-                scores = content_only[pseudo] @ uvecs[j]
-                top = pseudo[_topk(scores[None], n_cand)[0]]
+        for j, (u, hist, new_set, _) in enumerate(part):
+            if new_set is not None:
+                scores = content_only[new_set] @ uvecs[j]
+                top = new_set[_topk(scores[None], n_cand)[0]]
                 top_scores = content_only[top] @ uvecs[j]
                 new = np.ones(len(top), dtype=bool)
             else:
@@ -332,6 +362,9 @@ def ranker_tables(data: ModelData) -> RankerTables:
 
 
 class RankerBatcher:
+    """Ranker batches. The features of every query are built once (they depend only on
+    the frozen towers and the data), so ranker epochs cost only the network."""
+
     def __init__(
         self, data: ModelData, queries: RankerQueries, cfg: ModelConfig, rank: int, world: int
     ) -> None:
@@ -340,6 +373,13 @@ class RankerBatcher:
         self.global_batch = global_batch_size(cfg.ranker_batch_size, len(queries), world)
         self.local_batch = self.global_batch // world
         self.steps_per_epoch = max(1, len(queries) // self.global_batch)
+        chunk = 256
+        self.all_features = np.concatenate(
+            [
+                self.features(np.arange(s, min(s + chunk, len(queries))))
+                for s in range(0, len(queries), chunk)
+            ]
+        )
 
     def features(self, rows: np.ndarray) -> np.ndarray:
         q = self.q
@@ -360,7 +400,7 @@ class RankerBatcher:
         order = _rng(self.cfg.seed, epoch, 3).permutation(len(self.q))
         g = order[step * self.global_batch : (step + 1) * self.global_batch]
         local = g[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
-        return {"features": self.features(local), "labels": self.q.labels[local]}
+        return {"features": self.all_features[local], "labels": self.q.labels[local]}
 
 
 class RankerLoss(nn.Module):
@@ -419,6 +459,7 @@ def run_stage(
     opts: RunOptions,
     save: Callable[[StageState], None],
     stop_after_steps: int | None = None,
+    lr_at: Callable[[int, int], float] | None = None,
 ) -> StageState:
     """Run ``epochs`` over ``batcher`` from ``state`` (which a checkpoint may have restored)."""
     model: nn.Module = loss_module
@@ -436,6 +477,9 @@ def run_stage(
     try:
         while state.epoch < epochs and state.global_step < total:
             while state.step < batcher.steps_per_epoch and state.global_step < total:
+                if lr_at is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_at(state.global_step, epochs * batcher.steps_per_epoch)
                 batch = _to_tensors(batcher.batch(state.epoch, state.step), ctx.device)
                 optimizer.zero_grad(set_to_none=True)
                 loss = model(batch)
@@ -477,7 +521,7 @@ class TrainResult:
 
 def make_towers(data: ModelData, cfg: ModelConfig) -> TwoTower:
     torch.manual_seed(cfg.seed)
-    return TwoTower(
+    towers = TwoTower(
         text_dim=data.spec.text_dim,
         n_item_attrs=data.item_attrs.shape[1],
         n_user_attrs=data.user_attrs.shape[1],
@@ -487,13 +531,30 @@ def make_towers(data: ModelData, cfg: ModelConfig) -> TwoTower:
         hidden=cfg.hidden,
         temperature=cfg.temperature,
         use_content=cfg.use_content,
+        content_dims=cfg.content_dims,
     )
+    towers.item.set_content_projection(torch.from_numpy(np.asarray(data.content)))
+    return towers
 
 
 def make_ranker(data: ModelData, cfg: ModelConfig) -> Ranker:
     torch.manual_seed(cfg.seed + 1)
     n_features = len(data.spec.ranker_feature_names())
     return Ranker(n_features, hidden=cfg.ranker_hidden, cross_layers=cfg.ranker_cross_layers)
+
+
+def cosine_lr(base: float) -> Callable[[int, int], float]:
+    """Linear warm-up over the first 10% of steps, then cosine decay to zero.
+
+    A pure function of the step, so a resumed run sets the same rates."""
+
+    def lr_at(step: int, total: int) -> float:
+        warmup = max(1, total // 10)
+        if step < warmup:
+            return base * (step + 1) / warmup
+        return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return lr_at
 
 
 def _optimizer(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
@@ -573,6 +634,7 @@ def train(
             opts=opts,
             save=save,
             stop_after_steps=opts.stop_after_steps,
+            lr_at=cosine_lr(cfg.lr) if cfg.lr_schedule == "cosine" else None,
         )
         seconds["towers"] = time.perf_counter() - t0
         samples["towers"] = (tower_state.global_step - start_steps) * batcher.global_batch
@@ -589,7 +651,7 @@ def train(
         towers.to(ctx.device)
         rbatcher = RankerBatcher(data, queries, cfg, ctx.rank, ctx.world_size)
         if ranker_state.global_step == 0:
-            probe = rbatcher.features(np.arange(min(len(queries), 512)))
+            probe = rbatcher.all_features[: min(len(queries), 512)]
             flat = torch.from_numpy(probe.reshape(-1, probe.shape[2]))
             ranker.set_normalisation(flat.mean(0).to(ctx.device), flat.std(0).to(ctx.device))
         ranker_opt = _optimizer(ranker, cfg.ranker_lr, 0.0)

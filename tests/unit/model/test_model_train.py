@@ -1,0 +1,136 @@
+"""Training: the towers learn, checkpoints resume exactly, new users need no retraining."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from services.trainer.model.checkpoint import CHECKPOINT
+from services.trainer.model.config import ModelConfig
+from services.trainer.model.dataset import ModelData
+from services.trainer.model.distributed import DistContext
+from services.trainer.model.recommender import ScoringModel
+from services.trainer.model.synthetic import small_config
+from services.trainer.model.train import RunOptions, TrainResult, item_vectors, train
+
+
+def _params(result: TrainResult) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in result.towers.state_dict().items()}
+
+
+def test_tower_loss_falls(tiny_trained: TrainResult) -> None:
+    losses = np.asarray(tiny_trained.losses["towers"])
+    assert losses[-10:].mean() < losses[:10].mean() - 0.2
+
+
+def test_bpr_loss_trains_too(tiny_data: ModelData) -> None:
+    result = train(
+        tiny_data,
+        small_config(loss="bpr", epochs=3, use_ranker=False),
+        DistContext.single(),
+        RunOptions(),
+    )
+    losses = np.asarray(result.losses["towers"])
+    assert losses[-10:].mean() < losses[:10].mean()
+
+
+def test_resume_from_checkpoint_is_exact(tiny_data: ModelData, tmp_path: Path) -> None:
+    cfg = small_config(epochs=3, use_ranker=False)
+    straight = train(
+        tiny_data,
+        cfg,
+        DistContext.single(),
+        RunOptions(run_dir=tmp_path / "a", stop_after_steps=30),
+    )
+    # Stop mid-epoch (14 steps per epoch), then continue from the checkpoint.
+    train(
+        tiny_data,
+        cfg,
+        DistContext.single(),
+        RunOptions(run_dir=tmp_path / "b", stop_after_steps=17),
+    )
+    assert (tmp_path / "b" / CHECKPOINT).is_file()
+    resumed = train(
+        tiny_data,
+        cfg,
+        DistContext.single(),
+        RunOptions(run_dir=tmp_path / "b", resume=True, stop_after_steps=30),
+    )
+    for name, value in _params(straight).items():
+        assert torch.equal(value, resumed.towers.state_dict()[name]), name
+    assert straight.losses["towers"] == resumed.losses["towers"]
+
+
+def test_resume_refuses_another_config(tiny_data: ModelData, tmp_path: Path) -> None:
+    cfg = small_config(epochs=1, use_ranker=False)
+    train(tiny_data, cfg, DistContext.single(), RunOptions(run_dir=tmp_path, stop_after_steps=2))
+    with pytest.raises(ValueError, match="different config"):
+        train(
+            tiny_data,
+            cfg.with_options(lr=0.1),
+            DistContext.single(),
+            RunOptions(run_dir=tmp_path, resume=True),
+        )
+
+
+def test_run_folder_has_loss_curve_and_losses(tiny_data: ModelData, tmp_path: Path) -> None:
+    train(
+        tiny_data,
+        small_config(epochs=1, use_ranker=False),
+        DistContext.single(),
+        RunOptions(run_dir=tmp_path),
+    )
+    assert (tmp_path / "loss_curve.png").stat().st_size > 1000
+    report = json.loads((tmp_path / "losses.json").read_text())
+    assert len(report["losses"]["towers"]) == report["samples"]["tower_steps_per_epoch"]
+
+
+def test_first_events_change_a_new_users_vector(tiny_trained: TrainResult) -> None:
+    """No id, no retraining: each revealed item moves the user towards similar items."""
+    model = ScoringModel(tiny_trained)
+    data = tiny_trained.data
+    attrs = np.repeat(data.user_attrs[:1], 3, axis=0)
+    liked = data.history(0)[:3]
+    hists = [liked[:0], liked[:1], liked[:3]]
+    vecs = model.user_vecs(None, attrs, hists)
+    assert not np.allclose(vecs[0], vecs[1]) and not np.allclose(vecs[1], vecs[2])
+    # Items of the revealed items' genre gain score relative to the others.
+    genre = 1 + data.item_attrs[liked[0], 1:].argmax()  # column 0 is the constant
+    same = data.item_attrs[:, genre] > 0
+    scores = vecs @ model.item_vecs.T
+    gap = scores[:, same].mean(axis=1) - scores[:, ~same].mean(axis=1)
+    assert gap[1] > gap[0]
+
+
+def test_cold_items_are_scored_from_content(tiny_trained: TrainResult) -> None:
+    """With id 0 an item's vector comes from content + attributes alone, and differs per item."""
+    data = tiny_trained.data
+    cold = item_vectors(tiny_trained.towers, data, np.zeros(data.n_items, dtype=np.int64))
+    assert np.isfinite(cold).all()
+    assert np.linalg.matrix_rank(cold[:, :-1]) > 4
+
+
+def test_ranker_reorders_only_the_head(tiny_trained: TrainResult) -> None:
+    model = ScoringModel(tiny_trained)
+    data = tiny_trained.data
+    users = np.arange(8)
+    hists = [data.history(int(u)) for u in users]
+    scores = model.score(users, data.user_attrs[users], hists, np.arange(data.n_items))
+    assert np.isfinite(scores).all()
+    head = scores > -1000
+    assert (head.sum(axis=1) == tiny_trained.config.ranker_candidates).all()
+    for r, h in enumerate(hists):
+        assert not head[r, h].any()  # history never takes a head slot
+
+
+def test_config_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="loss"):
+        ModelConfig(loss="hinge")
+    with pytest.raises(ValueError, match="item_id_dropout"):
+        ModelConfig(item_id_dropout=1.5)
+    with pytest.raises(ValueError, match="unknown model option"):
+        ModelConfig().with_options(colour="blue")

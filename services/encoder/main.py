@@ -49,6 +49,7 @@ def build_encoder(settings: EncoderSettings) -> ServiceParts:
         provider=settings.provider,
         intra_op_threads=settings.intra_op_threads,
         allow_spinning=settings.allow_spinning,
+        max_tokens_per_run=settings.max_tokens_per_run,
     )
     metrics.MODEL_INFO.info(
         {

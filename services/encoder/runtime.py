@@ -125,6 +125,7 @@ class OnnxTextModel:
         intra_op_threads: int = 0,
         verify_hashes: bool = True,
         allow_spinning: bool = True,
+        max_tokens_per_run: int = 512,
     ) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
@@ -190,6 +191,7 @@ class OnnxTextModel:
         suffix = "-int8" if use_int8 else ""
         self.model_id = f"{self.name}@{self.model_hash[:8]}{suffix}"
         self.intra_op_threads = intra_op_threads
+        self.max_tokens_per_run = max_tokens_per_run
         log.info(
             "encoder model loaded",
             extra={
@@ -218,7 +220,9 @@ class OnnxTextModel:
         """float32 (len(texts), dimension), unit rows, in the order of ``texts``.
 
         Texts are tokenised once, ordered by token count and run in chunks of
-        ``batch_size``, so each chunk pads to a similar length.
+        at most ``batch_size`` texts and ``max_tokens_per_run`` padded tokens,
+        so each chunk pads to a similar length and its activations stay small
+        enough for the CPU caches.
         """
         out = np.empty((len(texts), self.dimension), dtype=np.float32)
         if not texts:
@@ -226,24 +230,42 @@ class OnnxTextModel:
         encodings = self.tokenizer.encode_batch(list(texts))
         lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(texts))
         order = np.argsort(lengths, kind="stable")
-        wants_types = "token_type_ids" in self.input_names
-        pad = self.manifest.pad_token_id
-        for start in range(0, len(texts), batch_size):
-            rows = order[start : start + batch_size]
-            width = int(lengths[rows].max())
-            ids = np.full((len(rows), width), pad, dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            types = np.zeros((len(rows), width), dtype=np.int64) if wants_types else None
-            for slot, row in enumerate(rows):
-                encoding = encodings[row]
-                n = len(encoding.ids)
-                ids[slot, :n] = encoding.ids
-                mask[slot, :n] = 1
-                if types is not None:
-                    types[slot, :n] = encoding.type_ids
-            feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
-            if types is not None:
-                feeds["token_type_ids"] = types
-            (vectors,) = self.session.run([self.output_name], feeds)
-            out[rows] = vectors
+        for rows in self._chunks(order, lengths, batch_size):
+            out[rows] = self._run([encodings[row] for row in rows], int(lengths[rows].max()))
         return out
+
+    def _chunks(self, order: np.ndarray, lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+        budget = self.max_tokens_per_run
+        chunks: list[np.ndarray] = []
+        start = 0
+        while start < len(order):
+            end = min(start + batch_size, len(order))
+            if budget > 0:
+                # Lengths ascend, so the chunk's width is its last text's length.
+                while end - start > 1 and (end - start) * int(lengths[order[end - 1]]) > budget:
+                    end = max(
+                        start + 1, min(end - 1, start + budget // int(lengths[order[end - 1]]))
+                    )
+            chunks.append(order[start:end])
+            start = end
+        return chunks
+
+    def _run(self, encodings: list[Any], width: int) -> np.ndarray:
+        pad = self.manifest.pad_token_id
+        count = len(encodings)
+        ids = np.full((count, width), pad, dtype=np.int64)
+        mask = np.zeros((count, width), dtype=np.int64)
+        wants_types = "token_type_ids" in self.input_names
+        types = np.zeros((count, width), dtype=np.int64) if wants_types else None
+        for slot, encoding in enumerate(encodings):
+            n = len(encoding.ids)
+            ids[slot, :n] = encoding.ids
+            mask[slot, :n] = 1
+            if types is not None:
+                types[slot, :n] = encoding.type_ids
+        feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
+        if types is not None:
+            feeds["token_type_ids"] = types
+        (vectors,) = self.session.run([self.output_name], feeds)
+        result: np.ndarray = vectors
+        return result

@@ -33,6 +33,21 @@ def test_embed_keeps_request_order_whatever_the_lengths(tiny_export: Path) -> No
     assert model.embed([], 4).shape == (0, model.dimension)
 
 
+def test_runs_respect_the_token_budget_without_changing_vectors(tiny_export: Path) -> None:
+    model = OnnxTextModel(tiny_export, provider="cpu", intra_op_threads=1, max_tokens_per_run=0)
+    texts = [("word " * n).strip() for n in (1, 3, 5, 9, 14, 20, 30, 40, 50, 60)]
+    reference = model.embed(texts, batch_size=16)
+    lengths = np.array(model.token_lengths(texts))
+    order = np.argsort(lengths, kind="stable")
+    model.max_tokens_per_run = 64
+    chunks = model._chunks(order, lengths, batch_size=16)
+    assert sorted(int(i) for chunk in chunks for i in chunk) == list(range(len(texts)))
+    for chunk in chunks:
+        assert len(chunk) == 1 or len(chunk) * lengths[chunk].max() <= 64
+    assert len(chunks) > 1
+    np.testing.assert_allclose(model.embed(texts, batch_size=16), reference, atol=1e-5)
+
+
 def test_int8_variant_loads_and_is_named(tiny_export: Path) -> None:
     model = OnnxTextModel(tiny_export, int8=True, provider="cpu")
     assert model.variant == "int8"

@@ -34,6 +34,7 @@ def test_environment_and_overrides() -> None:
         ("cache_size=-1", "cache_size"),
         ("max_text_bytes=0", "max_text_bytes"),
         ("max_queued_texts=10", "max_queued_texts"),
+        ("max_tokens_per_run=-1", "max_tokens_per_run"),
     ],
 )
 def test_bad_values_name_the_setting(override: str, words: str) -> None:

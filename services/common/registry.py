@@ -165,7 +165,14 @@ class ModelRegistry:
         kept = self.versions()
         doomed = [v for v in kept[: max(0, len(kept) - keep)] if v != current]
         for version in doomed:
-            shutil.rmtree(self.path(version), ignore_errors=True)
+            # Move it out of versions/ in one rename first: a crash halfway
+            # through the delete must not leave a listed but incomplete version.
+            self.staging_dir.mkdir(parents=True, exist_ok=True)
+            trash = self.staging_dir / f"pruned-{version}-{uuid.uuid4().hex[:6]}"
+            os.rename(self.path(version), trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        if doomed:
+            _fsync_dir(self.versions_dir)
         return doomed
 
     def clean_staging(self) -> int:

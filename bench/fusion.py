@@ -9,8 +9,14 @@
 4. Five model swaps under 50 concurrent clients: failed calls (must be 0).
 
 Everything (broker, servers, clients) runs on this machine's cores; the table's
-``server_cpu`` column says how busy the server was, so a client-bound run is
-visible as such.
+``server_cpu`` column says how busy the server was (with ``--processes`` > 1, the
+supervisor and its workers together), so a client-bound run is visible as such.
+
+``--rounds N`` alternates echo and Recommend N times per client count and reports
+the median round's ratio (a shared machine's other load shifts by the minute);
+``--processes N`` runs echo and fusion as N processes each (the runtime's
+``processes`` setting); ``--set k=v`` sets a fusion setting (e.g. ``max_batch=1``);
+``--freshness-samples 0`` / ``--swaps 0`` leave those phases out (no pass then).
 """
 
 from __future__ import annotations

@@ -246,7 +246,9 @@ class ModelHolder:
         if not usable:
             return
         content = np.stack([np.asarray(i.content_vector, dtype=np.float32) for i in usable])
-        vectors = model.item_vectors(content, [i.attributes for i in usable])
+        vectors = model.item_vectors(
+            content, [i.attributes for i in usable], [i.text for i in usable]
+        )
         metas = [ItemMeta(i.item_id, i.text, dict(i.attributes), tuple(i.tags)) for i in usable]
         model.index.upsert(metas, vectors, content)
 

@@ -376,8 +376,12 @@ class ModelVersion:
         return np.asarray(out, dtype=np.float32)
 
     def item_vectors(
-        self, content: np.ndarray, attributes: Sequence[Mapping[str, str]]
+        self,
+        content: np.ndarray,
+        attributes: Sequence[Mapping[str, str]],
+        texts: Sequence[str] | None = None,
     ) -> np.ndarray:
+        """[N, D] item vectors of new items (``texts``: their text; unused by this format)."""
         feeds = {
             self.item_spec.inputs["content"]: np.asarray(content, dtype=np.float32),
             self.item_spec.inputs["item_attributes"]: self._item_hot.encode(attributes),

@@ -17,6 +17,8 @@ Differences from the provisional format, handled here and nowhere else:
 - A user's history pools **item vectors** (the index rows, upserted items
   included), not content; users seen in training get their id code from
   ``user_codes.json`` (0 = none, e.g. a new user).
+- An upserted item's attributes are its own plus ``derived_item_attributes(text)``
+  (the year band read off its text, as the trainer derives it).
 - An upserted item gets the item tower with id 0 and, in the ranker, the
   features of an item without interaction data (popularity and segment counts
   0, ``item_is_new`` 1), as training showed new items to the ranker.
@@ -41,6 +43,7 @@ import onnxruntime as ort
 from services.common.recsys_features import (
     FeatureSpec,
     RankerTables,
+    derived_item_attributes,
     item_tower_inputs,
     ranker_features,
     user_tower_inputs,
@@ -367,8 +370,9 @@ class RecsysModelVersion(ModelVersion):
         seg_counts = np.zeros((t.seg_counts.shape[0], len(used)), dtype=np.float32)
         seg_counts[:, : len(old)] = t.seg_counts[:, old]
         if len(new):
+            metas = [self.index.meta(int(r)) for r in new]
             item_attrs[len(old) :] = self.spec.item_vocab.encode(
-                [self.index.meta(int(r)).attributes for r in new]
+                [item_attributes(m.attributes, m.text) for m in metas]
             )
         # ``used`` is sorted and old < new, so its order is the local order.
         tables = RankerTables(
@@ -397,12 +401,18 @@ class RecsysModelVersion(ModelVersion):
         return vector
 
     def item_vectors(
-        self, content: np.ndarray, attributes: Sequence[Mapping[str, str]]
+        self,
+        content: np.ndarray,
+        attributes: Sequence[Mapping[str, str]],
+        texts: Sequence[str] | None = None,
     ) -> np.ndarray:
         """Item tower outputs for new items: no id (code 0), as training's id-dropout."""
+        texts = texts if texts is not None else [""] * len(attributes)
         inputs = item_tower_inputs(
             content,
-            self.spec.item_vocab.encode(list(attributes)),
+            self.spec.item_vocab.encode(
+                [item_attributes(a, t) for a, t in zip(attributes, texts, strict=True)]
+            ),
             np.zeros(len(content), dtype=np.int64),
         )
         (out,) = self._item.run([self._item_output], inputs)
@@ -413,6 +423,11 @@ class RecsysModelVersion(ModelVersion):
             raise RuntimeError(f"{self.version}: no ranker in this version")
         (out,) = self._ranker.run([self.ranker_output], {self.ranker_input: feature_rows})
         return np.asarray(out, dtype=np.float32).reshape(-1)
+
+
+def item_attributes(attributes: Mapping[str, str], text: str) -> dict[str, str]:
+    """A new item's attributes as training saw them: its own plus those read off its text."""
+    return {**attributes, **derived_item_attributes(text)}
 
 
 def _metas_from_attributes(

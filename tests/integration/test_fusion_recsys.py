@@ -194,12 +194,17 @@ def test_an_upserted_items_vector_is_the_item_tower_without_id(
     bundle = trained.bundle
     assert isinstance(bundle, Bundle)
     content = bundle.tables["content"][:4].astype(np.float32)
+    from services.common.recsys_features import derived_item_attributes
+
     attributes = [{"genre": "g1"}, {"genre": "g4"}, {}, {"genre": "unknown"}]
-    served = core.holder.current.item_vectors(content, attributes)
+    texts = ["One (1997)", "", "Three", "Four (2031) | x"]
+    served = core.holder.current.item_vectors(content, attributes, texts)
+    # The trainer's side: its attribute rows add what it derives from the text.
+    rows = [{**a, **derived_item_attributes(t)} for a, t in zip(attributes, texts, strict=True)]
     with torch.no_grad():
         expected = bundle.towers.item(
             torch.from_numpy(content),
-            torch.from_numpy(bundle.spec.item_vocab.encode(attributes)),
+            torch.from_numpy(bundle.spec.item_vocab.encode(rows)),
             torch.zeros(4, dtype=torch.int64),
         ).numpy()
     assert np.max(np.abs(served - expected)) <= TOLERANCE

@@ -85,7 +85,17 @@ class KafkaEventSink:
     def publish(self, events: Sequence[events_pb2.Event]) -> None:
         from services.common.events import produce_and_wait
 
-        produce_and_wait(self._get(), self.topic, events, timeout_s=self.timeout_s)
+        producer = self._get()
+        try:
+            produce_and_wait(producer, self.topic, events, timeout_s=self.timeout_s)
+        except Unavailable:
+            # An idempotent producer that saw a failed request refuses every
+            # later send; start the next write with a fresh one.
+            with self._lock:
+                if self._producer is producer:
+                    self._producer = None
+            producer.close(timeout=0)
+            raise
         for event in events:
             EVENTS_PRODUCED.labels(event.WhichOneof("payload") or "none").inc()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from coldstart.v1 import events_pb2
 
+from services.common.errors import Unavailable
 from services.common.events import make_producer, new_event, produce_and_wait
 from services.common.paths import REPO_ROOT
 
@@ -54,12 +55,21 @@ def test_sigkilled_consumer_resumes_without_skipping(kafka_broker: str, tmp_path
         for i in range(EVENTS)
     ]
     produced = {e.event_id for e in events}
-    producer = make_producer(kafka_broker)
+    producers = [make_producer(kafka_broker)]
     done = threading.Event()
 
     def produce() -> None:
         for start in range(0, EVENTS, 1000):
-            produce_and_wait(producer, TOPIC, events[start : start + 1000], timeout_s=30)
+            for _attempt in range(3):
+                try:
+                    produce_and_wait(
+                        producers[-1], TOPIC, events[start : start + 1000], timeout_s=30
+                    )
+                    break
+                except Unavailable:
+                    # What any writer does: retry the same events (same ids) on a
+                    # fresh producer; duplicates are allowed, losses are not.
+                    producers.append(make_producer(kafka_broker))
         done.set()
 
     out = tmp_path / "seen.txt"
@@ -85,7 +95,8 @@ def test_sigkilled_consumer_resumes_without_skipping(kafka_broker: str, tmp_path
         if consumer.poll() is None:
             consumer.kill()
             consumer.wait(timeout=10)
-        producer.close()
+        for producer in producers:
+            producer.close()
 
     seen = lines(out)
     assert set(seen) == produced  # none skipped, none invented

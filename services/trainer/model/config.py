@@ -12,7 +12,7 @@ LOSSES = ("softmax", "bpr")
 class ModelConfig:
     # Towers
     dim: int = 64
-    hidden: int = 256
+    hidden: int = 128
     temperature: float = 0.1
     item_id_dropout: float = 0.5
     user_id_dropout: float = 0.5
@@ -20,20 +20,21 @@ class ModelConfig:
     use_content: bool = True
     # Project content onto this many top singular directions (0: the full vector),
     # and drop an item's whole content vector with this probability in training.
-    content_dims: int = 32
-    content_dropout: float = 0.3
+    content_dims: int = 8
+    content_dropout: float = 0.5
     # Add the release-year band read off the item text to the item attributes.
     derive_year: bool = True
     max_history: int = 50
-    # Loss: "softmax" = in-batch (global batch) candidates plus shared uniform
-    # negatives, logQ-corrected; "bpr" = pairwise against the shared negatives.
+    # Loss: "softmax" = in-batch (global batch) candidates plus n_negatives shared
+    # uniform negatives, logQ-corrected; "bpr" = pairwise against the same candidates.
     loss: str = "softmax"
     logq_weight: float = 1.0
-    n_negatives: int = 512
-    # Training samples: one per training positive; its history is the user's earlier
-    # positives, cut short (to 0..short_history_max items) with this probability, so
-    # the towers see the 0/1/3/5-item histories that cold users arrive with.
-    history_mode: str = "prefix"
+    n_negatives: int = 0
+    # Training samples: one per training positive. "set": the history is a random
+    # subset (size uniform in 0..max_history) of the user's other positives; "prefix":
+    # the positives before it, cut short (to 0..short_history_max) with this
+    # probability. Both show the towers the 0/1/3/5-item histories of cold users.
+    history_mode: str = "set"
     short_history_prob: float = 0.5
     short_history_max: int = 8
     batch_size: int = 512  # global: split evenly over the workers
@@ -51,6 +52,7 @@ class ModelConfig:
     ranker_batch_size: int = 128
     ranker_epochs: int = 4
     ranker_lr: float = 1e-3
+    ranker_loss: str = "softmax"  # or "bce"
     seed: int = 0
 
     def __post_init__(self) -> None:

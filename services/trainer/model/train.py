@@ -171,11 +171,11 @@ class TowerBatcher:
         sub[np.arange(len(local)), target] = False
         interest = data.interest[users] * keep_interest[local][:, None]
         return {
+            "item_rows": items,  # not a model input; lets tests map the batch back
             "item_content": data.content[items] * keep_content[items, None],
             "item_attrs": data.item_attrs[items],
             "item_id": item_ids.astype(np.int64),
             "cand_index": np.searchsorted(items, candidates).astype(np.int64),
-            "neg_cols": np.searchsorted(candidates, np.unique(negatives)).astype(np.int64),
             "logq": self.logq[candidates],
             "hist_pool": pool,
             "hist_len": length[local].astype(np.float32)[:, None],
@@ -208,10 +208,11 @@ class TowerLoss(nn.Module):
         if self.loss == "softmax":
             corrected = logits - self.logq_weight * b["logq"].unsqueeze(0)
             return F.cross_entropy(corrected, target)
+        # BPR against every other candidate of the step (in-batch + uniform negatives).
         pos = logits.gather(1, target.unsqueeze(1))
-        neg = logits[:, b["neg_cols"]]
-        valid = torch.isfinite(neg) & (b["neg_cols"].unsqueeze(0) != target.unsqueeze(1))
-        pair = F.softplus(torch.where(valid, neg - pos, torch.zeros_like(neg)))
+        cols = torch.arange(logits.shape[1], device=logits.device)
+        valid = torch.isfinite(logits) & (cols.unsqueeze(0) != target.unsqueeze(1))
+        pair = F.softplus(torch.where(valid, logits - pos, torch.zeros_like(logits)))
         return (pair * valid).sum() / valid.sum().clamp(min=1)
 
 
@@ -404,18 +405,23 @@ class RankerBatcher:
 
 
 class RankerLoss(nn.Module):
-    """Listwise softmax over each query's candidates, averaged over its positives."""
+    """ "softmax": listwise over each query's candidates, averaged over its positives;
+    "bce": pointwise logistic, so the score estimates P(relevant), which ordered is
+    the best expected DCG (probability ranking principle)."""
 
-    def __init__(self, ranker: Ranker) -> None:
+    def __init__(self, ranker: Ranker, kind: str = "softmax") -> None:
         super().__init__()
         self.ranker = ranker
+        self.kind = kind
 
     def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
         feats = b["features"]
         q, n, f = feats.shape
         scores = self.ranker(feats.reshape(q * n, f)).reshape(q, n)
-        logp = F.log_softmax(scores, dim=1)
         labels = b["labels"]
+        if self.kind == "bce":
+            return F.binary_cross_entropy_with_logits(scores, labels)
+        logp = F.log_softmax(scores, dim=1)
         return (-(logp * labels).sum(1) / labels.sum(1).clamp(min=1.0)).mean()
 
 
@@ -659,7 +665,7 @@ def train(
             ranker_opt.load_state_dict(ranker_opt_state)
         run_stage(
             name="ranker",
-            loss_module=RankerLoss(ranker),
+            loss_module=RankerLoss(ranker, cfg.ranker_loss),
             batcher=rbatcher,
             epochs=cfg.ranker_epochs,
             optimizer=ranker_opt,

@@ -274,7 +274,7 @@ def user_vectors(
 def build_ranker_queries(towers: TwoTower, data: ModelData, cfg: ModelConfig) -> RankerQueries:
     """Queries that look like the three situations the ranker must handle.
 
-    - a cold user: the first 0..8 positives revealed, no user id;
+    - a cold user: the first 0..8 positives revealed (0 most often), no user id;
     - a warm user: the first 80% of positives revealed, with the user id;
     - new items: a random 20% of items play "new" (content-only vectors, no counts);
       the user's other positives are the history, candidates come only from the new ones.
@@ -292,7 +292,8 @@ def build_ranker_queries(towers: TwoTower, data: ModelData, cfg: ModelConfig) ->
     rows: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     # (user, history, candidates, scores, labels, new)
     kinds = rng.random((len(eligible), cfg.ranker_queries_per_user))
-    cold_cut_choices = np.array([0, 0, 1, 2, 3, 3, 4, 5, 5, 6, 8])
+    # k = 0 (attributes only) is where popularity is hardest to beat: give it weight.
+    cold_cut_choices = np.array([0, 0, 0, 0, 1, 1, 2, 3, 3, 4, 5, 5, 6, 8])
     # (user, history, pseudo-new items or None, keep the user id)
     pending: list[tuple[int, np.ndarray, np.ndarray | None, bool]] = []
     for qi, user in enumerate(eligible.tolist()):

@@ -4,7 +4,12 @@ Feature matrices are [identity | attributes] with rows normalised to sum 1
 (LightFM's usual practice). The identity column is present only for entities
 that have training interactions: a cold item (or user) is represented by its
 attributes alone, so its never-trained id embedding does not add noise. The
-item text vector can be added as real-valued features (``content=True``).
+item text reaches LightFM as the one-hot k-means cluster of its MiniLM vector
+(``text_clusters``, 50 by default: +5 points Recall@20 on ML-100K item-cold
+validation over genres + decade alone); the raw vector as 384 real-valued
+features (``content=True``) works too but makes fitting ~10x slower. A
+constant feature on both sides stands for "any user/item", so an entity with
+no attributes is not an all-zero row.
 LightFM cannot fold in a new user's few revealed items, so cold users are
 scored from their attributes at every k.
 """
@@ -24,6 +29,32 @@ def _normalise_rows(m: sp.csr_matrix) -> sp.csr_matrix:
     return sp.csr_matrix(sp.diags(scale) @ m, dtype=np.float32)
 
 
+def _constant(n: int) -> sp.csr_matrix:
+    return sp.csr_matrix(np.ones((n, 1), dtype=np.float32))
+
+
+def _cluster_features(vectors: np.ndarray, k: int, seed: int) -> sp.csr_matrix:
+    """One-hot k-means cluster of each item's text vector: content LightFM can afford.
+
+    (The raw 384 dense dimensions as features make every WARP step 10x dearer.)
+    """
+    rng = np.random.default_rng(seed)
+    x = vectors.astype(np.float32)
+    centres = x[rng.choice(len(x), size=min(k, len(x)), replace=False)]
+    for _ in range(20):
+        assign = np.argmax(x @ centres.T, axis=1)
+        for c in range(len(centres)):
+            members = x[assign == c]
+            if len(members):
+                mean = members.mean(axis=0)
+                centres[c] = mean / max(float(np.linalg.norm(mean)), 1e-12)
+    assign = np.argmax(x @ centres.T, axis=1)
+    return sp.csr_matrix(
+        (np.ones(len(x), dtype=np.float32), (np.arange(len(x)), assign)),
+        shape=(len(x), len(centres)),
+    )
+
+
 class LightFMRecommender:
     name = "lightfm"
 
@@ -37,6 +68,8 @@ class LightFMRecommender:
         max_sampled: int = 10,
         content: bool = False,
         content_weight: float = 1.0,
+        text_clusters: int = 50,
+        normalize: bool = True,
         threads: int = 2,
     ) -> None:
         self.seed = seed
@@ -47,6 +80,8 @@ class LightFMRecommender:
         self.max_sampled = int(max_sampled)
         self.content = bool(content)
         self.content_weight = float(content_weight)
+        self.text_clusters = int(text_clusters)
+        self.normalize = bool(normalize)
         self.threads = int(threads)
         self.user_fields: list[str] = []
         self.known_users = np.zeros(0, dtype=bool)
@@ -60,13 +95,19 @@ class LightFMRecommender:
         items = train.dataset.items
         seen = train.item_train_counts() > 0
         identity = sp.diags(seen.astype(np.float32)).tocsr()
-        blocks = [identity, items.feature_matrix()]
+        blocks = [identity, items.feature_matrix(), _constant(len(items))]
         if self.content:
             blocks.append(sp.csr_matrix(train.item_vectors * self.content_weight))
-        return _normalise_rows(sp.hstack(blocks, format="csr"))
+        if self.text_clusters:
+            blocks.append(_cluster_features(train.item_vectors, self.text_clusters, self.seed))
+        m = sp.hstack(blocks, format="csr")
+        return _normalise_rows(m) if self.normalize else m
 
     def _user_features(self, identity: sp.csr_matrix, attributes: sp.csr_matrix) -> sp.csr_matrix:
-        return _normalise_rows(sp.hstack([identity, attributes], format="csr"))
+        # The constant feature is the "average user": a cold user with no attributes
+        # (ml-latest-small) gets it instead of an all-zero row that ranks by item bias only.
+        m = sp.hstack([identity, attributes, _constant(identity.shape[0])], format="csr")
+        return _normalise_rows(m) if self.normalize else m
 
     def fit(self, train: TrainData) -> None:
         from lightfm import LightFM

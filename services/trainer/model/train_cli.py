@@ -64,7 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedder", choices=("minilm", "hashing"), default="minilm")
     p.add_argument("--registry", type=Path, help="publish the trained model to this registry")
     p.add_argument("--tag", default="", help="suffix of the published version's name")
-    p.add_argument("--cpu", action="store_true", help="never use CUDA")
+    p.add_argument("--cpu", action="store_true", help="never use CUDA (same as --device cpu)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: CUDA (NCCL) when present, else CPU (gloo); the PyTorchJob passes it",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -164,7 +170,10 @@ def run_worker(args: argparse.Namespace, cfg: Any, out: Path) -> int:
 
     threads = args.threads or max(1, min(2, (os.cpu_count() or 1) // max(1, args.workers)))
     torch.set_num_threads(threads)
-    ctx = init_distributed(force_cpu=args.cpu)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda: no CUDA device is visible", file=sys.stderr)
+        return 2
+    ctx = init_distributed(force_cpu=args.cpu or args.device == "cpu")
     try:
         dataset = load_dataset(args.data)
         spec = MINILM if args.embedder == "minilm" else hashing_spec()

@@ -43,7 +43,7 @@ class ALS:
 
     def fit(self, train: TrainData) -> None:
         from implicit.cpu.als import AlternatingLeastSquares
-        from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+        from threadpoolctl import threadpool_limits
 
         # implicit parallelises itself; a multi-threaded BLAS underneath only contends
         # (and implicit warns about it when the model is built).

@@ -37,6 +37,8 @@ FILES = {
     "ranker": "ranker.onnx",
     "item_ids": "item_ids.json",
     "user_codes": "user_codes.json",
+    "user_ids": "user_ids.json",
+    "user_attributes": "user_attributes.npy",
     "item_codes": "item_codes.npy",
     "item_vectors": "item_vectors.npy",
     "content_vectors": "content_vectors.npy",
@@ -271,6 +273,10 @@ def write_version(
     (folder / FILES["item_ids"]).write_text(json.dumps(bundle.item_ids))
     user_codes = {u: int(c) for u, c in zip(bundle.user_ids, t["user_codes"], strict=True) if c}
     (folder / FILES["user_codes"]).write_text(json.dumps(user_codes))
+    # Attributes of the users known at training time, for the gate's scorer (serving
+    # takes attributes from its online state instead).
+    (folder / FILES["user_ids"]).write_text(json.dumps(bundle.user_ids))
+    np.save(folder / FILES["user_attributes"], t["user_attrs"].astype(np.float32))
 
     index, index_desc = build_index(item_vecs, index_kind, params)
     faiss.write_index(index, str(folder / FILES["index"]))
@@ -302,6 +308,7 @@ def write_version(
     return {
         "format": FORMAT,
         "model": "coldstart two-tower + ranker",
+        "scorer": "services.trainer.model.onnx_version:scorer",
         "dimension": int(item_vecs.shape[1]),
         "content_dimension": spec.text_dim,
         "n_items": len(bundle.item_ids),

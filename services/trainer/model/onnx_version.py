@@ -63,6 +63,12 @@ class OnnxVersion:
             n_users=int(m["ranker"]["popularity_users"]),
         )
         self.n_candidates = int(m["ranker"]["candidates"])
+        self.item_row = {item: r for r, item in enumerate(self.item_ids)}
+        self.user_attributes: dict[str, np.ndarray] = {}
+        if "user_ids" in files and (self.folder / files["user_ids"]).is_file():
+            ids = json.loads((self.folder / files["user_ids"]).read_text())
+            rows = np.load(self.folder / files["user_attributes"])
+            self.user_attributes = {str(u): rows[i] for i, u in enumerate(ids)}
 
     def item_vecs(
         self, content: np.ndarray, item_attrs: np.ndarray, item_codes: np.ndarray
@@ -120,3 +126,44 @@ class OnnxVersion:
         n, c, f = feats.shape
         scores = self.ranker.run(None, {"features": feats.reshape(n * c, f)})[0].reshape(n, c)
         return head_items, scores
+
+
+# Scores outside each user's re-ranked head sit this far below it (finite).
+TAIL_OFFSET = 1.0e4
+
+
+class VersionScorer(OnnxVersion):
+    """The trainer's gate interface (``services.trainer.retrain.Scorer``) over a version:
+    external ids in, (users x candidates) scores out, ranker order on each user's head."""
+
+    def score(
+        self,
+        user_ids: Sequence[str],
+        histories: Sequence[Sequence[str]],
+        candidates: Sequence[str],
+    ) -> np.ndarray:
+        width = self.spec.user_vocab.width
+        blank = np.zeros(width, dtype=np.float32)
+        blank[0] = 1.0
+        attrs = np.stack([self.user_attributes.get(str(u), blank) for u in user_ids])
+        codes = np.array([self.user_codes.get(str(u), 0) for u in user_ids], dtype=np.int64)
+        hists = [
+            np.array([self.item_row[i] for i in h if i in self.item_row], dtype=np.int64)
+            for h in histories
+        ]
+        known = np.array([c in self.item_row for c in candidates])
+        rows = np.array([self.item_row.get(c, 0) for c in candidates], dtype=np.int64)
+        uvecs = self.user_vecs(attrs, codes, hists)
+        out = (uvecs @ self.item_vectors[rows].T).astype(np.float64) - TAIL_OFFSET
+        head, scores = self.rank(attrs, codes, hists, rows[known])
+        position = {int(r): j for j, r in enumerate(rows)}
+        for u in range(len(user_ids)):
+            for item, value in zip(head[u], scores[u], strict=True):
+                out[u, position[int(item)]] = float(value)
+        out[:, ~known] = -np.inf  # an id this version has never seen cannot be scored
+        return out
+
+
+def scorer(folder: Path) -> VersionScorer:
+    """``module:function`` named by the manifest's "scorer" key."""
+    return VersionScorer(Path(folder))

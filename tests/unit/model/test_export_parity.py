@@ -102,3 +102,22 @@ def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "--run" in capsys.readouterr().err
     assert main(["--run", str(tmp_path), "--hnsw-m", "0"]) == 2
     assert "--hnsw-m" in capsys.readouterr().err
+
+
+def test_gate_scorer_uses_external_ids(tiny_trained: TrainResult, version: Path) -> None:
+    """The retrainer's Scorer: ids in, head in ranker order, unknown candidates -inf."""
+    from services.trainer.model.onnx_version import scorer
+
+    data = tiny_trained.data
+    served = scorer(version)
+    candidates = [f"i{i}" for i in range(data.n_items)] + ["never-seen"]
+    history = [f"i{i}" for i in data.history(0)[:3]]
+    scores = served.score(["u0", "new-user"], [history, []], candidates)
+    assert scores.shape == (2, data.n_items + 1)
+    assert np.isneginf(scores[:, -1]).all() and np.isfinite(scores[:, :-1]).all()
+    model = ScoringModel(tiny_trained)
+    ref = model.score(
+        np.array([0]), data.user_attrs[:1], [data.history(0)[:3]], np.arange(data.n_items)
+    )
+    head = np.flatnonzero(ref[0] > -1000)
+    np.testing.assert_allclose(scores[0, head], ref[0, head], atol=1e-4)

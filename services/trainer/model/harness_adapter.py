@@ -58,12 +58,21 @@ class ColdStartRecommender:
     def fit(self, train: TrainData) -> None:
         import torch
 
+        # One thread: on the shared 2-core machine a second OpenMP thread mostly spins
+        # (measured 2-5x slower steps under load); restored after the fit.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self._fit(train)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self, train: TrainData) -> None:
         from services.trainer.model.dataset import from_train_data
         from services.trainer.model.distributed import DistContext
         from services.trainer.model.recommender import ScoringModel
         from services.trainer.model.train import train as train_model
 
-        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
         cfg = self.config
         # The towers do not depend on use_ranker: key them on everything else.
         tower_key = _fingerprint(train, {**cfg.to_dict(), "use_ranker": True})
@@ -72,8 +81,7 @@ class ColdStartRecommender:
             self._model = cached
             return
         data = from_train_data(train, cfg.dim + 1, cfg.max_history, derive_year=cfg.derive_year)
-        ctx = DistContext(0, 1, 0, torch.device("cpu"), None)
-        result = train_model(data, cfg, ctx)
+        result = train_model(data, cfg, DistContext.single())
         self._model = ScoringModel(result)
         _CACHE.clear()  # one entry: the next fit is on other data
         _CACHE[tower_key] = self._model

@@ -126,7 +126,7 @@ def validate(args: argparse.Namespace) -> None:
 
 def launch_torchrun(argv: list[str], workers: int, out: Path) -> int:
     """Re-run this command under torchrun with ``workers`` processes."""
-    rest = [a for a in argv]
+    rest = list(argv)
     if "--out" not in rest:
         rest += ["--out", str(out)]
     command = [

@@ -66,6 +66,58 @@ class ModelLoadError(Exception):
     """A version cannot be served; the message is one line naming the cause."""
 
 
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+class VersionFiles:
+    """Reads the files of one version folder by role; each failure is a one-line
+    ModelLoadError naming the file (shared by every model format)."""
+
+    def __init__(self, path: Path, files: Mapping[str, str], intra_op_threads: int) -> None:
+        self.path = path
+        self.files = files
+        self.options = ort.SessionOptions()
+        self.options.intra_op_num_threads = intra_op_threads
+        self.options.inter_op_num_threads = 1
+        self.options.log_severity_level = 3
+
+    def file(self, role: str) -> Path:
+        found = self.path / self.files[role]
+        if not found.is_file():
+            raise ModelLoadError(f"{found}: missing ({role})")
+        return found
+
+    def session(self, role: str) -> ort.InferenceSession:
+        onnx_path = self.file(role)
+        try:
+            return ort.InferenceSession(
+                str(onnx_path), self.options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises several types for a bad file
+            raise ModelLoadError(
+                f"{onnx_path}: cannot load ONNX model ({first_line(exc)})"
+            ) from None
+
+    def array(self, role: str) -> np.ndarray:
+        try:
+            loaded: np.ndarray = np.load(self.file(role), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise ModelLoadError(
+                f"{self.path / self.files[role]}: not a numpy array ({exc})"
+            ) from None
+        return loaded
+
+    def json(self, role: str) -> Any:
+        try:
+            return json.loads(self.file(role).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ModelLoadError(
+                f"{self.path / self.files[role]}: not valid JSON ({exc})"
+            ) from None
+
+
 @dataclass(frozen=True)
 class TowerSpec:
     inputs: Mapping[str, str]  # role -> ONNX input name
@@ -157,39 +209,11 @@ class ModelVersion:
             raise ModelLoadError(f"{path}/manifest.json: unknown ranker features {sorted(unknown)}")
         files = {**DEFAULT_FILES, **manifest.get("files", {})}
 
-        def file(role: str) -> Path:
-            found = path / files[role]
-            if not found.is_file():
-                raise ModelLoadError(f"{found}: missing ({role})")
-            return found
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-
-        def session(role: str) -> ort.InferenceSession:
-            onnx_path = file(role)
-            try:
-                return ort.InferenceSession(
-                    str(onnx_path), options, providers=["CPUExecutionProvider"]
-                )
-            except Exception as exc:  # onnxruntime raises several types for a bad file
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ModelLoadError(
-                    f"{onnx_path}: cannot load ONNX model ({first[:200]})"
-                ) from None
-
+        folder = VersionFiles(path, files, intra_op_threads)
+        file, session, array = folder.file, folder.session, folder.array
         user_session = session("user_tower")
         item_session = session("item_tower")
         ranker_session = session("ranker")
-
-        def array(role: str) -> np.ndarray:
-            try:
-                loaded: np.ndarray = np.load(file(role), allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                raise ModelLoadError(f"{path / files[role]}: not a numpy array ({exc})") from None
-            return loaded
 
         try:
             ids = json.loads(file("item_ids").read_text())

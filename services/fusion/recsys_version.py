@@ -49,7 +49,14 @@ from services.common.recsys_features import (
     user_tower_inputs,
 )
 from services.fusion.index import ItemIndex, ItemMeta, build_hnsw
-from services.fusion.model_version import RECSYS_FORMAT, ModelLoadError, ModelVersion, UserInputs
+from services.fusion.model_version import (
+    RECSYS_FORMAT,
+    ModelLoadError,
+    ModelVersion,
+    UserInputs,
+    VersionFiles,
+    first_line,
+)
 
 FORMAT = RECSYS_FORMAT
 DEFAULT_FILES = {
@@ -68,11 +75,6 @@ DEFAULT_FILES = {
     "index": "items.faiss",
     "items": "items.jsonl",
 }
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 class RecsysModelVersion(ModelVersion):
@@ -135,7 +137,7 @@ class RecsysModelVersion(ModelVersion):
             spec = FeatureSpec.from_json(manifest["feature_spec"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelLoadError(
-                f"{path}/manifest.json: feature_spec unreadable ({_first_line(exc)})"
+                f"{path}/manifest.json: feature_spec unreadable ({first_line(exc)})"
             ) from None
         if spec.text_dim != manifest["content_dimension"]:
             raise ModelLoadError(
@@ -145,40 +147,8 @@ class RecsysModelVersion(ModelVersion):
         files = {**DEFAULT_FILES, **(manifest.get("files") or {})}
         ranker_enabled = bool(manifest.get("ranker", {}).get("enabled", True))
 
-        def file(role: str) -> Path:
-            found = path / files[role]
-            if not found.is_file():
-                raise ModelLoadError(f"{found}: missing ({role})")
-            return found
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-
-        def session(role: str) -> ort.InferenceSession:
-            onnx_path = file(role)
-            try:
-                return ort.InferenceSession(
-                    str(onnx_path), options, providers=["CPUExecutionProvider"]
-                )
-            except Exception as exc:  # onnxruntime raises several types for a bad file
-                raise ModelLoadError(
-                    f"{onnx_path}: cannot load ONNX model ({_first_line(exc)})"
-                ) from None
-
-        def array(role: str) -> np.ndarray:
-            try:
-                loaded: np.ndarray = np.load(file(role), allow_pickle=False)
-            except (ValueError, OSError, EOFError) as exc:
-                raise ModelLoadError(f"{path / files[role]}: not a numpy array ({exc})") from None
-            return loaded
-
-        def json_file(role: str) -> Any:
-            try:
-                return json.loads(file(role).read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ModelLoadError(f"{path / files[role]}: not valid JSON ({exc})") from None
+        folder = VersionFiles(path, files, intra_op_threads)
+        session, array, json_file = folder.session, folder.array, folder.json
 
         user_session = session("user_tower")
         item_session = session("item_tower")
@@ -223,7 +193,7 @@ class RecsysModelVersion(ModelVersion):
                 ann = faiss.read_index(str(index_path))
             except RuntimeError as exc:
                 raise ModelLoadError(
-                    f"{index_path}: cannot read faiss index ({_first_line(exc)})"
+                    f"{index_path}: cannot read faiss index ({first_line(exc)})"
                 ) from None
             if ann.ntotal != n or ann.d != dimension:
                 raise ModelLoadError(
@@ -276,7 +246,7 @@ class RecsysModelVersion(ModelVersion):
             scores = self.rank_batch([empty], [np.arange(min(3, self.index.base_count))], user)
         except Exception as exc:
             raise ModelLoadError(
-                f"{self.version}: a graph does not match the manifest ({_first_line(exc)})"
+                f"{self.version}: a graph does not match the manifest ({first_line(exc)})"
             ) from None
         if user.shape != (1, self.dimension) or item.shape != (1, self.dimension):
             raise ModelLoadError(

@@ -143,5 +143,9 @@ def make_consumer(
     consumer = KafkaConsumer(**options)
     topics = list(topics)
     if topics:
+        # Fetch their metadata first: a group leader that does not know the
+        # partitions yet assigns nothing until the next metadata refresh.
+        for topic in topics:
+            consumer.partitions_for_topic(topic)
         consumer.subscribe(topics)
     return consumer

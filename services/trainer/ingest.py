@@ -348,6 +348,10 @@ class Ingestor:
                     extra={"partitions": sorted(tp.partition for tp in assigned)},
                 )
 
+        # Know the topic's partitions before joining: a group leader without them
+        # assigns nothing, and kafka-python may not rejoin until the next
+        # metadata refresh (minutes) -- seen as an empty assignment in the bench.
+        consumer.partitions_for_topic(self.topic)
         consumer.subscribe([self.topic], listener=SeekToLog())
 
     def poll_once(self, consumer: Any) -> ApplyResult | None:

@@ -84,6 +84,9 @@ class FakeConsumer:
         self.commits: list[dict[int, int]] = []
         self.seeks: list[tuple[int, int]] = []
 
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return {0, 1}
+
     def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
         if not self.batches:
             return {}

@@ -52,6 +52,10 @@ class ModelConfig:
     ranker_batch_size: int = 128
     ranker_epochs: int = 8
     ranker_lr: float = 1e-3
+    # The ranker re-scores a user's head only with at least this much history and
+    # fewer new items than this share in the head (recsys_features.ranker_applies).
+    ranker_min_history: int = 1
+    ranker_max_new_share: float = 0.5
     ranker_loss: str = "bce"  # or "softmax" (measured: bce gives the better NDCG)
     seed: int = 0
 

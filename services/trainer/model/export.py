@@ -343,6 +343,12 @@ def write_version(
             "output": "score",
             "features": spec.ranker_feature_names(),
             "candidates": cfg.ranker_candidates,
+            "gate": {
+                "min_history": cfg.ranker_min_history,
+                "max_new_share": cfg.ranker_max_new_share,
+                "rule": "services.common.recsys_features.ranker_applies: otherwise keep "
+                "the tower order",
+            },
             "popularity_users": bundle.n_pos_users,
             "builder": "services.common.recsys_features.ranker_features",
             **({"io": io["ranker"]} if "ranker" in io else {}),

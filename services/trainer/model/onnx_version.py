@@ -19,6 +19,7 @@ from services.common.recsys_features import (
     FeatureSpec,
     RankerTables,
     item_tower_inputs,
+    ranker_applies,
     ranker_features,
     user_tower_inputs,
 )
@@ -125,6 +126,11 @@ class OnnxVersion:
         )
         n, c, f = feats.shape
         scores = self.ranker.run(None, {"features": feats.reshape(n * c, f)})[0].reshape(n, c)
+        gate = self.manifest["ranker"]["gate"]
+        for r, hist in enumerate(histories):
+            pops = self.tables.pop[head_items[r]]
+            if not ranker_applies(len(hist), pops, gate["min_history"], gate["max_new_share"]):
+                scores[r] = head_scores[r]  # the tower order stands
         return head_items, scores
 
 
@@ -154,10 +160,17 @@ class VersionScorer(OnnxVersion):
         known = np.array([c in self.item_row for c in candidates])
         rows = np.array([self.item_row.get(c, 0) for c in candidates], dtype=np.int64)
         uvecs = self.user_vecs(attrs, codes, hists)
-        out = (uvecs @ self.item_vectors[rows].T).astype(np.float64) - TAIL_OFFSET
+        tower = (uvecs @ self.item_vectors[rows].T).astype(np.float64)
+        out = tower - TAIL_OFFSET
         head, scores = self.rank(attrs, codes, hists, rows[known])
         position = {int(r): j for j, r in enumerate(rows)}
+        gate = self.manifest["ranker"]["gate"]
         for u in range(len(user_ids)):
+            if not ranker_applies(
+                len(hists[u]), self.tables.pop[head[u]], gate["min_history"], gate["max_new_share"]
+            ):
+                out[u] = tower[u]
+                continue
             for item, value in zip(head[u], scores[u], strict=True):
                 out[u, position[int(item)]] = float(value)
         out[:, ~known] = -np.inf  # an id this version has never seen cannot be scored

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from services.common.recsys_features import ranker_features
+from services.common.recsys_features import ranker_applies, ranker_features
 from services.trainer.model.config import ModelConfig
 from services.trainer.model.dataset import ModelData
 from services.trainer.model.train import (
@@ -90,4 +90,10 @@ class ScoringModel:
                 s = ranker(torch.from_numpy(feats.reshape(q * n, f))).numpy().reshape(q, n)
             for i in range(len(rows)):
                 out[rows[i], head[rows[i]]] = s[i]
+        for r, hist in enumerate(histories):
+            pops = self.data.pop[candidates[head[r]]]
+            if not ranker_applies(
+                len(hist), pops, self.cfg.ranker_min_history, self.cfg.ranker_max_new_share
+            ):
+                out[r] = tower[r]
         return out

@@ -79,8 +79,8 @@ def test_serving_ranks_like_training(tiny_trained: TrainResult, version: Path) -
     torch_scores = model.score(users, data.user_attrs[users], hists, candidates)
     for r in range(len(users)):
         np.testing.assert_allclose(onnx_scores[r], torch_scores[r, head[r]], atol=1e-4)
-        torch_head = np.flatnonzero(torch_scores[r] > -1000)
-        assert set(head[r]) == set(torch_head)
+        if len(hists[r]):  # the ranker's head; without history the tower order stands
+            assert set(head[r]) == set(np.flatnonzero(torch_scores[r] > -1000))
 
 
 def test_new_item_vector_from_the_item_tower(version: Path) -> None:

@@ -136,3 +136,30 @@ def test_config_rejects_bad_values() -> None:
         ModelConfig(item_id_dropout=1.5)
     with pytest.raises(ValueError, match="unknown model option"):
         ModelConfig().with_options(colour="blue")
+
+
+def test_ranker_gate_keeps_tower_order_without_history_or_among_new_items(
+    tiny_trained: TrainResult,
+) -> None:
+    model = ScoringModel(tiny_trained)
+    data = tiny_trained.data
+    users = np.arange(3)
+    candidates = np.arange(data.n_items)
+    empty = [np.array([], dtype=np.int64)] * 3
+    tower = model.score(users, data.user_attrs[users], empty, candidates, use_ranker=False)
+    np.testing.assert_array_equal(
+        model.score(users, data.user_attrs[users], empty, candidates), tower
+    )
+    # With history the ranker re-scores the head...
+    hists = [data.history(int(u)) for u in users]
+    ranked = model.score(users, data.user_attrs[users], hists, candidates)
+    assert (ranked < -1000).any()
+    # ...but not when the candidates are new items (no interactions yet).
+    saved = data.pop.copy()
+    try:
+        data.pop[:] = 0
+        new = model.score(users, data.user_attrs[users], hists, candidates)
+        plain = model.score(users, data.user_attrs[users], hists, candidates, use_ranker=False)
+        np.testing.assert_array_equal(new, plain)
+    finally:
+        data.pop[:] = saved

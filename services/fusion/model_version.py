@@ -66,6 +66,16 @@ class ModelLoadError(Exception):
     """A version cannot be served; the message is one line naming the cause."""
 
 
+def read_manifest(path: Path) -> Any:
+    """A version folder's manifest.json, or a one-line ModelLoadError."""
+    try:
+        return json.loads((path / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}/manifest.json: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{path}/manifest.json: not valid JSON ({exc})") from None
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
@@ -174,12 +184,7 @@ class ModelVersion:
         fold_threshold: int = 5_000,
     ) -> ModelVersion:
         path = Path(path)
-        try:
-            manifest = json.loads((path / "manifest.json").read_text())
-        except FileNotFoundError:
-            raise ModelLoadError(f"{path}/manifest.json: missing") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelLoadError(f"{path}/manifest.json: not valid JSON ({exc})") from None
+        manifest = read_manifest(path)
         if not isinstance(manifest, dict):
             raise ModelLoadError(f"{path}/manifest.json: not a JSON object")
         version = str(manifest.get("version") or path.name)

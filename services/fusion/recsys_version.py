@@ -31,7 +31,6 @@ Differences from the provisional format, handled here and nowhere else:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,7 @@ from services.fusion.model_version import (
     UserInputs,
     VersionFiles,
     first_line,
+    read_manifest,
 )
 
 FORMAT = RECSYS_FORMAT
@@ -122,12 +122,7 @@ class RecsysModelVersion(ModelVersion):
         fold_threshold: int = 5_000,
     ) -> RecsysModelVersion:
         path = Path(path)
-        try:
-            manifest = json.loads((path / "manifest.json").read_text())
-        except FileNotFoundError:
-            raise ModelLoadError(f"{path}/manifest.json: missing") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ModelLoadError(f"{path}/manifest.json: not valid JSON ({exc})") from None
+        manifest = read_manifest(path)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise ModelLoadError(f"{path}/manifest.json: not a {FORMAT} manifest")
         for key in ("dimension", "content_dimension"):

@@ -274,16 +274,25 @@ class RankerTables:
 
 
 def ranker_applies(
-    history_len: int, head_pop: np.ndarray, min_history: int, max_new_share: float
+    history_len: int,
+    head_pop: np.ndarray,
+    min_history: int,
+    max_new_share: float,
+    max_history: int = -1,
 ) -> bool:
     """Whether the ranker re-scores this user's head, or the tower order stands.
 
-    Measured on ML-100K (docs/MODEL.md): the ranker improves NDCG for users with a
-    history, but ranks worse than the towers for users with none (k = 0) and among
-    brand-new items, where its training data (items that only play "new") is too
-    unlike real new items. Serving must apply the same rule.
+    The ranker applies to users with ``min_history <= history_len <= max_history``
+    (``max_history`` < 0: no upper bound) whose head has fewer than ``max_new_share``
+    new items. Training picks the history range on held-out ranker queries (the
+    bands where the ranker beat the tower order; docs/MODEL.md): on ML-100K it
+    helps short histories of new users, on ml-latest-small nowhere. Among brand-new
+    items its training data (items that only play "new") is too unlike real new
+    items, hence the new-item share. Serving must apply the same rule.
     """
     if history_len < min_history:
+        return False
+    if 0 <= max_history < history_len:
         return False
     return bool(len(head_pop) == 0 or np.mean(head_pop <= 0) < max_new_share)
 

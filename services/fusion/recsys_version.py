@@ -44,6 +44,7 @@ from services.common.recsys_features import (
     RankerTables,
     derived_item_attributes,
     item_tower_inputs,
+    ranker_applies,
     ranker_features,
     user_tower_inputs,
 )
@@ -312,10 +313,33 @@ class RecsysModelVersion(ModelVersion):
                 [self.ranker_output], {self.ranker_input: feats.reshape(count * cands, features)}
             )
             scores = np.asarray(out, dtype=np.float32).reshape(count, cands)
+            # The trained gate: outside it the tower order stands (as in training's eval).
+            for j, n in enumerate(live):
+                if not self._ranker_applies(len(histories[j]), padded[j, : sizes[n]]):
+                    scores[j] = tower[j]
         result = [np.empty(0, dtype=np.float32) for _ in rows]
         for j, n in enumerate(live):
             result[n] = np.ascontiguousarray(scores[j, : sizes[n]], dtype=np.float32)
         return result
+
+    def _ranker_applies(self, history_len: int, candidate_rows: np.ndarray) -> bool:
+        """``recsys_features.ranker_applies`` with the manifest's gate; an upserted row
+        (past the base rows) is a new item, as is a base row without positives."""
+        gate = self.manifest.get("ranker", {}).get("gate")
+        if not gate:
+            return True
+        base = self.index.base_count
+        rows = np.asarray(candidate_rows, dtype=np.int64)
+        pop = np.zeros(len(rows), dtype=np.float32)
+        old = rows < base
+        pop[old] = self.tables.pop[rows[old]]
+        return ranker_applies(
+            history_len,
+            pop,
+            int(gate.get("min_history", 0)),
+            float(gate.get("max_new_share", 1.0)),
+            int(gate.get("max_history", -1)),
+        )
 
     def _local_tables(
         self, candidates: np.ndarray, histories: Sequence[np.ndarray]

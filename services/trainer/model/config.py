@@ -28,7 +28,9 @@ class ModelConfig:
     # Loss: "softmax" = in-batch (global batch) candidates plus n_negatives shared
     # uniform negatives, logQ-corrected; "bpr" = pairwise against the same candidates.
     loss: str = "softmax"
-    logq_weight: float = 1.0
+    # 1.0 is the unbiased logQ correction; 2.0 leaves a log-popularity prior in the
+    # scores (measured, docs/MODEL.md: better warm, item-cold and k=0 rankings).
+    logq_weight: float = 2.0
     n_negatives: int = 0
     # Training samples: one per training positive. "set": the history is a random
     # subset (size uniform in 0..max_history) of the user's other positives; "prefix":
@@ -56,6 +58,12 @@ class ModelConfig:
     # fewer new items than this share in the head (recsys_features.ranker_applies).
     ranker_min_history: int = 1
     ranker_max_new_share: float = 0.5
+    ranker_max_history: int = -1  # < 0: no upper bound
+    # Pick ranker_min_history / ranker_max_history after training: the history-length
+    # bands (0, 1..8, 9+) where the ranker beats the tower order on the ranker queries
+    # of a held-out share of users (those users' queries are not trained on).
+    ranker_auto_gate: bool = True
+    ranker_holdout: float = 0.15
     ranker_loss: str = "bce"  # or "softmax" (measured: bce gives the better NDCG)
     seed: int = 0
 

@@ -345,6 +345,7 @@ def write_version(
             "candidates": cfg.ranker_candidates,
             "gate": {
                 "min_history": cfg.ranker_min_history,
+                "max_history": cfg.ranker_max_history,
                 "max_new_share": cfg.ranker_max_new_share,
                 "rule": "services.common.recsys_features.ranker_applies: otherwise keep "
                 "the tower order",

@@ -129,7 +129,13 @@ class OnnxVersion:
         gate = self.manifest["ranker"]["gate"]
         for r, hist in enumerate(histories):
             pops = self.tables.pop[head_items[r]]
-            if not ranker_applies(len(hist), pops, gate["min_history"], gate["max_new_share"]):
+            if not ranker_applies(
+                len(hist),
+                pops,
+                gate["min_history"],
+                gate["max_new_share"],
+                gate.get("max_history", -1),
+            ):
                 scores[r] = head_scores[r]  # the tower order stands
         return head_items, scores
 
@@ -167,7 +173,11 @@ class VersionScorer(OnnxVersion):
         gate = self.manifest["ranker"]["gate"]
         for u in range(len(user_ids)):
             if not ranker_applies(
-                len(hists[u]), self.tables.pop[head[u]], gate["min_history"], gate["max_new_share"]
+                len(hists[u]),
+                self.tables.pop[head[u]],
+                gate["min_history"],
+                gate["max_new_share"],
+                gate.get("max_history", -1),
             ):
                 out[u] = tower[u]
                 continue

@@ -93,7 +93,11 @@ class ScoringModel:
         for r, hist in enumerate(histories):
             pops = self.data.pop[candidates[head[r]]]
             if not ranker_applies(
-                len(hist), pops, self.cfg.ranker_min_history, self.cfg.ranker_max_new_share
+                len(hist),
+                pops,
+                self.cfg.ranker_min_history,
+                self.cfg.ranker_max_new_share,
+                self.cfg.ranker_max_history,
             ):
                 out[r] = tower[r]
         return out

@@ -29,6 +29,8 @@ def small_config(**overrides: object) -> ModelConfig:
         ranker_candidates=20,
         ranker_queries_per_user=2,
         ranker_batch_size=64,
+        # The fixed gate (ranker for every user with a history): tests exercise the ranker.
+        ranker_auto_gate=False,
     )
     return base.with_options(**overrides)
 

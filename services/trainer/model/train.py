@@ -234,6 +234,91 @@ class RankerQueries:
     def __len__(self) -> int:
         return len(self.users)
 
+    def take(self, rows: np.ndarray) -> RankerQueries:
+        return RankerQueries(
+            users=self.users[rows],
+            histories=[self.histories[r] for r in rows],
+            candidates=self.candidates[rows],
+            tower_scores=self.tower_scores[rows],
+            labels=self.labels[rows],
+            new_items=self.new_items[rows],
+            exclude_self=self.exclude_self[rows],
+        )
+
+
+# History-length bands the ranker gate is chosen over: no history, a new user's
+# first few items (the cold-user training queries reveal up to 8), longer ones.
+GATE_BANDS: tuple[tuple[int, int], ...] = ((0, 0), (1, 8), (9, -1))
+NEVER = 2**31 - 1  # ranker_min_history that no history reaches: the ranker never applies
+
+
+def split_ranker_queries(
+    queries: RankerQueries, cfg: ModelConfig
+) -> tuple[RankerQueries, RankerQueries]:
+    """(training, held-out) queries: a ``ranker_holdout`` share of the users, all their
+    queries held out (none of them trained on), for choosing the gate."""
+    if not cfg.ranker_auto_gate or cfg.ranker_holdout <= 0:
+        return queries, queries.take(np.zeros(0, dtype=np.int64))
+    users = np.unique(queries.users)
+    rng = _rng(cfg.seed, 98)
+    held = users[rng.random(len(users)) < cfg.ranker_holdout]
+    is_held = np.isin(queries.users, held)
+    if is_held.all() or not is_held.any():
+        return queries, queries.take(np.zeros(0, dtype=np.int64))
+    return queries.take(np.flatnonzero(~is_held)), queries.take(np.flatnonzero(is_held))
+
+
+def ndcg_at(scores: np.ndarray, labels: np.ndarray, k: int = 20) -> np.ndarray:
+    """(Q,) binary NDCG@k of each row's ranking by ``scores``."""
+    k = min(k, scores.shape[1])
+    order = _topk(scores, k)
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = (np.take_along_axis(labels, order, axis=1) * discount).sum(axis=1)
+    n_pos = np.minimum((labels > 0).sum(axis=1), k)
+    ideal = np.cumsum(discount)[np.maximum(n_pos, 1) - 1]
+    out: np.ndarray = np.where(n_pos > 0, dcg / ideal, 0.0)
+    return out
+
+
+def choose_gate(diffs: dict[tuple[int, int], np.ndarray], min_t: float = 2.0) -> tuple[int, int]:
+    """(min_history, max_history) of the contiguous run of GATE_BANDS where the ranker's
+    per-query NDCG gains over the towers (``diffs``) sum highest, if that gain is clear
+    (paired t statistic >= ``min_t``); (NEVER, -1): the ranker never applies."""
+    best, best_gain = (NEVER, -1), 0.0
+    for i in range(len(GATE_BANDS)):
+        for j in range(i, len(GATE_BANDS)):
+            parts = [diffs[b] for b in GATE_BANDS[i : j + 1] if b in diffs]
+            d = np.concatenate(parts) if parts else np.zeros(0)
+            if len(d) < 2 or d.sum() <= best_gain:
+                continue
+            t = d.mean() / max(d.std(ddof=1) / np.sqrt(len(d)), 1e-12)
+            if t >= min_t:
+                best, best_gain = (GATE_BANDS[i][0], GATE_BANDS[j][1]), float(d.sum())
+    return best
+
+
+@torch.no_grad()
+def gate_check(
+    ranker: Ranker, batcher: RankerBatcher, held: RankerQueries
+) -> dict[tuple[int, int], tuple[np.ndarray, np.ndarray]]:
+    """Per history band: (tower, ranker) NDCG@20 of each held-out query.
+
+    New-item queries are left out (the new-item share of the gate handles them)."""
+    ranker.eval()
+    lengths = np.array([len(h) for h in held.histories])
+    usable = ~held.new_items.any(axis=1)
+    out: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+    for lo, hi in GATE_BANDS:
+        rows = np.flatnonzero(usable & (lengths >= lo) & ((hi < 0) | (lengths <= hi)))
+        if len(rows) == 0:
+            continue
+        feats = batcher.features_of(held, rows)
+        q, n, f = feats.shape
+        scores = ranker(torch.from_numpy(feats.reshape(q * n, f))).numpy().reshape(q, n)
+        labels = held.labels[rows]
+        out[(lo, hi)] = (ndcg_at(held.tower_scores[rows], labels), ndcg_at(scores, labels))
+    return out
+
 
 def _topk(scores: np.ndarray, k: int) -> np.ndarray:
     k = min(k, scores.shape[1])
@@ -384,7 +469,9 @@ class RankerBatcher:
         )
 
     def features(self, rows: np.ndarray) -> np.ndarray:
-        q = self.q
+        return self.features_of(self.q, rows)
+
+    def features_of(self, q: RankerQueries, rows: np.ndarray) -> np.ndarray:
         users = q.users[rows]
         return ranker_features(
             self.data.spec,
@@ -524,6 +611,8 @@ class TrainResult:
     losses: dict[str, list[float]]
     seconds: dict[str, float]
     samples: dict[str, int]
+    # Held-out check behind the chosen gate: "band lo..hi" -> queries, tower, ranker NDCG.
+    gate: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def make_towers(data: ModelData, cfg: ModelConfig) -> TwoTower:
@@ -652,9 +741,11 @@ def train(
             stage = "ranker"
             save(tower_state)
     towers_cpu = towers.to("cpu").eval()
+    rbatcher: RankerBatcher | None = None
+    held: RankerQueries | None = None
     if ranker is not None and stage == "ranker":
         t0 = time.perf_counter()
-        queries = build_ranker_queries(towers_cpu, data, cfg)
+        queries, held = split_ranker_queries(build_ranker_queries(towers_cpu, data, cfg), cfg)
         towers.to(ctx.device)
         rbatcher = RankerBatcher(data, queries, cfg, ctx.rank, ctx.world_size)
         if ranker_state.global_step == 0:
@@ -677,12 +768,29 @@ def train(
         )
         seconds["ranker"] = time.perf_counter() - t0
         samples["ranker_queries"] = len(queries)
+        samples["ranker_held_out_queries"] = len(held)
     towers = towers.to("cpu").eval()
     ranker_out = ranker.to("cpu").eval() if ranker is not None and stage == "ranker" else None
+    gate: dict[str, dict[str, float]] = {}
+    result_cfg = cfg
+    if ranker_out is not None and rbatcher is not None and held is not None and len(held):
+        check = gate_check(ranker_out, rbatcher, held)
+        lo, hi = choose_gate({band: r - t for band, (t, r) in check.items()})
+        result_cfg = cfg.with_options(ranker_min_history=lo, ranker_max_history=hi)
+        gate = {
+            f"{b[0]}..{b[1] if b[1] >= 0 else ''}": {
+                "queries": float(len(t)),
+                "tower": float(t.mean()),
+                "ranker": float(r.mean()),
+            }
+            for b, (t, r) in check.items()
+        }
+        if ctx.is_main:
+            log.info("ranker gate: history %d..%s (%s)", lo, hi if hi >= 0 else "", gate)
     losses = {"towers": tower_state.losses, "ranker": ranker_state.losses}
     if opts.run_dir is not None and ctx.is_main:
-        write_run_report(opts.run_dir, cfg, losses, seconds, samples)
-    return TrainResult(cfg, data, towers, ranker_out, losses, seconds, samples)
+        write_run_report(opts.run_dir, result_cfg, losses, seconds, samples)
+    return TrainResult(result_cfg, data, towers, ranker_out, losses, seconds, samples, gate)
 
 
 def write_run_report(

@@ -239,6 +239,7 @@ def run_worker(args: argparse.Namespace, cfg: Any, out: Path) -> int:
                 "seconds": round(seconds, 2),
                 "stage_seconds": result.seconds,
                 "embedder": spec.name,
+                "ranker_gate_check": result.gate,
             },
         }
         save_bundle(

@@ -9,13 +9,23 @@ import numpy as np
 import pytest
 import torch
 
+from services.common.recsys_features import ranker_applies
 from services.trainer.model.checkpoint import CHECKPOINT
 from services.trainer.model.config import ModelConfig
 from services.trainer.model.dataset import ModelData
 from services.trainer.model.distributed import DistContext
 from services.trainer.model.recommender import ScoringModel
 from services.trainer.model.synthetic import small_config
-from services.trainer.model.train import RunOptions, TrainResult, item_vectors, train
+from services.trainer.model.train import (
+    GATE_BANDS,
+    NEVER,
+    RunOptions,
+    TrainResult,
+    choose_gate,
+    item_vectors,
+    ndcg_at,
+    train,
+)
 
 
 def _params(result: TrainResult) -> dict[str, torch.Tensor]:
@@ -163,3 +173,37 @@ def test_ranker_gate_keeps_tower_order_without_history_or_among_new_items(
         np.testing.assert_array_equal(new, plain)
     finally:
         data.pop[:] = saved
+
+
+def test_ranker_applies_history_range() -> None:
+    pop = np.ones(4, dtype=np.float32)
+    assert not ranker_applies(0, pop, 1, 0.5)
+    assert ranker_applies(50, pop, 1, 0.5)  # max_history -1: no upper bound
+    assert ranker_applies(8, pop, 1, 0.5, 8) and not ranker_applies(9, pop, 1, 0.5, 8)
+    assert ranker_applies(0, pop, 0, 0.5, 0) and not ranker_applies(1, pop, 0, 0.5, 0)
+    assert not ranker_applies(3, np.zeros(4, dtype=np.float32), 1, 0.5)  # all new items
+
+
+def test_ndcg_at_and_choose_gate() -> None:
+    labels = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    scores = np.array([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
+    np.testing.assert_allclose(ndcg_at(scores, labels, 2), [1.0, 0.0, 0.0])
+    # The contiguous run of bands with the largest summed gain, if clearly positive.
+    up, down = np.array([0.1, 0.12, 0.09, 0.11]), np.array([-0.1, -0.12, -0.09, -0.11])
+    flat = np.array([0.3, -0.3, 0.2, -0.19])
+    assert choose_gate({(0, 0): down, (1, 8): up, (9, -1): up / 4}) == (1, -1)
+    assert choose_gate({(0, 0): down, (1, 8): up, (9, -1): down * 3}) == (1, 8)
+    assert choose_gate({(0, 0): up, (1, 8): down / 2, (9, -1): down}) == (0, 0)
+    assert choose_gate({(0, 0): flat, (1, 8): down}) == (NEVER, -1)  # gain, but not clear
+
+
+def test_auto_gate_is_chosen_on_held_out_users(tiny_data: ModelData) -> None:
+    torch.set_num_threads(1)
+    cfg = small_config(epochs=1, ranker_auto_gate=True, ranker_holdout=0.3)
+    result = train(tiny_data, cfg, DistContext.single(), RunOptions())
+    assert result.gate and result.samples["ranker_held_out_queries"] > 0
+    assert all(r["queries"] > 0 for r in result.gate.values())
+    lo, hi = result.config.ranker_min_history, result.config.ranker_max_history
+    assert (lo, hi) == (NEVER, -1) or (lo, hi) in {
+        (a[0], b[1]) for a in GATE_BANDS for b in GATE_BANDS if a[0] <= b[0]
+    }

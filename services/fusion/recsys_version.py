@@ -119,7 +119,7 @@ class RecsysModelVersion(ModelVersion):
         path: Path,
         *,
         intra_op_threads: int = 1,
-        ef_search: int = 400,
+        ef_search: int = 256,
         fold_threshold: int = 5_000,
     ) -> RecsysModelVersion:
         path = Path(path)

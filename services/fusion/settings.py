@@ -29,7 +29,7 @@ class FusionSettings(ServerSettings):
     encoder_timeout_s: float = 2.0
     # Retrieval: candidates handed to the ranker, and the HNSW search breadth.
     candidates: int = 200
-    ef_search: int = 400
+    ef_search: int = 256
     # Upserted items stay in an exact side buffer until this many, then fold into the ANN index.
     fold_threshold: int = 5_000
     # ONNX Runtime threads per call; 1 suits many concurrent calls on few cores.

@@ -89,3 +89,35 @@ def test_popular_skips_replaced_items() -> None:
     assert list(index.popular(3)) == [0, 1, 2]
     index.upsert([ItemMeta("i0")], np.ones((1, 8), np.float32), np.ones((1, 8), np.float32))
     assert list(index.popular(3)) == [1, 2, 3]
+
+
+def test_searches_run_on_one_openmp_thread_in_any_thread() -> None:
+    # OpenMP's thread count is per thread: the batcher's and gRPC's threads must not
+    # fork a team per search (idle team workers spin on the cores requests need).
+    import threading
+
+    import faiss
+
+    index = make_index()
+    query = index.vectors(np.asarray([3]))[0]
+    seen: list[int] = []
+
+    def run() -> None:
+        index.search_batch(query[None, :], [5], eligibles=[None], excludeds=[np.empty(0, int)])
+        seen.append(faiss.omp_get_max_threads())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    assert seen == [1]
+
+
+def test_unfiltered_search_asks_the_index_for_what_can_be_dropped_only() -> None:
+    index = make_index()
+    # k + exclusions + deleted rows: nothing else can be dropped without a filter.
+    assert index._fetch(200, 5, False, 1.0) == 205
+    assert index._fetch(200, 5, True, 0.5) > 410
+    query = index.vectors(np.asarray([3]))[0]
+    excluded = np.asarray(exact_top(index, query, 5), dtype=np.int64)
+    rows, _ = index.search_batch(query[None, :], [20], eligibles=[None], excludeds=[excluded])[0]
+    assert list(rows) == exact_top(index, query, 25)[5:]

@@ -455,7 +455,11 @@ class Recommender:
         # Scratch mask for the exclusions: set, test, reset per request (cheaper than isin).
         blocked = np.zeros(max(index.row_count, 1), dtype=bool)
         candidates: list[np.ndarray] = []
-        for request, (rows, _scores) in zip(requests, found, strict=True):
+        # The tower score (user . item) of each candidate: the search's own score for
+        # the rows it found (the same inner product), computed for the popular ones;
+        # the ranker then needs no gather of every candidate's item vector.
+        dots: list[np.ndarray] = []
+        for request, user_vec, (rows, row_dots) in zip(requests, user_vecs, found, strict=True):
             popular = head[: POPULAR_CANDIDATES * 4 + len(request.excluded)]
             if request.eligible is not None:
                 popular = popular[np.isin(popular, request.eligible)]
@@ -463,8 +467,15 @@ class Recommender:
                 blocked[request.excluded] = True
                 popular = popular[~blocked[popular]]
                 blocked[request.excluded] = False
-            candidates.append(np.unique(np.concatenate([rows, popular[:POPULAR_CANDIDATES]])))
-        scores = model.rank_batch(users, candidates, user_vecs)
+            popular = popular[:POPULAR_CANDIDATES]
+            merged, first = np.unique(np.concatenate([rows, popular]), return_index=True)
+            candidates.append(merged)
+            dots.append(
+                np.concatenate([row_dots, index.vectors(popular) @ user_vec])[first].astype(
+                    np.float32, copy=False
+                )
+            )
+        scores = model.rank_batch(users, candidates, user_vecs, dots)
         results: list[Result] = []
         for request, rows, row_scores in zip(requests, candidates, scores, strict=True):
             if len(rows) == 0:

@@ -346,14 +346,20 @@ class ModelVersion:
         users: Sequence[UserInputs],
         rows: Sequence[np.ndarray],
         user_vecs: np.ndarray,
+        dots: Sequence[np.ndarray] | None = None,
     ) -> list[np.ndarray]:
-        """Ranker scores of each user's candidate rows: one ranker run for all."""
+        """Ranker scores of each user's candidate rows: one ranker run for all.
+        ``dots``: the rows' tower scores (user vector . item vector) when the caller
+        has them already (the index search computes them), else computed here."""
         sizes = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
         if not sizes.sum():
             return [np.empty(0, dtype=np.float32) for _ in rows]
         all_rows = np.concatenate(rows)
         segment = np.repeat(np.arange(len(rows)), sizes)
-        dot = np.einsum("ij,ij->i", self.index.vectors(all_rows), user_vecs[segment])
+        if dots is not None:
+            dot = np.concatenate(dots)
+        else:
+            dot = np.einsum("ij,ij->i", self.index.vectors(all_rows), user_vecs[segment])
         interest, history = self._content_inputs(users)
         sims = np.zeros((len(all_rows), 2), dtype=np.float32)  # interest_sim, history_sim
         start = 0

@@ -281,19 +281,22 @@ class RecsysModelVersion(ModelVersion):
         users: Sequence[UserInputs],
         rows: Sequence[np.ndarray],
         user_vecs: np.ndarray,
+        dots: Sequence[np.ndarray] | None = None,
     ) -> list[np.ndarray]:
+        """``dots``: the rows' tower scores when the caller has them (see ModelVersion)."""
         sizes = [len(r) for r in rows]
         width = max(sizes, default=0)
         if width == 0:
             return [np.empty(0, dtype=np.float32) for _ in rows]
-        # Pad every user's candidates to one width with a repeat of its first candidate
+        # Pad every user's candidates to one width with a repeat of its last candidate
         # (features are per candidate, so padding changes no real row) and build the
         # features of the whole batch in one call of the shared builder.
         live = [n for n, size in enumerate(sizes) if size]
-        padded = np.stack(
-            [np.pad(rows[n], (0, width - sizes[n]), mode="edge") for n in live]
-        ).astype(np.int64)
-        tower = np.einsum("ncd,nd->nc", self.index.vectors(padded), user_vecs[live])
+        padded = _pad_rows([rows[n] for n in live], width, np.int64)
+        if dots is not None:
+            tower = _pad_rows([dots[n] for n in live], width, np.float32)
+        else:
+            tower = np.einsum("ncd,nd->nc", self.index.vectors(padded), user_vecs[live])
         if self._ranker is None:
             scores = tower
         else:
@@ -412,6 +415,16 @@ class RecsysModelVersion(ModelVersion):
             raise RuntimeError(f"{self.version}: no ranker in this version")
         (out,) = self._ranker.run([self.ranker_output], {self.ranker_input: feature_rows})
         return np.asarray(out, dtype=np.float32).reshape(-1)
+
+
+def _pad_rows(parts: Sequence[np.ndarray], width: int, dtype: type) -> np.ndarray:
+    """[len(parts), width]: each part, right-padded with its last value (``np.pad``'s
+    "edge" mode without its per-call overhead)."""
+    out: np.ndarray = np.empty((len(parts), width), dtype=dtype)
+    for j, part in enumerate(parts):
+        out[j, : len(part)] = part
+        out[j, len(part) :] = part[-1]
+    return out
 
 
 def item_attributes(attributes: Mapping[str, str], text: str) -> dict[str, str]:

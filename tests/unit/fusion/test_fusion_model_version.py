@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from services.fusion.model_version import ModelLoadError, ModelVersion
+from services.fusion.model_version import ModelLoadError, ModelVersion, UserInputs
 
 
 def test_loads_a_version_and_towers_agree_with_stored_item_vectors(version_path: Path) -> None:
@@ -73,3 +73,21 @@ def test_index_is_built_at_load_when_the_version_has_none(
     query = model.index.vectors(np.asarray([7]))[0]
     rows, _ = model.index.search(query, 1)
     assert rows[0] == 7
+
+
+def test_ranker_scores_with_the_search_scores_equal_computed_ones(version_path: Path) -> None:
+    # core passes the index search's inner products as the tower score ("dot").
+    model = ModelVersion.load(version_path)
+    users = [
+        UserInputs({"age_band": "18-24"}, None, np.asarray([1, 2, 3], dtype=np.int64)),
+        UserInputs({}, None, np.empty(0, dtype=np.int64)),
+    ]
+    vecs = model.user_vector_batch(users)
+    found = model.index.search_batch(
+        vecs, [50, 50], eligibles=[None, None], excludeds=[np.empty(0, np.int64)] * 2
+    )
+    rows = [r for r, _s in found]
+    given = model.rank_batch(users, rows, vecs, [s for _r, s in found])
+    computed = model.rank_batch(users, rows, vecs)
+    for a, b in zip(given, computed, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)

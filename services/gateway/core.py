@@ -412,6 +412,40 @@ class GatewayCore:
     def recommend(
         self, request: gateway_pb2.GatewayRecommendRequest, deadline: Deadline
     ) -> gateway_pb2.GatewayRecommendResponse:
+        user, downstream = self._recommend_request(request, deadline)
+        try:
+            reply = self.fusion.recommend(downstream, deadline)
+        except (Unavailable, DeadlineExceeded) as exc:
+            return self._fallback_recommend(request, user, exc)
+        return gateway_pb2.GatewayRecommendResponse(
+            items=reply.items,
+            model_version=reply.model_version,
+            new_user=reply.new_user,
+            degraded=False,
+        )
+
+    def recommend_wire(
+        self, request: gateway_pb2.GatewayRecommendRequest, deadline: Deadline
+    ) -> bytes | gateway_pb2.GatewayRecommendResponse:
+        """``recommend``, with fusion's answer passed on as the bytes fusion sent.
+
+        ``RecommendResponse`` and ``GatewayRecommendResponse`` share fields 1-3
+        (items, model_version, new_user: same numbers and types) and
+        ``degraded = false`` is not on the wire, so fusion's serialised reply is
+        the serialised gateway answer: no decode and re-encode per call
+        (tests/unit/gateway checks the two messages stay compatible). The
+        fallback answer is a message as in ``recommend``.
+        """
+        user, downstream = self._recommend_request(request, deadline)
+        try:
+            return self.fusion.recommend_wire(downstream, deadline)
+        except (Unavailable, DeadlineExceeded) as exc:
+            return self._fallback_recommend(request, user, exc)
+
+    def _recommend_request(
+        self, request: gateway_pb2.GatewayRecommendRequest, deadline: Deadline
+    ) -> tuple[common_pb2.UserContext, fusion_pb2.RecommendRequest]:
+        """Validate ``request``; (the user, fusion's request)."""
         self._check_k(request.k)
         check_filters(request.filters, self.settings)
         if len(request.exclude_item_ids) > self.settings.max_batch:
@@ -446,16 +480,7 @@ class GatewayCore:
             exclude_item_ids=request.exclude_item_ids,
             filters=request.filters,
         )
-        try:
-            reply = self.fusion.recommend(downstream, deadline)
-        except (Unavailable, DeadlineExceeded) as exc:
-            return self._fallback_recommend(request, user, exc)
-        return gateway_pb2.GatewayRecommendResponse(
-            items=reply.items,
-            model_version=reply.model_version,
-            new_user=reply.new_user,
-            degraded=False,
-        )
+        return user, downstream
 
     def _fallback_recommend(
         self,

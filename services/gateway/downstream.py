@@ -82,6 +82,7 @@ class DownstreamCaller:
         self.timeout_s = timeout_s
         self.retries = retries
         self.sleep = sleep
+        self._ok: dict[str, Any] = {}  # method -> its OK counter (labels() once)
 
     def call(
         self,
@@ -99,7 +100,10 @@ class DownstreamCaller:
                 raise DeadlineExceeded(f"no time left to call {self.target}.{method}")
             try:
                 response = rpc(request, timeout=timeout)
-                DOWNSTREAM_CALLS.labels(self.target, method, "OK").inc()
+                ok = self._ok.get(method)
+                if ok is None:
+                    ok = self._ok[method] = DOWNSTREAM_CALLS.labels(self.target, method, "OK")
+                ok.inc()
                 return response
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
@@ -149,6 +153,12 @@ class FusionClient:
     def __init__(self, channel: grpc.Channel, caller: DownstreamCaller) -> None:
         self.stub = fusion_pb2_grpc.FusionServiceStub(channel)
         self.caller = caller
+        # Recommend with the reply left as bytes (see ``recommend_wire``).
+        self._recommend_wire = channel.unary_unary(
+            "/coldstart.v1.FusionService/Recommend",
+            request_serializer=fusion_pb2.RecommendRequest.SerializeToString,
+            response_deserializer=None,
+        )
 
     def recommend(
         self, request: fusion_pb2.RecommendRequest, deadline: Deadline
@@ -156,6 +166,14 @@ class FusionClient:
         return self.caller.call(
             "Recommend", self.stub.Recommend, request, deadline, idempotent=True
         )
+
+    def recommend_wire(self, request: fusion_pb2.RecommendRequest, deadline: Deadline) -> bytes:
+        """``recommend`` with fusion's serialised reply, not decoded (same retries and
+        deadline)."""
+        reply: bytes = self.caller.call(
+            "Recommend", self._recommend_wire, request, deadline, idempotent=True
+        )
+        return reply
 
     def similar_items(
         self, request: fusion_pb2.SimilarItemsRequest, deadline: Deadline

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from coldstart.v1 import gateway_pb2_grpc
-
 from services.common.server import ServiceApp, ServiceParts
 from services.gateway.auth import Authenticator, AuthInterceptor, parse_tokens
 from services.gateway.catalog import registry_fallback
 from services.gateway.core import GatewayCore, KafkaEventSink
 from services.gateway.downstream import DownstreamCaller, EncoderClient, FusionClient, make_channel
-from services.gateway.servicer import GatewayServicer
+from services.gateway.servicer import SERVICE_NAME, GatewayServicer, add_gateway_servicer
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger("coldstart.gateway")
@@ -48,13 +46,8 @@ def build(settings: GatewaySettings) -> ServiceParts:
         fusion_channel.close()
 
     return ServiceParts(
-        servicers=[
-            (
-                gateway_pb2_grpc.add_GatewayServiceServicer_to_server,
-                GatewayServicer(core, authenticator),
-            )
-        ],
-        service_names=["coldstart.v1.GatewayService"],
+        servicers=[(add_gateway_servicer, GatewayServicer(core, authenticator))],
+        service_names=[SERVICE_NAME],
         close=close,
         interceptors=[AuthInterceptor(authenticator)],
     )

@@ -13,7 +13,7 @@ from services.common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from services.gateway.auth import Authenticator, TokenBucket, parse_tokens
+from services.gateway.auth import Authenticator, AuthInterceptor, TokenBucket, parse_tokens
 from services.gateway.downstream import Deadline, DownstreamCaller
 
 
@@ -109,3 +109,35 @@ def test_deadline_comes_from_the_caller_and_is_capped() -> None:
     assert flaky.timeouts[1] == 2.0
     with pytest.raises(DeadlineExceeded):
         caller.call("Recommend", flaky, None, Deadline(0.01), idempotent=True)
+
+
+class _Details(grpc.HandlerCallDetails):
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.invocation_metadata = ()
+
+
+def _context(metadata: tuple[tuple[str, str], ...]) -> Any:
+    class Context:
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return metadata
+
+    return Context()
+
+
+def test_auth_interceptor_wraps_each_method_once_and_checks_every_call() -> None:
+    interceptor = AuthInterceptor(Authenticator(parse_tokens(["shop:abc"]), 0.0, 1))
+    handler = grpc.unary_unary_rpc_method_handler(lambda request, context: "ok")
+    method = "/coldstart.v1.GatewayService/Recommend"
+    first = interceptor.intercept_service(lambda _d: handler, _Details(method))
+    second = interceptor.intercept_service(lambda _d: handler, _Details(method))
+    assert first is second and first is not None and first.unary_unary is not None
+    # The token comes from each call's own metadata, not from the first call's.
+    assert first.unary_unary(None, _context((("authorization", "Bearer abc"),))) == "ok"
+    with pytest.raises(Unauthenticated):
+        first.unary_unary(None, _context(()))
+    health = interceptor.intercept_service(
+        lambda _d: handler, _Details("/grpc.health.v1.Health/Check")
+    )
+    assert health is not None and health.unary_unary is not None
+    assert health.unary_unary(None, _context(())) == "ok"

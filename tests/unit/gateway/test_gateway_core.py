@@ -307,3 +307,45 @@ def test_bad_input_names_the_field_and_produces_nothing(parts: Any, call: Any, f
     assert raised.value.field == field
     assert raised.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert sink.events == []
+
+
+def test_fusions_recommend_bytes_are_the_gateways_answer() -> None:
+    # The gateway passes fusion's serialised reply on as its own: the two messages
+    # must keep fields 1-3 alike, and degraded=false must be absent from the wire.
+    fusion_fields = fusion_pb2.RecommendResponse.DESCRIPTOR.fields_by_number
+    gateway_fields = gateway_pb2.GatewayRecommendResponse.DESCRIPTOR.fields_by_number
+    assert set(fusion_fields) == {1, 2, 3}
+    for number, field in fusion_fields.items():
+        other = gateway_fields[number]
+        assert (field.name, field.type, field.is_repeated) == (
+            other.name,
+            other.type,
+            other.is_repeated,
+        )
+        assert (field.message_type and field.message_type.full_name) == (
+            other.message_type and other.message_type.full_name
+        )
+    reply = fusion_pb2.RecommendResponse(
+        items=[common_pb2.ScoredItem(item_id="i1", score=0.5, reason="because")],
+        model_version="v1",
+        new_user=True,
+    )
+    decoded = gateway_pb2.GatewayRecommendResponse.FromString(reply.SerializeToString())
+    assert decoded == gateway_pb2.GatewayRecommendResponse(
+        items=reply.items, model_version="v1", new_user=True, degraded=False
+    )
+
+
+def test_recommend_wire_passes_fusions_bytes_or_falls_back(parts: Any) -> None:
+    core, _sink, _encoder, fusion = parts
+    sent = fusion_pb2.RecommendResponse(model_version="v1").SerializeToString()
+    fusion.recommend_wire = lambda request, deadline: sent
+    request = gateway_pb2.GatewayRecommendRequest(user_id="u1", k=2)
+    assert core.recommend_wire(request, Deadline(5)) == sent
+
+    def down(request: Any, deadline: Deadline) -> bytes:
+        raise Unavailable("fusion unavailable (UNAVAILABLE)")
+
+    fusion.recommend_wire = down
+    answer = core.recommend_wire(request, Deadline(5))
+    assert isinstance(answer, gateway_pb2.GatewayRecommendResponse) and answer.degraded

@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--embedder",
         default="minilm",
-        choices=("minilm", "hashing"),
-        help="item text vectors: pretrained MiniLM (cached) or a cheap hashing stand-in",
+        choices=("minilm", "onnx-fp32", "onnx-int8", "hashing"),
+        help="item text vectors: pretrained MiniLM with torch (cached), the encoder service's "
+        "ONNX export in fp32 or INT8, or a cheap hashing stand-in",
     )
     p.add_argument(
         "--splits-dir",
@@ -107,7 +108,13 @@ def run(args: argparse.Namespace) -> int:
     from services.common.paths import run_dir
     from services.trainer.baselines.base import available
     from services.trainer.data.registry import load_dataset
-    from services.trainer.data.vectors import MINILM, cached_vectors, hashing_spec
+    from services.trainer.data.vectors import (
+        MINILM,
+        ONNX_FP32,
+        ONNX_INT8,
+        cached_vectors,
+        hashing_spec,
+    )
     from services.trainer.evaluation import report
     from services.trainer.evaluation.runner import RunConfig, run_split
     from services.trainer.evaluation.splits import (
@@ -142,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
     for what, count in dataset.skipped.items():
         print(f"skipped: {count} {what}", file=sys.stderr)
 
-    spec = MINILM if args.embedder == "minilm" else hashing_spec()
+    spec = {"minilm": MINILM, "onnx-fp32": ONNX_FP32, "onnx-int8": ONNX_INT8}.get(
+        args.embedder
+    ) or hashing_spec()
     vectors = cached_vectors(dataset.items.text, spec)
 
     if args.split_files is not None:

@@ -63,6 +63,24 @@ MAX_LENGTH = 128
 MINILM = EmbedderSpec(f"all-MiniLM-L6-v2/torch/len{MAX_LENGTH}", _load_torch_minilm)
 
 
+def _load_onnx_minilm(int8: bool) -> Embedder:
+    """The encoder service's own ONNX export (cached under .cache), fp32 or INT8."""
+    export = importlib.import_module("services.encoder.export")
+    runtime = importlib.import_module("services.encoder.runtime")
+    model = runtime.OnnxTextModel(export.cached_export(int8=True), int8=int8, provider="cpu")
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return np.asarray(model.embed(texts, 32), dtype=np.float32)
+
+    return encode
+
+
+# The served vectors: what the model sees in production (see docs/ENCODER.md for
+# the INT8 scheme). Titles are far below either max length, so they match MINILM's.
+ONNX_FP32 = EmbedderSpec("all-MiniLM-L6-v2/onnx-fp32", lambda: _load_onnx_minilm(False))
+ONNX_INT8 = EmbedderSpec("all-MiniLM-L6-v2/onnx-int8", lambda: _load_onnx_minilm(True))
+
+
 def hashing_spec(dimension: int = 64) -> EmbedderSpec:
     return EmbedderSpec(f"hashing-{dimension}", lambda: HashingEmbedder(dimension))
 

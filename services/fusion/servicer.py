@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import grpc
 from coldstart.v1 import common_pb2, fusion_pb2, fusion_pb2_grpc
 
-from services.fusion.core import Filters, ItemInput, Recommender, Scored, UserQuery
+from services.fusion.core import Filters, ItemInput, Recommender, Result, Scored, UserQuery
 
 
 def _query(user: common_pb2.UserContext) -> UserQuery:
@@ -24,6 +24,20 @@ def _items(items: Sequence[Scored]) -> list[common_pb2.ScoredItem]:
     return [common_pb2.ScoredItem(item_id=i.item_id, score=i.score, reason=i.reason) for i in items]
 
 
+def _recommend_response(result: Result) -> fusion_pb2.RecommendResponse:
+    # Items added in place: no intermediate ScoredItem messages copied into the list.
+    response = fusion_pb2.RecommendResponse(
+        model_version=result.model_version, new_user=result.new_user
+    )
+    add = response.items.add
+    for item in result.items:
+        add(item_id=item.item_id, score=item.score, reason=item.reason)
+    return response
+
+
+_NO_FILTERS = Filters()
+
+
 class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
     def __init__(self, core: Recommender) -> None:
         self.core = core
@@ -32,16 +46,19 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
         self, request: fusion_pb2.RecommendRequest, context: grpc.ServicerContext
     ) -> fusion_pb2.RecommendResponse:
         remaining = context.time_remaining()
+        filters = (
+            Filters(dict(request.filters.attribute_equals), list(request.filters.tags_any))
+            if request.HasField("filters")
+            else _NO_FILTERS
+        )
         result = self.core.recommend(
             _query(request.user),
             request.k,
             list(request.exclude_item_ids),
-            Filters(dict(request.filters.attribute_equals), list(request.filters.tags_any)),
+            filters,
             deadline=None if remaining is None else time.monotonic() + remaining,
         )
-        return fusion_pb2.RecommendResponse(
-            items=_items(result.items), model_version=result.model_version, new_user=result.new_user
-        )
+        return _recommend_response(result)
 
     def Rank(
         self, request: fusion_pb2.RankRequest, context: grpc.ServicerContext

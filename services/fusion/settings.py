@@ -38,11 +38,13 @@ class FusionSettings(ServerSettings):
     # Micro-batching of concurrent Recommend calls (services/fusion/batcher.py): a batch
     # is topped up until its oldest call waited batch_wait_ms (only when the previous
     # batch held more than one call), at most max_batch calls; max_batch 1 = no batching.
-    batch_wait_ms: float = 2.0
+    # 10 ms: under load the handler threads feed the queue slowly (they share the GIL),
+    # and a batch's cost per call falls steeply with its size (docs/FUSION.md).
+    batch_wait_ms: float = 10.0
     max_batch: int = 32
-    # Threads serving batches: faiss and ONNX Runtime release the GIL, so a second
-    # batch can search while the first one's Python parts run.
-    batch_workers: int = 2
+    # Threads serving batches. One: a second worker took half-empty batches and
+    # contended for the GIL; measured ~20 % fewer calls per second with two.
+    batch_workers: int = 1
 
     def validate(self) -> None:
         super().validate()

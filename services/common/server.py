@@ -73,7 +73,17 @@ UnaryBehaviour = Callable[[Any, grpc.ServicerContext], Any]
 
 class UnaryInterceptor(grpc.ServerInterceptor):
     """Base for interceptors that wrap the behaviour of unary-unary methods
-    (all of ours); other kinds of handler pass through untouched."""
+    (all of ours); other kinds of handler pass through untouched.
+
+    ``wrap`` runs once per method, not once per call: the wrapped handler is
+    kept and reused while the handler it wraps stays the same object. So
+    ``wrap`` may use ``details.method`` but nothing else of the call; per-call
+    data (metadata, peer) is read from the ``context`` inside the behaviour.
+    """
+
+    def __init__(self) -> None:
+        # method -> (the handler it wraps, the wrapped handler)
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def wrap(self, details: grpc.HandlerCallDetails, behaviour: UnaryBehaviour) -> UnaryBehaviour:
         raise NotImplementedError
@@ -86,11 +96,17 @@ class UnaryInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        return grpc.unary_unary_rpc_method_handler(
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = grpc.unary_unary_rpc_method_handler(
             self.wrap(handler_call_details, handler.unary_unary),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
 
 
 class DomainErrorInterceptor(UnaryInterceptor):
@@ -102,6 +118,7 @@ class DomainErrorInterceptor(UnaryInterceptor):
     """
 
     def __init__(self, service: str) -> None:
+        super().__init__()
         self.service = service
 
     def wrap(self, details: grpc.HandlerCallDetails, behaviour: UnaryBehaviour) -> UnaryBehaviour:

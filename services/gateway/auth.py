@@ -100,31 +100,13 @@ class AuthInterceptor(UnaryInterceptor):
     """Rejects unauthenticated or over-limit calls before they reach the servicer.
 
     It runs inside the runtime's error interceptor, so its errors get their
-    status codes and are counted like any other answer. The wrapped handler is
-    built once per method (the caller's metadata is read from the call's
-    context), not once per call.
+    status codes and are counted like any other answer. The caller's metadata
+    is read from the call's context (``wrap`` runs once per method).
     """
 
     def __init__(self, authenticator: Authenticator) -> None:
+        super().__init__()
         self.authenticator = authenticator
-        # method -> (the handler it wraps, the wrapped handler)
-        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler | None]] = {}
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = super().intercept_service(lambda _details: handler, handler_call_details)
-        self._wrapped[method] = (handler, wrapped)
-        return wrapped
 
     def wrap(self, details: grpc.HandlerCallDetails, behaviour: UnaryBehaviour) -> UnaryBehaviour:
         if details.method.startswith(OPEN_PREFIXES):

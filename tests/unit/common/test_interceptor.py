@@ -76,3 +76,17 @@ def test_servicer_aborts_pass_through_unchanged() -> None:
     context = call_through(aborting)
     assert context.code() == grpc.StatusCode.NOT_FOUND
     assert context.details == "item_id: unknown"
+
+
+def test_a_method_is_wrapped_once_and_rewrapped_when_its_handler_changes() -> None:
+    interceptor = DomainErrorInterceptor("unit")
+    first_handler = grpc.unary_unary_rpc_method_handler(lambda request, context: "first")
+    first = interceptor.intercept_service(lambda _d: first_handler, Details())  # type: ignore[arg-type]
+    again = interceptor.intercept_service(lambda _d: first_handler, Details())  # type: ignore[arg-type]
+    assert first is not None and first is again
+    # A different handler for the same method (a server rebuilt in-process) is not
+    # answered by the stale wrapper.
+    other_handler = grpc.unary_unary_rpc_method_handler(lambda request, context: "other")
+    other = interceptor.intercept_service(lambda _d: other_handler, Details())  # type: ignore[arg-type]
+    assert other is not None and other is not first and other.unary_unary is not None
+    assert other.unary_unary(None, cast(grpc.ServicerContext, FakeContext())) == "other"

@@ -138,9 +138,9 @@ def bare_loop_rate(bootstrap: str, topic: str, n: int, max_records: int, crcs: b
 def trainer_rate(
     bootstrap: str, topic: str, n: int, work: Path, max_records: int, crcs: bool
 ) -> float:
-    """The service's own loop (`Ingestor.start`: poll and decode while the
-    previous batch is written), timed from its first non-empty poll to the
-    moment the n-th event is durable in the log."""
+    """The service's own loop (`Ingestor.start`: poll, dead-letter, apply,
+    commit), timed from its first non-empty poll to the moment the n-th event
+    is durable in the log."""
     import threading
 
     log = EventLog(work / f"events-{uuid.uuid4().hex[:6]}.sqlite")

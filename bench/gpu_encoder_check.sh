@@ -12,7 +12,10 @@
 #   5. copies bench/results/encoder.json and the logs to $OUT.
 #
 # Needs the project's .venv (torch, onnxruntime-gpu and the nvidia-* CUDA 13
-# wheels). Usage: bench/gpu_encoder_check.sh  (OUT defaults to ./gpu-out)
+# wheels), or PY=python3 on a machine whose Python has them plus the carried
+# wheels (docs/ENCODER.md, "GPU", says how the H200 run was done; with
+# grpc_tools absent there, carry gen/ made here).
+# Usage: bench/gpu_encoder_check.sh  (OUT defaults to ./gpu-out)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
@@ -24,7 +27,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
   echo "== GPU"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
   echo "== protos"
-  "$PY" -m services.common.protogen
+  if "$PY" -c "import grpc_tools" 2>/dev/null; then "$PY" -m services.common.protogen; fi
+  export PYTHONPATH="$PWD:$PWD/gen/python${PYTHONPATH:+:$PYTHONPATH}"
   echo "== onnxruntime providers"
   "$PY" - <<'EOF'
 import onnxruntime as ort

@@ -384,6 +384,17 @@ def publish(
     return version, registry.path(version), manifest
 
 
+def export_key(
+    model_dir: Path, *, int8: bool = True, int8_scheme: str = DEFAULT_INT8_SCHEME
+) -> str:
+    """What an export's vectors depend on: weights, export format, opset, INT8 scheme."""
+    key_text = (
+        f"{hf_model.model_folder_hash(model_dir)}:{FORMAT_VERSION}:{OPSET}:"
+        f"{int8_scheme if int8 else 'fp32'}"
+    )
+    return hashlib.sha256(key_text.encode()).hexdigest()[:16]
+
+
 def cached_export(
     *,
     model_dir: Path | None = None,
@@ -396,11 +407,7 @@ def cached_export(
     Tests and benchmarks share it: the second run finds it in a second.
     """
     source = Path(model_dir) if model_dir else hf_model.default_model_dir()
-    key_text = (
-        f"{hf_model.model_folder_hash(source)}:{FORMAT_VERSION}:{OPSET}:"
-        f"{int8_scheme if int8 else 'fp32'}"
-    )
-    key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
+    key = export_key(source, int8=int8, int8_scheme=int8_scheme)
     root = root or cache_dir() / "encoder-export"
     folder = root / key
     if (folder / MANIFEST).is_file():

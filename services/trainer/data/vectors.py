@@ -47,6 +47,12 @@ class EmbedderSpec:
 
     name: str
     load: Callable[[], Embedder]
+    # What else the vectors depend on, read only when the cache is consulted (an
+    # export's key: a re-export with another INT8 scheme must not hit old vectors).
+    version: Callable[[], str] | None = None
+
+    def cache_name(self) -> str:
+        return f"{self.name}/{self.version()}" if self.version else self.name
 
 
 def _load_torch_minilm() -> Embedder:
@@ -75,10 +81,21 @@ def _load_onnx_minilm(int8: bool) -> Embedder:
     return encode
 
 
+def _onnx_export_key() -> str:
+    export = importlib.import_module("services.encoder.export")
+    hf_model = importlib.import_module("services.encoder.hf_model")
+    key: str = export.export_key(hf_model.default_model_dir(), int8=True)
+    return key
+
+
 # The served vectors: what the model sees in production (see docs/ENCODER.md for
 # the INT8 scheme). Titles are far below either max length, so they match MINILM's.
-ONNX_FP32 = EmbedderSpec("all-MiniLM-L6-v2/onnx-fp32", lambda: _load_onnx_minilm(False))
-ONNX_INT8 = EmbedderSpec("all-MiniLM-L6-v2/onnx-int8", lambda: _load_onnx_minilm(True))
+ONNX_FP32 = EmbedderSpec(
+    "all-MiniLM-L6-v2/onnx-fp32", lambda: _load_onnx_minilm(False), _onnx_export_key
+)
+ONNX_INT8 = EmbedderSpec(
+    "all-MiniLM-L6-v2/onnx-int8", lambda: _load_onnx_minilm(True), _onnx_export_key
+)
 
 
 def hashing_spec(dimension: int = 64) -> EmbedderSpec:
@@ -98,7 +115,7 @@ def cached_vectors(
 ) -> np.ndarray:
     """Vectors for ``texts``, from the cache when the same model saw the same texts."""
     folder = (directory or cache_dir()) / "vectors"
-    path = folder / f"{cache_key(spec.name, texts)}.npy"
+    path = folder / f"{cache_key(spec.cache_name(), texts)}.npy"
     if path.is_file():
         vectors = np.load(path)
         if vectors.shape[0] == len(texts):

@@ -48,6 +48,9 @@ UNUSABLE_VECTORS = Counter(
 
 MAX_LIST = 10_000  # exclusions, candidates, upserted items per call
 POPULAR_CANDIDATES = 50
+# Tower candidates for a version whose manifest does not say how many its ranker
+# was trained on (the ``candidates`` setting overrides both).
+DEFAULT_CANDIDATES = 200
 # Reason thresholds (cosines of L2-normalised content vectors).
 SIMILAR_THRESHOLD = 0.5
 INTEREST_THRESHOLD = 0.3
@@ -302,7 +305,7 @@ class Recommender:
         holder: ModelHolder,
         store: UserStore,
         *,
-        candidates: int = 200,
+        candidates: int = 0,
         max_k: int = 1_000,
         batch_wait_ms: float = 0.0,
         max_batch: int = 1,
@@ -322,6 +325,10 @@ class Recommender:
             if max_batch > 1
             else None
         )
+
+    def candidates_for(self, model: ModelVersion) -> int:
+        """Tower candidates handed to ``model``'s ranker: the setting, else the model's."""
+        return self.candidates or model.ranker_candidates or DEFAULT_CANDIDATES
 
     def close(self) -> None:
         """Stop the batcher thread (queued calls are served first)."""
@@ -446,7 +453,7 @@ class Recommender:
         user_vecs = model.user_vector_batch(users)
         found = index.search_batch(
             user_vecs,
-            [max(self.candidates, r.k) for r in requests],
+            [max(self.candidates_for(model), r.k) for r in requests],
             eligibles=[r.eligible for r in requests],
             excludeds=[r.excluded for r in requests],
         )

@@ -142,6 +142,19 @@ def _spec(manifest: Mapping[str, Any], tower: str, roles: Sequence[str]) -> Towe
     return TowerSpec(inputs=inputs, output=str(section.get("output", f"{tower}_vector")))
 
 
+def declared_candidates(version: str, manifest: Mapping[str, Any]) -> int | None:
+    """How many tower candidates the version's ranker was trained to order
+    (``ranker.candidates``), or None where the manifest does not say."""
+    value = manifest.get("ranker", {}).get("candidates")
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ModelLoadError(
+            f"{version}: ranker.candidates must be a positive integer, got {value!r}"
+        )
+    return value
+
+
 class ModelVersion:
     """Immutable model parts plus the live item index built from them."""
 
@@ -168,6 +181,7 @@ class ModelVersion:
         self.ranker_input = str(ranker.get("input", "features"))
         self.ranker_output = str(ranker.get("output", "score"))
         self.ranker_features: list[str] = list(ranker.get("features", []))
+        self.ranker_candidates = declared_candidates(version, manifest)
         self._user = user_session
         self._item = item_session
         self._ranker = ranker_session

@@ -55,6 +55,7 @@ from services.fusion.model_version import (
     ModelVersion,
     UserInputs,
     VersionFiles,
+    declared_candidates,
     first_line,
     read_manifest,
 )
@@ -108,6 +109,7 @@ class RecsysModelVersion(ModelVersion):
         self.ranker_input = str(ranker.get("input", "features"))
         self.ranker_output = str(ranker.get("output", "score"))
         self.ranker_features = spec.ranker_feature_names()
+        self.ranker_candidates = declared_candidates(version, manifest)
         self.index = index
         self.tables = tables
         self.user_codes = dict(user_codes)

@@ -28,7 +28,11 @@ class FusionSettings(ServerSettings):
     encoder_address: str = ""
     encoder_timeout_s: float = 2.0
     # Retrieval: candidates handed to the ranker, and the HNSW search breadth.
-    candidates: int = 200
+    # candidates 0: as many as the version's ranker was trained to order (its
+    # manifest's ranker.candidates; DEFAULT_CANDIDATES where it does not say).
+    # Handing the ranker more puts items in front of it unlike any it learned on,
+    # and costs search and ranking time per call.
+    candidates: int = 0
     ef_search: int = 256
     # Upserted items stay in an exact side buffer until this many, then fold into the ANN index.
     fold_threshold: int = 5_000
@@ -53,7 +57,8 @@ class FusionSettings(ServerSettings):
         check_positive("poll_timeout_ms", self.poll_timeout_ms)
         check_positive("history_length", self.history_length)
         check_positive("encoder_timeout_s", self.encoder_timeout_s)
-        check_positive("candidates", self.candidates)
+        if self.candidates < 0:
+            raise SettingsError(f"candidates: must be >= 0 (0: the model's), got {self.candidates}")
         check_positive("ef_search", self.ef_search)
         check_positive("fold_threshold", self.fold_threshold)
         check_positive("intra_op_threads", self.intra_op_threads)

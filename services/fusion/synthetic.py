@@ -187,7 +187,13 @@ def write_version_files(
         "content_dimension": content_dimension,
         "user_attributes": USER_VOCAB,
         "item_attributes": ITEM_VOCAB,
-        "ranker": {"input": "features", "output": "score", "features": RANKER_FEATURES},
+        # As the trainer declares its ranker's training candidates (ModelConfig.ranker_candidates).
+        "ranker": {
+            "input": "features",
+            "output": "score",
+            "features": RANKER_FEATURES,
+            "candidates": 100,
+        },
         "encoder_model": "synthetic",
         "metrics": {"recall@20": 0.0},
         "item_count": n_items,

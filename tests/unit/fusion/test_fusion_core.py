@@ -239,3 +239,38 @@ def test_concurrent_calls_during_swaps_never_fail(
     assert errors == []
     assert core.holder.current.version in versions
     assert len(versions) >= 2
+
+
+def test_candidates_follow_the_model_unless_the_setting_overrides(
+    registry: ModelRegistry, tmp_path: Path
+) -> None:
+    # The ranker was trained to order the top ranker.candidates tower candidates:
+    # serving hands it as many, unless an operator sets `candidates`.
+    holder = ModelHolder(registry, ModelVersion.load)
+    holder.load_initial()
+    model = holder.current
+    assert model.ranker_candidates == 100  # what the synthetic version declares
+    searched: list[list[int]] = []
+    search = model.index.search_batch
+
+    def spy(queries: np.ndarray, fetches: list[int], **kw: object) -> object:
+        searched.append(list(fetches))
+        return search(queries, fetches, **kw)  # type: ignore[arg-type]
+
+    model.index.search_batch = spy  # type: ignore[method-assign,assignment]
+    Recommender(holder, UserStore()).recommend(UserQuery(user_id="u"), 10)
+    Recommender(holder, UserStore(), candidates=150).recommend(UserQuery(user_id="u"), 10)
+    Recommender(holder, UserStore()).recommend(UserQuery(user_id="u"), 300)  # k above it
+    assert searched == [[100], [150], [300]]
+
+    model.ranker_candidates = None  # a version that does not say
+    assert Recommender(holder, UserStore()).candidates_for(model) == 200
+
+
+def test_candidates_setting_zero_means_the_models_and_negative_is_refused() -> None:
+    from services.common.settings import SettingsError, load_settings
+    from services.fusion.settings import FusionSettings
+
+    assert load_settings(FusionSettings, "fusion", environ={}).candidates == 0
+    with pytest.raises(SettingsError, match="candidates: must be >= 0"):
+        load_settings(FusionSettings, "fusion", environ={}, overrides=["candidates=-1"])

@@ -29,6 +29,12 @@ def _broken(tmp_path: Path, version_path: Path, change: Callable[[Path], None]) 
     return target
 
 
+def _set_ranker(path: Path, **values: object) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["ranker"] = {**manifest.get("ranker", {}), **values}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -52,6 +58,14 @@ def _broken(tmp_path: Path, version_path: Path, change: Callable[[Path], None]) 
                 json.dumps({**json.loads((p / "manifest.json").read_text()), "dimension": 32})
             ),
             "expected (1000, 32)",
+        ),
+        (
+            lambda p: _set_ranker(p, candidates=0),
+            "ranker.candidates must be a positive integer, got 0",
+        ),
+        (
+            lambda p: _set_ranker(p, candidates="100"),
+            "ranker.candidates must be a positive integer, got '100'",
         ),
     ],
 )

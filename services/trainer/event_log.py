@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 CACHE_KIB = 64 * 1024
+FORGOTTEN = "user_forgotten"
 COUNTERS = ("applied", "duplicates", "dropped_forgotten", "forgotten_users", "dead_lettered")
 
 _INSERT = (
@@ -115,26 +116,37 @@ class _Tombstone:
     reregistered: bool
 
 
-def _row(item: Incoming, kind: str) -> tuple[Row, str | None]:
-    """The events-table row of an event (not user_forgotten) and its user id."""
+def row_of(item: Incoming) -> Row:
+    """The row of a decoded event: the events-table columns, in ``_INSERT``'s order.
+
+    A ``user_forgotten`` event gives a row too (kind, user id and timestamp
+    set, the rest empty): ``apply_rows`` erases the user at that point of the
+    batch and never inserts it. ``services.trainer.ingest.split_batch`` builds
+    the same rows straight from the wire bytes.
+    """
     event = item.event
+    kind = event.WhichOneof("payload")
     if kind == "interaction":
         it = event.interaction
-        user = it.user_id
         return (
             event.event_id, item.partition, item.offset, event.timestamp_ms,
-            kind, user, it.item_id, it.kind, it.value, None,
-        ), user  # fmt: skip
+            kind, it.user_id, it.item_id, it.kind, it.value, None,
+        )  # fmt: skip
     if kind == "user_registered":
-        user = event.user_registered.user_id
         return (
             event.event_id, item.partition, item.offset, event.timestamp_ms,
-            kind, user, None, None, None, item.raw,
-        ), user  # fmt: skip
+            kind, event.user_registered.user_id, None, None, None, item.raw,
+        )  # fmt: skip
+    if kind == FORGOTTEN:
+        return (
+            event.event_id, item.partition, item.offset, event.timestamp_ms,
+            kind, event.user_forgotten.user_id, None, None, None, None,
+        )  # fmt: skip
+    assert kind == "item_upserted"  # decode_event refuses events without a payload
     return (
         event.event_id, item.partition, item.offset, event.timestamp_ms,
         kind, None, event.item_upserted.item_id, None, None, item.raw,
-    ), None  # fmt: skip
+    )  # fmt: skip
 
 
 def connect(
@@ -176,12 +188,26 @@ class EventLog:
         *,
         dead_lettered: int = 0,
     ) -> ApplyResult:
+        """``apply_rows`` for decoded events (``Incoming``)."""
+        rows = [row_of(item) for item in events]
+        return self.apply_rows(topic, rows, next_offsets, dead_lettered=dead_lettered)
+
+    def apply_rows(
+        self,
+        topic: str,
+        rows: Sequence[Row],
+        next_offsets: Mapping[int, int],
+        *,
+        dead_lettered: int = 0,
+    ) -> ApplyResult:
         """Apply one batch atomically: events, erasures, counters and offsets.
 
-        ``events`` must be in offset order per partition. ``next_offsets`` holds,
-        for every partition the batch touched (dead-lettered records included),
-        the offset after the last record. Raises EventLogError with nothing
-        applied when the database cannot be written.
+        ``rows`` (see ``row_of``) must be in offset order per partition; a
+        ``user_forgotten`` row erases its user at that point of the batch.
+        ``next_offsets`` holds, for every partition the batch touched
+        (dead-lettered records included), the offset after the last record.
+        Raises EventLogError with nothing applied when the database cannot be
+        written.
         """
         result = ApplyResult(dead_lettered=dead_lettered)
         tombstones = dict(self._tombstones)
@@ -189,37 +215,12 @@ class EventLog:
             conn = self._conn
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                pending: list[Row] = []
-                for item in events:
-                    kind = item.event.WhichOneof("payload")
-                    if kind == "user_forgotten":
-                        self._flush(conn, pending, result)
-                        self._forget(
-                            conn,
-                            item.event.user_forgotten.user_id,
-                            item.event.timestamp_ms,
-                            tombstones,
-                            result,
-                        )
-                        continue
-                    assert kind is not None  # decode_event refuses events without a payload
-                    row, user = _row(item, kind)
-                    if tombstones and user is not None and user in tombstones:
-                        stone = tombstones[user]
-                        if row[3] <= stone.forgotten_at_ms:
-                            result.dropped_forgotten += 1
-                            continue
-                        if kind == "user_registered":
-                            tombstones[user] = _Tombstone(stone.forgotten_at_ms, True)
-                            self._flush(conn, pending, result)
-                            conn.execute(
-                                "UPDATE forgotten SET reregistered = 1 WHERE user_id = ?", (user,)
-                            )
-                        elif not stone.reregistered:
-                            result.dropped_forgotten += 1
-                            continue
-                    pending.append(row)
-                self._flush(conn, pending, result)
+                if self._plain(rows, tombstones):
+                    # No erasure in the batch and no erased user in it: one
+                    # executemany over the batch, no per-row Python work.
+                    self._flush(conn, rows, result)
+                else:
+                    self._apply_slow(conn, rows, tombstones, result)
                 conn.executemany(
                     "INSERT INTO offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
                     "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
@@ -245,15 +246,53 @@ class EventLog:
         return result
 
     @staticmethod
-    def _flush(conn: sqlite3.Connection, pending: list[Row], result: ApplyResult) -> None:
-        if not pending:
+    def _plain(rows: Sequence[Row], tombstones: Mapping[str, _Tombstone]) -> bool:
+        """True when no row of the batch is an erasure or belongs to an erased user."""
+        if tombstones:
+            return not any(row[5] in tombstones or row[4] == FORGOTTEN for row in rows)
+        return not any(row[4] == FORGOTTEN for row in rows)
+
+    def _apply_slow(
+        self,
+        conn: sqlite3.Connection,
+        rows: Sequence[Row],
+        tombstones: dict[str, _Tombstone],
+        result: ApplyResult,
+    ) -> None:
+        pending: list[Row] = []
+        for row in rows:
+            kind, user = row[4], row[5]
+            if kind == FORGOTTEN:
+                assert user is not None
+                self._flush(conn, pending, result)
+                pending.clear()
+                self._forget(conn, user, row[3], tombstones, result)
+                continue
+            if user is not None and user in tombstones:
+                stone = tombstones[user]
+                if row[3] <= stone.forgotten_at_ms:
+                    result.dropped_forgotten += 1
+                    continue
+                if kind == "user_registered":
+                    tombstones[user] = _Tombstone(stone.forgotten_at_ms, True)
+                    self._flush(conn, pending, result)
+                    pending.clear()
+                    conn.execute("UPDATE forgotten SET reregistered = 1 WHERE user_id = ?", (user,))
+                elif not stone.reregistered:
+                    result.dropped_forgotten += 1
+                    continue
+            pending.append(row)
+        self._flush(conn, pending, result)
+
+    @staticmethod
+    def _flush(conn: sqlite3.Connection, rows: Sequence[Row], result: ApplyResult) -> None:
+        if not rows:
             return
         before = conn.total_changes
-        conn.executemany(_INSERT, pending)
+        conn.executemany(_INSERT, rows)
         inserted = conn.total_changes - before
         result.applied += inserted
-        result.duplicates += len(pending) - inserted
-        pending.clear()
+        result.duplicates += len(rows) - inserted
 
     @staticmethod
     def _forget(

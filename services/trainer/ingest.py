@@ -25,9 +25,18 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from services.common.events import EventDecodeError, decode_event, make_consumer, make_producer
+from coldstart.v1 import events_pb2
+from google.protobuf.message import DecodeError
+
+from services.common.events import (
+    SUPPORTED_SCHEMA_VERSIONS,
+    EventDecodeError,
+    decode_event,
+    make_consumer,
+    make_producer,
+)
 from services.trainer import metrics
-from services.trainer.event_log import ApplyResult, EventLog, EventLogError, Incoming
+from services.trainer.event_log import ApplyResult, EventLog, EventLogError, Incoming, Row, row_of
 
 log = logging.getLogger("coldstart.trainer.ingest")
 
@@ -64,37 +73,57 @@ class DeadLetter:
 
 @dataclass(frozen=True)
 class SplitBatch:
-    events: list[Incoming]
+    rows: list[Row]
     dead: list[DeadLetter]
     # partition -> offset after the last record of the batch (dead letters included)
     next_offsets: dict[int, int]
 
 
 def split_batch(records: Iterable[RecordLike]) -> SplitBatch:
-    """Decode records (in offset order per partition) into events and dead letters."""
-    events: list[Incoming] = []
+    """Decode records (in offset order per partition) into log rows and dead letters.
+
+    The hot path (interactions, the bulk of the topic) parses each value once
+    and builds its row (``row_of``'s columns) from the parsed message, checking
+    what ``decode_event`` checks on the way; anything else goes through
+    ``decode_event`` and ``row_of``, which name the reason of a bad message
+    (or, should the two ever disagree, accept it).
+    """
+    rows: list[Row] = []
     dead: list[DeadLetter] = []
     next_offsets: dict[int, int] = {}
+    append = rows.append
+    parse = events_pb2.Event.FromString
+    supported = SUPPORTED_SCHEMA_VERSIONS
     for record in records:
+        partition, offset, value = record.partition, record.offset, record.value
         # Records come in offset order per partition: the last one sets it.
-        next_offsets[record.partition] = record.offset + 1
+        next_offsets[partition] = offset + 1
+        if value:
+            try:
+                event = parse(value)
+            except DecodeError:
+                event = None
+            if event is not None and event.schema_version in supported and event.event_id:
+                kind = event.WhichOneof("payload")
+                if kind == "interaction":
+                    it = event.interaction
+                    user, item = it.user_id, it.item_id
+                    if user and item:
+                        append((event.event_id, partition, offset, event.timestamp_ms,
+                                kind, user, item, it.kind, it.value, None))  # fmt: skip
+                        continue
         try:
-            event = decode_event(record.value)
+            decoded = decode_event(value)
         except EventDecodeError as exc:
             dead.append(
                 DeadLetter(
-                    record.partition,
-                    record.offset,
-                    record.key,
-                    record.value,
-                    exc.reason,
-                    str(exc)[:MAX_DETAIL_CHARS],
+                    partition, offset, record.key, value, exc.reason, str(exc)[:MAX_DETAIL_CHARS]
                 )
             )
             continue
-        assert record.value is not None  # decode_event refuses empty values
-        events.append(Incoming(record.partition, record.offset, event, record.value))
-    return SplitBatch(events, dead, next_offsets)
+        assert value is not None  # decode_event refuses empty values
+        append(row_of(Incoming(partition, offset, decoded, value)))
+    return SplitBatch(rows, dead, next_offsets)
 
 
 class DeadLetterSink(Protocol):
@@ -145,10 +174,73 @@ class IngestStatus:
     consumer_lag: int = -1  # -1: not known yet (no assignment / broker not reached)
     last_error: str = ""
     batches: int = 0
+    # perf_counter() of the first poll that returned records (any consumer
+    # process: CLOCK_MONOTONIC on Linux is one clock for all of them)
+    first_records_at: float | None = None
+
+
+def consumer_options(
+    max_poll_records: int, check_crcs: bool, group_instance_id: str, client_id: str
+) -> dict[str, Any]:
+    """The trainer's KafkaConsumer options (besides bootstrap and group)."""
+    options: dict[str, Any] = {
+        "client_id": client_id,
+        "max_poll_records": max_poll_records,
+        # A big batch is one transaction; the broker may give us more per fetch.
+        "max_partition_fetch_bytes": 4 * 1024 * 1024,
+        "check_crcs": check_crcs,
+    }
+    if group_instance_id:
+        options["group_instance_id"] = group_instance_id
+    return options
+
+
+def commit_offsets(consumer: Any, topic: str, next_offsets: dict[int, int], *, sync: bool) -> bool:
+    """Commit offsets to Kafka (only ever after they are durable in the log).
+
+    True when a synchronous commit went through (the caller may forget them).
+
+    Asynchronous while running (no round trip per batch): the log, not Kafka,
+    decides where consumption resumes. Synchronous on the way out.
+    """
+    from kafka import TopicPartition
+    from kafka.errors import KafkaError
+    from kafka.structs import OffsetAndMetadata
+
+    offsets = {
+        TopicPartition(topic, p): OffsetAndMetadata(o, "", -1) for p, o in next_offsets.items()
+    }
+    try:
+        if sync:
+            consumer.commit(offsets)
+        else:
+            consumer.commit_async(offsets)
+    except KafkaError as exc:
+        # Harmless: the log holds the offsets; a rebalance seeks to them.
+        log.warning("offset commit to Kafka failed", extra={"error": repr(exc)})
+        return False
+    return sync
+
+
+def consumer_lag(consumer: Any) -> int | None:
+    """Messages behind the end, summed over the assigned partitions; None if none assigned."""
+    assigned = list(consumer.assignment())
+    if not assigned:
+        return None
+    ends = consumer.end_offsets(assigned)
+    lag = 0
+    for tp in assigned:
+        position = consumer.position(tp, timeout_ms=1000)
+        if position is not None:
+            lag += max(0, int(ends.get(tp, position)) - int(position))
+    return lag
 
 
 class Ingestor:
-    """Runs the consumer loop in a thread until ``stop``."""
+    """Runs the ingest until ``stop``: with ``processes = 0`` one thread polls,
+    decodes and writes; with ``processes = N`` N consumer processes poll and
+    decode, and a writer thread here applies their batches
+    (``services.trainer.ingest_procs``)."""
 
     def __init__(
         self,
@@ -163,6 +255,7 @@ class Ingestor:
         max_poll_records: int = 5000,
         on_applied: Callable[[ApplyResult], None] | None = None,
         consumer_factory: Callable[[], Any] | None = None,
+        processes: int = 0,
     ) -> None:
         self.log = event_log
         self.bootstrap = bootstrap
@@ -174,6 +267,11 @@ class Ingestor:
         self.max_poll_records = max_poll_records
         self.on_applied = on_applied
         self.consumer_factory = consumer_factory or self._default_consumer
+        if processes < 0:
+            raise ValueError(f"processes must be >= 0, got {processes}")
+        if processes and consumer_factory is not None:
+            raise ValueError("consumer_factory is for the in-process loop (processes=0)")
+        self.processes = processes
         self.status = IngestStatus()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -183,20 +281,26 @@ class Ingestor:
         self._uncommitted: dict[int, int] = {}
 
     def _default_consumer(self) -> Any:
-        options: dict[str, Any] = {
-            "client_id": "coldstart-trainer",
-            "max_poll_records": self.max_poll_records,
-            # A big batch is one transaction; the broker may give us more per fetch.
-            "max_partition_fetch_bytes": 4 * 1024 * 1024,
-            "check_crcs": self.check_crcs,
-        }
-        if self.group_instance_id:
-            options["group_instance_id"] = self.group_instance_id
+        options = consumer_options(
+            self.max_poll_records, self.check_crcs, self.group_instance_id, "coldstart-trainer"
+        )
         return make_consumer(self.bootstrap, self.group_id, **options)
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="trainer-ingest", daemon=True)
+        target: Callable[[], None] = self._run
+        if self.processes:
+            from services.trainer.ingest_procs import ProcessIngest
+
+            topic = getattr(self.dead_letters, "topic", None)
+            if not isinstance(topic, str):
+                raise ValueError("consumer processes need a KafkaDeadLetterSink (its topic)")
+            writer = ProcessIngest(self, self.processes, topic)
+
+            def target() -> None:
+                writer.run(self._stop)
+
+        self._thread = threading.Thread(target=target, name="trainer-ingest", daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 15.0) -> None:
@@ -285,14 +389,16 @@ class Ingestor:
         if not batches:
             self._update_lag(consumer)
             return None
+        if self.status.first_records_at is None:
+            self.status.first_records_at = time.perf_counter()
         records = [r for tp in sorted(batches, key=lambda t: t.partition) for r in batches[tp]]
         split = split_batch(records)
         if split.dead:
             self._dead_letter(split.dead)
         started = time.perf_counter()
         try:
-            result = self.log.apply(
-                self.topic, split.events, split.next_offsets, dead_lettered=len(split.dead)
+            result = self.log.apply_rows(
+                self.topic, split.rows, split.next_offsets, dead_lettered=len(split.dead)
             )
         except EventLogError as exc:
             metrics.LOG_WRITE_FAILURES.inc()
@@ -339,26 +445,9 @@ class Ingestor:
             self._commit(consumer, self._uncommitted, sync=True)
 
     def _commit(self, consumer: Any, next_offsets: dict[int, int], *, sync: bool) -> None:
-        from kafka import TopicPartition
-        from kafka.errors import KafkaError
-        from kafka.structs import OffsetAndMetadata
-
         self._uncommitted.update(next_offsets)
-        offsets = {
-            TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
-            for p, o in self._uncommitted.items()
-        }
-        try:
-            # Asynchronous while running (no round trip per batch): the log, not
-            # Kafka, decides where consumption resumes. Synchronous on the way out.
-            if sync:
-                consumer.commit(offsets)
-                self._uncommitted.clear()
-            else:
-                consumer.commit_async(offsets)
-        except KafkaError as exc:
-            # Harmless: the log holds the offsets; a rebalance seeks to them.
-            log.warning("offset commit to Kafka failed", extra={"error": repr(exc)})
+        if commit_offsets(consumer, self.topic, self._uncommitted, sync=sync):
+            self._uncommitted.clear()
 
     def _rewind(self, consumer: Any) -> bool:
         """Seek assigned partitions back to the log's offsets (re-read a failed batch)."""
@@ -379,15 +468,9 @@ class Ingestor:
         if now - self._lag_checked < LAG_INTERVAL_S:
             return
         self._lag_checked = now
-        assigned = list(consumer.assignment())
-        if not assigned:
+        lag = consumer_lag(consumer)
+        if lag is None:
             return
-        ends = consumer.end_offsets(assigned)
-        lag = 0
-        for tp in assigned:
-            position = consumer.position(tp, timeout_ms=1000)
-            if position is not None:
-                lag += max(0, int(ends.get(tp, position)) - int(position))
         self.status.consumer_lag = lag
         metrics.CONSUMER_LAG.set(lag)
 

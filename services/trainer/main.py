@@ -53,6 +53,7 @@ def build(settings: TrainerSettings) -> ServiceParts:
         check_crcs=settings.check_crcs,
         dead_letters=dead_letters,
         max_poll_records=settings.max_poll_records,
+        processes=settings.ingest_processes,
         on_applied=lambda result: scheduler.on_applied(result.applied),
     )
 

@@ -38,6 +38,11 @@ class TrainerSettings(ServerSettings):
     # back at once instead of waiting for the killed member's session to expire,
     # and a second trainer with the same id is fenced. "" = dynamic membership.
     group_instance_id: str = "trainer-0"
+    # Consumer processes (group members; the group spreads the partitions
+    # over them) that poll and decode and hand their batches to the one log
+    # writer in the service process. 0: the service's own thread polls,
+    # decodes and writes (no processes; about half the rate on 2 cores).
+    ingest_processes: int = 1
     # Records per poll and per SQLite transaction: big batches amortise the
     # commit and the Kafka round trips (the >= 20k events/s target needs them).
     max_poll_records: int = 5000
@@ -89,6 +94,10 @@ class TrainerSettings(ServerSettings):
         if self.events_topic == self.dead_letter_topic:
             raise SettingsError("dead_letter_topic: must differ from events_topic")
         check_positive("max_poll_records", self.max_poll_records)
+        if not 0 <= self.ingest_processes <= 64:
+            raise SettingsError(
+                f"ingest_processes: must be in [0, 64], got {self.ingest_processes}"
+            )
         if self.sqlite_synchronous.upper() not in {"NORMAL", "FULL"}:
             raise SettingsError(
                 f"sqlite_synchronous: must be NORMAL or FULL, got {self.sqlite_synchronous!r}"

@@ -3,6 +3,7 @@ are produced, bad input to the dead-letter topic, erasure, the status RPC."""
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 import threading
@@ -93,9 +94,37 @@ def status(address: str) -> trainer_pb2.TrainerStatus:
         return reply
 
 
+def consumer_pids(trainer: Any) -> list[int]:
+    """Pids of the consumer processes this service incarnation started (from its logs)."""
+    pids = []
+    for line in trainer.logs().splitlines():
+        if '"consumer process started"' in line:
+            pids.append(int(json.loads(line)["pid"]))
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def wait_gone(pids: list[int], timeout_s: float = 10.0) -> list[int]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.05)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.mark.parametrize("processes", [1, 2, 0])
 def test_three_sigkills_while_50k_events_are_produced_lose_and_double_nothing(
-    kafka_broker: str, tmp_path: Path
+    kafka_broker: str, tmp_path: Path, processes: int
 ) -> None:
+    """With N consumer processes feeding the log writer (1: the default; 2) and
+    with the in-process loop (0). A SIGKILL of the service takes its consumer
+    processes with it."""
     topic, dlq = topics(kafka_broker)
     events = [interaction(i) for i in range(EVENTS)]
     produced = {e.event_id for e in events}
@@ -123,7 +152,10 @@ def test_three_sigkills_while_50k_events_are_produced_lose_and_double_nothing(
     rng = random.Random(seed)
     kills = sorted(rng.uniform(2.0, 14.0) for _ in range(3))
     db = tmp_path / "state" / "events.sqlite"
-    settings = service_settings(kafka_broker, topic, dlq, tmp_path)
+    settings = {
+        **service_settings(kafka_broker, topic, dlq, tmp_path),
+        "ingest_processes": processes,
+    }
     writer = threading.Thread(target=produce, daemon=True)
     writer.start()
     seen_at_kill: list[int] = []
@@ -143,6 +175,9 @@ def test_three_sigkills_while_50k_events_are_produced_lose_and_double_nothing(
                     time.sleep(0.01)
                 trainer.kill()  # SIGKILL, mid-stream
                 producing.append(not done.is_set())
+                pids = consumer_pids(trainer)
+                assert len(pids) == processes, trainer.logs()[-2000:]
+                assert wait_gone(pids) == [], "consumer processes outlived the service"
                 seen_at_kill.append(log_rows(db))
                 print(f"killed at {seen_at_kill[-1]} rows, {time.monotonic() - began:.1f}s")
         writer.join(timeout=180)
@@ -175,6 +210,91 @@ def test_three_sigkills_while_50k_events_are_produced_lose_and_double_nothing(
     assert len(ids) == EVENTS, (seed, kills)
     assert set(ids) == produced  # every id, exactly once
     assert counters["applied"] == EVENTS  # the counters moved with the data, never twice
+    assert counters["duplicates"] >= len(resent)
+
+
+def test_sigkilled_consumer_processes_are_restarted_and_lose_and_double_nothing(
+    kafka_broker: str, tmp_path: Path
+) -> None:
+    """Two consumer processes; one of them is SIGKILLed at three random moments
+    while 20,000 events (+200 re-sent ids) are produced. The service stays up,
+    restarts it, and the log ends with every id once."""
+    import os
+    import signal
+
+    topic, dlq = topics(kafka_broker)
+    n = 20_000
+    events = [interaction(i) for i in range(n)]
+    resent = random.Random(11).sample(events, 200)
+    producer = make_producer(kafka_broker, linger_ms=20, batch_size=256 * 1024)
+    done = threading.Event()
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            began = time.monotonic()
+            for start in range(0, n, 2000):
+                produce_and_wait(producer, topic, events[start : start + 2000], timeout_s=60)
+                time.sleep(max(0.0, began + (start + 2000) / PACE - time.monotonic()))
+            produce_and_wait(producer, topic, resent, timeout_s=60)
+            done.set()
+        except BaseException as exc:
+            failure.append(exc)
+
+    seed = random.randrange(1_000_000)
+    rng = random.Random(seed)
+    db = tmp_path / "state" / "events.sqlite"
+    settings = {**service_settings(kafka_broker, topic, dlq, tmp_path), "ingest_processes": 2}
+    try:
+        with running_service("trainer", tmp_path / "logs", settings=settings) as trainer:
+            deadline = time.monotonic() + 60
+            while len(consumer_pids(trainer)) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            writer = threading.Thread(target=produce, daemon=True)
+            writer.start()
+            killed: list[int] = []
+            for _ in range(3):
+                time.sleep(rng.uniform(1.0, 3.0))
+                victim = rng.choice([p for p in consumer_pids(trainer) if alive(p)])
+                os.kill(victim, signal.SIGKILL)
+                killed.append(victim)
+                assert wait_gone([victim]) == []
+                # The writer notices and starts a new one.
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline and (
+                    sum(alive(p) for p in consumer_pids(trainer)) < 2
+                ):
+                    time.sleep(0.05)
+                assert sum(alive(p) for p in consumer_pids(trainer)) == 2, trainer.logs()[-3000:]
+            writer.join(timeout=120)
+            assert done.is_set(), failure
+            deadline = time.monotonic() + 120
+            target = end_offsets(kafka_broker, topic)
+            reply = status(trainer.address)
+            stored: dict[int, int] = {}
+            while time.monotonic() < deadline:
+                reply = status(trainer.address)
+                stored = stored_offsets(db)
+                if stored == target and reply.consumer_lag == 0:
+                    break
+                time.sleep(0.2)
+            assert stored == target, seed
+            assert reply.consumer_lag == 0
+            assert reply.events_applied == n
+            assert trainer.process.poll() is None
+            assert "consumer process exited; restarting" in trainer.logs()
+            live = [p for p in consumer_pids(trainer) if alive(p)]
+        # A clean stop ends the consumer processes too.
+        assert wait_gone(live) == []
+    finally:
+        producer.close()
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    ids = [r[0] for r in conn.execute("SELECT event_id FROM events")]
+    counters = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    conn.close()
+    assert len(ids) == n, seed
+    assert set(ids) == {e.event_id for e in events}
+    assert counters["applied"] == n
     assert counters["duplicates"] >= len(resent)
 
 

@@ -60,7 +60,7 @@ def test_split_batch_sorts_good_from_bad_and_keeps_every_offset() -> None:
         Record(1, 3, b"u", good(2)),
     ]
     split = split_batch(records)
-    assert [(e.partition, e.offset, e.event.event_id) for e in split.events] == [
+    assert [(row[1], row[2], row[0]) for row in split.rows] == [
         (0, 10, "e1"),
         (1, 3, "e2"),
     ]
@@ -76,6 +76,29 @@ def test_split_batch_sorts_good_from_bad_and_keeps_every_offset() -> None:
     assert split.dead[1].value == bad["unparseable"]
     # Dead letters move the offset too: they are handled, never re-read.
     assert split.next_offsets == {0: 16, 1: 4}
+
+
+def test_split_batch_rows_are_row_of_the_decoded_event_for_every_kind() -> None:
+    """The hot path (interactions) builds the same rows as decode_event + row_of."""
+    from services.common.events import decode_event
+    from services.trainer.event_log import Incoming, row_of
+
+    events = [
+        new_event(
+            "t", interaction=events_pb2.Interaction(user_id="u", item_id="i", kind="buy", value=2.5)
+        ),
+        new_event("t", interaction=events_pb2.Interaction(user_id="u", item_id="i")),
+        new_event("t", user_registered=events_pb2.UserRegistered(user_id="u", interest_text="x")),
+        new_event("t", item_upserted=events_pb2.ItemUpserted(item_id="i", text="t")),
+        new_event("t", user_forgotten=events_pb2.UserForgotten(user_id="u")),
+    ]
+    records = [Record(3, 7 + k, b"k", encode_event(e)) for k, e in enumerate(events)]
+    split = split_batch(records)
+    assert split.dead == []
+    assert split.rows == [
+        row_of(Incoming(r.partition, r.offset, decode_event(r.value), r.value or b""))
+        for r in records
+    ]
 
 
 class FakeConsumer:
@@ -230,7 +253,7 @@ def test_a_failed_write_keeps_the_batches_before_it_and_rereads_from_there(
     re-read applies it and the rest."""
     batches = [[Record(0, i, b"u", good(i))] for i in range(3)]
     log, _sink, consumer, ingestor = make(tmp_path, batches)
-    real_apply = log.apply
+    real_apply = log.apply_rows
     calls = {"n": 0}
 
     def flaky(*args: Any, **kwargs: Any) -> Any:
@@ -239,7 +262,7 @@ def test_a_failed_write_keeps_the_batches_before_it_and_rereads_from_there(
             raise EventLogError("database or disk is full")
         return real_apply(*args, **kwargs)
 
-    log.apply = flaky
+    log.apply_rows = flaky
     assert ingestor.poll_once(consumer) is not None
     with pytest.raises(_BatchFailed):
         ingestor.poll_once(consumer)

@@ -1,0 +1,593 @@
+"""Multi-process ingest: consumer processes feed one log writer.
+
+With ``ingest_processes = N >= 1`` the service starts N consumer processes
+(members of the consumer group; the group spreads the topic's partitions over
+them). Each one polls, decodes the records into log rows and dead-letters the
+bad ones; it hands every batch, rows plus next offsets, to the writer thread
+in the service process over a pipe. The writer is the log's only writer: it
+applies each batch in ONE SQLite transaction (rows, erasures, counters,
+offsets) exactly as the in-process loop does, then acknowledges it; the
+consumer commits offsets to Kafka only after that acknowledgement.
+
+Why it is still exactly-once:
+
+* the log is written only by the writer, one transaction per batch, with the
+  batch's offsets; a consumer process cannot touch it;
+* every (re)assignment seeks to the log's offsets, asked of the writer over
+  the same pipe, so the answer comes after every batch sent before it was
+  applied (eager rebalancing: a member first drains what it has in flight in
+  ``on_partitions_revoked``);
+* a batch that fails to apply (disk full) is answered ``failed``; the writer
+  then drops every later batch of that consumer's *epoch* (they were read
+  past a hole), the consumer starts a new epoch, asks for the log's offsets
+  and seeks back: no later batch can land before the failed one;
+* a SIGKILL of the service kills its consumers (``PR_SET_PDEATHSIG``; they
+  also exit when the pipe closes); a killed consumer is restarted by the
+  writer after what it sent is applied. Neither leaves a half batch: a pipe
+  message arrives whole or not at all, and a batch is one transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, Any
+
+from services.trainer import metrics
+from services.trainer.event_log import EventLogError
+
+if TYPE_CHECKING:
+    from services.trainer.ingest import Ingestor
+
+log = logging.getLogger("coldstart.trainer.ingest")
+
+# Batches a consumer may have sent but not seen acknowledged (decode ahead of
+# the writer by this much; each is up to max_poll_records rows).
+MAX_IN_FLIGHT = 2
+# How long a consumer waits for the writer before it checks the stop flag again.
+REPLY_WAIT_S = 1.0
+# How long a stopping consumer waits for its in-flight batches.
+DRAIN_TIMEOUT_S = 10.0
+# A consumer process that exits is restarted after this back-off (doubling).
+RESTART_MIN_S = 0.5
+RESTART_MAX_S = 10.0
+
+
+@dataclass(frozen=True)
+class ConsumerConfig:
+    """What a consumer process needs (picklable: it crosses the spawn)."""
+
+    index: int
+    bootstrap: str
+    topic: str
+    dead_letter_topic: str
+    group_id: str
+    group_instance_id: str
+    check_crcs: bool
+    max_poll_records: int
+    parent_pid: int
+    log_level: str = "INFO"
+
+
+def member_instance_id(base: str, index: int, processes: int) -> str:
+    """Static membership id of consumer ``index``: the base itself for one process."""
+    if not base or processes == 1:
+        return base
+    return f"{base}-{index}"
+
+
+# -- the consumer process ------------------------------------------------------
+
+
+# What the pipe raises once the other side is gone.
+_PIPE_GONE = (EOFError, BrokenPipeError, ConnectionResetError)
+
+
+class _Rewind(RuntimeError):
+    """The batch was not handed over; re-read from the log's offsets."""
+
+
+class ConsumerProcess:
+    """The loop of one consumer process: poll, decode, dead-letter, hand over, commit.
+
+    ``run`` is the process's main; tests drive it in a thread with a fake
+    consumer and sink.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        config: ConsumerConfig,
+        *,
+        consumer_factory: Callable[[], Any] | None = None,
+        dead_letters: Any = None,
+    ) -> None:
+        from services.trainer.ingest import KafkaDeadLetterSink
+
+        self.conn = conn
+        self.config = config
+        self.consumer_factory = consumer_factory or self._default_consumer
+        self.dead_letters = dead_letters or KafkaDeadLetterSink(
+            config.bootstrap, config.dead_letter_topic
+        )
+        self.stopping = False
+        self.seq = 0
+        self.epoch = 0
+        self.in_flight: dict[int, dict[int, int]] = {}
+        self.uncommitted: dict[int, int] = {}
+        self.dirty = False  # acknowledged offsets not sent to Kafka yet
+        self.failure = ""
+        self.offsets_reply: dict[int, int] | None = None
+        self.first_records_at: float | None = None
+        self.lag_checked = 0.0
+        self.lag = -1
+
+    def _default_consumer(self) -> Any:
+        from services.common.events import make_consumer
+        from services.trainer.ingest import consumer_options
+
+        options = consumer_options(
+            self.config.max_poll_records,
+            self.config.check_crcs,
+            self.config.group_instance_id,
+            client_id=f"coldstart-trainer-{self.config.index}",
+        )
+        return make_consumer(self.config.bootstrap, self.config.group_id, **options)
+
+    # -- talking to the writer ---------------------------------------------
+    def _pump(self, wait_s: float) -> None:
+        """Handle the writer's replies; wait up to ``wait_s`` for the first one."""
+        while self.conn.poll(wait_s):
+            wait_s = 0
+            message = self.conn.recv()
+            kind = message[0]
+            if kind == "applied":
+                seq = message[1]
+                for done in [s for s in self.in_flight if s <= seq]:
+                    self.uncommitted.update(self.in_flight.pop(done))
+                    self.dirty = True
+            elif kind == "failed":
+                seq, error = message[1], message[2]
+                if seq in self.in_flight:
+                    # The writer drops the rest of this epoch: so do we.
+                    self.in_flight.clear()
+                    self.epoch += 1
+                    self.failure = error
+            elif kind == "offsets":
+                self.offsets_reply = dict(message[2])
+            elif kind == "stop":
+                self.stopping = True
+
+    def _log_offsets(self) -> dict[int, int]:
+        """The log's offsets, once every batch sent before the question is applied."""
+        self.seq += 1
+        self.offsets_reply = None
+        self.conn.send(("offsets", self.seq, self.epoch))
+        while self.offsets_reply is None:
+            self._pump(REPLY_WAIT_S)
+        return self.offsets_reply
+
+    def _drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            self._pump(min(REPLY_WAIT_S, max(0.0, deadline - time.monotonic())))
+
+    # -- the loop -----------------------------------------------------------
+    def run(self) -> None:
+        from services.trainer.ingest import BACKOFF_MAX_S, BACKOFF_MIN_S
+
+        backoff = BACKOFF_MIN_S
+        consumer: Any = None
+        try:
+            while not self.stopping:
+                try:
+                    if consumer is None:
+                        consumer = self.consumer_factory()
+                        self._subscribe(consumer)
+                    self.poll_once(consumer)
+                    backoff = BACKOFF_MIN_S
+                except _Rewind as exc:
+                    log.warning("batch not applied; re-reading", extra={"error": str(exc)})
+                    self._sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                    try:
+                        self._seek(consumer, consumer.assignment())
+                    except _PIPE_GONE:
+                        raise
+                    except Exception as err:
+                        log.warning("rewind failed", extra={"error": repr(err)})
+                        _close(consumer)
+                        consumer = None
+                except _PIPE_GONE:
+                    raise
+                except Exception as exc:  # never a crash loop: log, back off, go on
+                    log.exception("consumer loop error; retrying", extra={"error": repr(exc)})
+                    if consumer is not None:
+                        _close(consumer)
+                        consumer = None
+                    self._sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+        finally:
+            if consumer is not None:
+                with contextlib.suppress(*_PIPE_GONE):
+                    self._drain()
+                self._commit(consumer, sync=True)
+                _close(consumer)
+            with contextlib.suppress(Exception):
+                self.dead_letters.close()
+            with contextlib.suppress(*_PIPE_GONE):
+                self.conn.send(("bye",))
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            self._pump(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def _subscribe(self, consumer: Any) -> None:
+        from kafka import ConsumerRebalanceListener
+
+        worker = self
+
+        class SeekToLog(ConsumerRebalanceListener):
+            """Hand back cleanly on revocation; resume where the log says on assignment."""
+
+            def on_partitions_revoked(self, revoked: Any) -> None:
+                # Let what is in flight land first (kafka-python runs this on
+                # its IO thread, inside poll: no blocking consumer call here,
+                # so no Kafka commit; the log holds the offsets anyway).
+                worker._drain()
+
+            def on_partitions_assigned(self, assigned: Any) -> None:
+                worker._seek(consumer, assigned)
+                log.info(
+                    "partitions assigned",
+                    extra={
+                        "consumer": worker.config.index,
+                        "partitions": sorted(tp.partition for tp in assigned),
+                    },
+                )
+
+        consumer.partitions_for_topic(self.config.topic)
+        consumer.subscribe([self.config.topic], listener=SeekToLog())
+
+    def _seek(self, consumer: Any, assigned: Any) -> None:
+        stored = self._log_offsets()
+        for tp in assigned:
+            if tp.partition in stored:
+                consumer.seek(tp, stored[tp.partition])
+            else:
+                consumer.seek_to_beginning(tp)
+
+    def poll_once(self, consumer: Any) -> bool:
+        """One turn: replies, poll, decode, dead letters, hand-over. False when empty."""
+        from services.trainer.ingest import split_batch
+
+        self._pump(0)
+        while len(self.in_flight) >= MAX_IN_FLIGHT and not self.stopping:
+            self._pump(REPLY_WAIT_S)
+        self._check_failure()
+        self._commit(consumer, sync=False)
+        if self.stopping:
+            return False
+        batches = consumer.poll(timeout_ms=200, max_records=self.config.max_poll_records)
+        if not batches:
+            self._update_lag(consumer, force_send=True)
+            return False
+        if self.first_records_at is None:
+            self.first_records_at = time.perf_counter()
+        records = [r for tp in sorted(batches, key=lambda t: t.partition) for r in batches[tp]]
+        split = split_batch(records)
+        if split.dead:
+            try:
+                self.dead_letters.send(self.config.topic, split.dead)
+            except Exception as exc:
+                raise _Rewind(f"dead-letter topic unavailable: {exc!r}") from exc
+        self._update_lag(consumer, force_send=False)
+        self.seq += 1
+        self.in_flight[self.seq] = split.next_offsets
+        dead = [(d.partition, d.offset, d.reason, d.detail) for d in split.dead]
+        self.conn.send(
+            ("batch", self.seq, self.epoch, split.rows, split.next_offsets, dead, self.lag,
+             self.first_records_at)
+        )  # fmt: skip
+        return True
+
+    def _check_failure(self) -> None:
+        if self.failure:
+            failure, self.failure = self.failure, ""
+            raise _Rewind(failure)
+
+    def _commit(self, consumer: Any, *, sync: bool) -> None:
+        from services.trainer.ingest import commit_offsets
+
+        if not self.uncommitted or not (sync or self.dirty):
+            return
+        self.dirty = False
+        if commit_offsets(consumer, self.config.topic, self.uncommitted, sync=sync):
+            self.uncommitted.clear()
+
+    def _update_lag(self, consumer: Any, *, force_send: bool) -> None:
+        from services.trainer.ingest import LAG_INTERVAL_S, consumer_lag
+
+        now = time.monotonic()
+        if now - self.lag_checked < LAG_INTERVAL_S:
+            return
+        self.lag_checked = now
+        lag = consumer_lag(consumer)
+        if lag is None:
+            return
+        changed = lag != self.lag
+        self.lag = lag
+        if force_send and changed:
+            self.conn.send(("lag", lag))
+
+
+def _close(consumer: Any) -> None:
+    try:
+        consumer.close(autocommit=False, timeout_ms=5000)
+    except Exception as exc:
+        log.warning("consumer close failed", extra={"error": repr(exc)})
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when the thread that started it dies (Linux)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before prctl
+        os._exit(1)
+
+
+def consumer_main(conn: Connection, config: ConsumerConfig) -> None:
+    """Entry point of a consumer process."""
+    _die_with_parent(config.parent_pid)
+    # Ctrl-C reaches the whole process group: the service shuts its consumers
+    # down in order (stop message), so they ignore it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from services.common.logs import configure_logging
+
+    configure_logging("trainer", config.log_level)
+    try:
+        ConsumerProcess(conn, config).run()
+    except _PIPE_GONE as exc:
+        # The service is gone (or closed the pipe): nothing here is durable
+        # state, so just leave.
+        log.info("consumer leaves: the writer is gone", extra={"error": repr(exc)})
+
+
+# -- the writer (in the service process) -------------------------------------
+
+
+@dataclass
+class _Member:
+    index: int
+    process: Any = None
+    conn: Connection | None = None
+    # Batches of this epoch and older are dropped (a failed batch left a hole).
+    discard_epoch: int = -1
+    lag: int = -1
+    restart_at: float = 0.0
+    backoff: float = RESTART_MIN_S
+    said_bye: bool = False
+    started_at: float = 0.0
+
+
+class ProcessIngest:
+    """The writer thread: starts the consumer processes, applies their batches."""
+
+    def __init__(self, ingestor: Ingestor, processes: int, dead_letter_topic: str) -> None:
+        self.ingestor = ingestor
+        self.processes = processes
+        self.dead_letter_topic = dead_letter_topic
+        self.members = [_Member(i) for i in range(processes)]
+        self._context = multiprocessing.get_context("spawn")
+
+    def config(self, index: int) -> ConsumerConfig:
+        ing = self.ingestor
+        return ConsumerConfig(
+            index=index,
+            bootstrap=ing.bootstrap,
+            topic=ing.topic,
+            dead_letter_topic=self.dead_letter_topic,
+            group_id=ing.group_id,
+            group_instance_id=member_instance_id(ing.group_instance_id, index, self.processes),
+            check_crcs=ing.check_crcs,
+            max_poll_records=ing.max_poll_records,
+            parent_pid=os.getpid(),
+            log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+        )
+
+    def _spawn(self, index: int) -> tuple[Any, Connection]:
+        """Start consumer ``index``: (its process, the writer's end of its pipe)."""
+        parent, child = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=consumer_main,
+            args=(child, self.config(index)),
+            name=f"trainer-consumer-{index}",
+            daemon=True,
+        )
+        process.start()
+        child.close()  # ours: EOF on `parent` then means the process is gone
+        return process, parent
+
+    def _start(self, member: _Member) -> None:
+        member.process, member.conn = self._spawn(member.index)
+        member.said_bye, member.lag, member.discard_epoch = False, -1, -1
+        member.started_at = time.monotonic()
+        log.info(
+            "consumer process started",
+            extra={"consumer": member.index, "pid": member.process.pid},
+        )
+
+    def _gone(self, member: _Member, stopping: bool) -> None:
+        if member.conn is not None:
+            with contextlib.suppress(OSError):
+                member.conn.close()
+        if member.process is not None:
+            member.process.join(timeout=5)
+            code = member.process.exitcode
+            if not stopping:
+                log.error(
+                    "consumer process exited; restarting",
+                    extra={"consumer": member.index, "exitcode": code},
+                )
+                self.ingestor.status.last_error = f"consumer process {member.index} exited ({code})"
+                if time.monotonic() - member.started_at > 60:
+                    member.backoff = RESTART_MIN_S
+                member.restart_at = time.monotonic() + member.backoff
+                member.backoff = min(member.backoff * 2, RESTART_MAX_S)
+        member.process, member.conn = None, None
+        member.lag = -1
+        self._publish_lag()
+
+    def run(self, stop: threading.Event) -> None:
+        status = self.ingestor.status
+        status.running = True
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                for member in self.members:
+                    if member.process is None and now >= member.restart_at:
+                        try:
+                            self._start(member)
+                        except Exception as exc:
+                            log.exception("cannot start a consumer process")
+                            status.last_error = repr(exc)
+                            member.restart_at = now + member.backoff
+                            member.backoff = min(member.backoff * 2, RESTART_MAX_S)
+                self._serve(0.2, stopping=False)
+            self._shutdown()
+        finally:
+            status.running = False
+
+    def _serve(self, timeout_s: float, *, stopping: bool) -> None:
+        by_conn: dict[Any, _Member] = {m.conn: m for m in self.members if m.conn is not None}
+        if not by_conn:
+            time.sleep(timeout_s)
+            return
+        for ready in wait(list(by_conn), timeout=timeout_s):
+            member = by_conn[ready]
+            assert member.conn is not None
+            try:
+                message = member.conn.recv()
+            except (EOFError, OSError):
+                self._gone(member, stopping)
+                continue
+            try:
+                self._handle(member, message)
+            except _PIPE_GONE:
+                self._gone(member, stopping)
+            except Exception as exc:
+                # E.g. the log cannot be read to answer an offsets question.
+                # Never let the writer thread die: restart that consumer (it
+                # asks again after its back-off).
+                log.exception(
+                    "writer error; restarting the consumer process",
+                    extra={"consumer": member.index, "error": repr(exc)},
+                )
+                self.ingestor.status.last_error = repr(exc)
+                if member.process is not None:
+                    member.process.kill()
+                self._gone(member, stopping)
+
+    def _handle(self, member: _Member, message: tuple[Any, ...]) -> None:
+        assert member.conn is not None
+        kind = message[0]
+        if kind == "batch":
+            _, seq, epoch, rows, next_offsets, dead, lag, first_at = message
+            self._note_first(first_at)
+            if lag >= 0:
+                member.lag = lag
+                self._publish_lag()
+            if epoch <= member.discard_epoch:
+                return  # read past a failed batch: the consumer re-reads it
+            self._apply(member, seq, epoch, rows, next_offsets, dead)
+        elif kind == "offsets":
+            stored = self.ingestor.log.stored_offsets(self.ingestor.topic)
+            member.conn.send(("offsets", message[1], stored))
+        elif kind == "lag":
+            member.lag = message[1]
+            self._publish_lag()
+        elif kind == "bye":
+            member.said_bye = True
+
+    def _note_first(self, first_at: float | None) -> None:
+        status = self.ingestor.status
+        if first_at is not None and (
+            status.first_records_at is None or first_at < status.first_records_at
+        ):
+            status.first_records_at = first_at
+
+    def _apply(
+        self,
+        member: _Member,
+        seq: int,
+        epoch: int,
+        rows: list[Any],
+        next_offsets: dict[int, int],
+        dead: list[tuple[int, int, str, str]],
+    ) -> None:
+        assert member.conn is not None
+        ing = self.ingestor
+        for partition, offset, reason, detail in dead:
+            metrics.EVENTS_DEAD_LETTERED.labels(reason).inc()
+            log.warning(
+                "event dead-lettered",
+                extra={
+                    "topic": ing.topic,
+                    "partition": partition,
+                    "offset": offset,
+                    "reason": reason,
+                    "detail": detail,
+                },
+            )
+        started = time.perf_counter()
+        try:
+            result = ing.log.apply_rows(ing.topic, rows, next_offsets, dead_lettered=len(dead))
+        except EventLogError as exc:
+            metrics.LOG_WRITE_FAILURES.inc()
+            log.error("event log write failed; batch will be re-read", extra={"error": str(exc)})
+            ing.status.last_error = str(exc)
+            member.discard_epoch = epoch
+            member.conn.send(("failed", seq, str(exc)))
+            return
+        metrics.APPLY_BATCH_SECONDS.observe(time.perf_counter() - started)
+        member.conn.send(("applied", seq))
+        ing._count(result)
+
+    def _publish_lag(self) -> None:
+        lags = [m.lag for m in self.members]
+        lag = -1 if any(x < 0 for x in lags) else sum(lags)
+        self.ingestor.status.consumer_lag = lag
+        if lag >= 0:
+            metrics.CONSUMER_LAG.set(lag)
+
+    def _shutdown(self, timeout_s: float = 12.0) -> None:
+        for member in self.members:
+            if member.conn is not None:
+                with contextlib.suppress(OSError):
+                    member.conn.send(("stop",))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(
+            m.conn is not None and not m.said_bye for m in self.members
+        ):
+            self._serve(0.1, stopping=True)
+        for member in self.members:
+            if member.process is not None:
+                member.process.join(timeout=max(0.1, deadline - time.monotonic()))
+                if member.process.is_alive():
+                    member.process.kill()
+                    member.process.join(timeout=5)
+            if member.conn is not None:
+                with contextlib.suppress(OSError):
+                    member.conn.close()
+            member.process, member.conn = None, None

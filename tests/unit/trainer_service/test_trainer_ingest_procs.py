@@ -1,0 +1,387 @@
+"""Consumer processes feeding the log writer: the hand-over protocol, with fake
+consumers in threads in place of the processes (the real processes run in
+tests/integration/test_trainer_ingest.py).
+
+What must hold whatever happens: every event id in the log once, the stored
+offsets moving only with the data, and no Kafka commit ahead of the log."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from coldstart.v1 import events_pb2
+from kafka import TopicPartition
+
+from services.common.events import encode_event, new_event
+from services.trainer import ingest_procs
+from services.trainer.event_log import EventLog, EventLogError
+from services.trainer.ingest import DeadLetter, Ingestor
+from services.trainer.ingest_procs import ConsumerProcess, ProcessIngest
+
+TOPIC = "events"
+
+
+class Killed(BaseException):
+    """A SIGKILL stand-in: nothing of the consumer runs after it."""
+
+
+def view(event_id: str, user: str = "u", ts: int = 1000) -> bytes | None:
+    return encode_event(
+        new_event(
+            "test",
+            event_id=event_id,
+            timestamp_ms=ts,
+            interaction=events_pb2.Interaction(user_id=user, item_id="i", kind="view", value=1),
+        )
+    )
+
+
+def forget(user: str, ts: int) -> bytes:
+    return encode_event(
+        new_event("test", timestamp_ms=ts, user_forgotten=events_pb2.UserForgotten(user_id=user))
+    )
+
+
+class Record:
+    def __init__(self, partition: int, offset: int, value: bytes | None) -> None:
+        self.partition, self.offset, self.key, self.value = partition, offset, b"k", value
+
+
+class Topic:
+    """The broker side: records per partition and the group's committed offsets."""
+
+    def __init__(self, partitions: dict[int, list[bytes | None]], log: EventLog) -> None:
+        self.partitions = partitions
+        self.log = log
+        self.committed: dict[int, int] = {}
+        self.commits_ahead_of_log: list[tuple[dict[int, int], dict[int, int]]] = []
+        self.lock = threading.Lock()
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        stored = self.log.stored_offsets(TOPIC)
+        with self.lock:
+            if any(o > stored.get(p, 0) for p, o in offsets.items()):
+                self.commits_ahead_of_log.append((dict(offsets), stored))
+            self.committed.update(offsets)
+
+
+class GroupConsumer:
+    """A KafkaConsumer stand-in owning some partitions of ``Topic``; ``batch``
+    records per partition per poll. ``kill_after`` polls with records, it
+    waits until the log holds what it handed over, then raises Killed from
+    then on (the writer applied the batch; its acknowledgement is never read)."""
+
+    def __init__(
+        self, topic: Topic, owned: Sequence[int], batch: int = 3, kill_after: int = 0
+    ) -> None:
+        self.topic = topic
+        self.owned = list(owned)
+        self.batch = batch
+        self.kill_after = kill_after
+        self.killed = False
+        self.polls_with_records = 0
+        self.positions: dict[int, int] = {}
+        self.seeks: list[tuple[int, int]] = []
+        self.listener: Any = None
+        self.assigned = False
+
+    def _alive(self) -> None:
+        if self.killed:
+            raise Killed
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return set(self.owned)
+
+    def subscribe(self, topics: list[str], listener: Any) -> None:
+        self.listener = listener
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(TOPIC, p) for p in self.owned}
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
+        self._alive()
+        if not self.assigned:
+            self.assigned = True
+            self.listener.on_partitions_assigned(self.assignment())
+        if self.kill_after and self.polls_with_records >= self.kill_after:
+            handed = {p: self.positions[p] for p in self.owned}
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                stored = self.topic.log.stored_offsets(TOPIC)
+                if all(stored.get(p, 0) >= o for p, o in handed.items()):
+                    break
+                time.sleep(0.01)
+            self.killed = True
+            raise Killed
+        out: dict[TopicPartition, list[Record]] = {}
+        for p in self.owned:
+            pos = self.positions[p]
+            values = self.topic.partitions[p][pos : pos + self.batch]
+            if values:
+                out[TopicPartition(TOPIC, p)] = [
+                    Record(p, pos + k, v) for k, v in enumerate(values)
+                ]
+                self.positions[p] = pos + len(values)
+        if out:
+            self.polls_with_records += 1
+        else:
+            time.sleep(0.01)
+        return out
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks.append((tp.partition, offset))
+        self.positions[tp.partition] = offset
+
+    def seek_to_beginning(self, tp: TopicPartition) -> None:
+        self.seek(tp, 0)
+
+    def commit(self, offsets: dict[TopicPartition, Any]) -> None:
+        self._alive()
+        self.topic.commit({tp.partition: meta.offset for tp, meta in offsets.items()})
+
+    commit_async = commit
+
+    def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+        return {tp: len(self.topic.partitions[tp.partition]) for tp in tps}
+
+    def position(self, tp: TopicPartition, timeout_ms: int) -> int:
+        return self.positions.get(tp.partition, 0)
+
+    def close(self, autocommit: bool, timeout_ms: int) -> None:
+        pass
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.sent: list[DeadLetter] = []
+        self.topic = "events.dlq"
+
+    def send(self, source_topic: str, letters: Sequence[DeadLetter]) -> None:
+        self.sent.extend(letters)
+
+    def close(self) -> None:
+        pass
+
+
+class ThreadProcess:
+    """Runs a ConsumerProcess in a thread; closes its pipe end when it ends,
+    however it ends (what the OS does for a killed process)."""
+
+    def __init__(self, worker: ConsumerProcess) -> None:
+        self.worker = worker
+        self.pid = threading.get_native_id()
+        self.exitcode: int | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.worker.run()
+            self.exitcode = 0
+        except Killed:
+            self.exitcode = -9
+        finally:
+            self.worker.conn.close()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def kill(self) -> None:
+        pass
+
+
+class ThreadIngest(ProcessIngest):
+    """ProcessIngest whose consumers are threads with fake consumers: each start
+    of member i takes the next consumer from ``consumers[i]``."""
+
+    def __init__(
+        self, ingestor: Ingestor, consumers: list[list[GroupConsumer]], sink: Sink
+    ) -> None:
+        super().__init__(ingestor, len(consumers), sink.topic)
+        self.consumers = consumers
+        self.sink = sink
+        self.started: list[GroupConsumer] = []
+
+    def _spawn(self, index: int) -> tuple[Any, Any]:
+        parent, child = multiprocessing.Pipe(duplex=True)
+        consumer = self.consumers[index].pop(0)
+        self.started.append(consumer)
+        worker = ConsumerProcess(
+            child, self.config(index), consumer_factory=lambda: consumer, dead_letters=self.sink
+        )
+        return ThreadProcess(worker), parent
+
+
+def run_until(
+    ingest: ThreadIngest, done: Callable[[], bool], timeout_s: float = 20.0
+) -> threading.Event:
+    stop = threading.Event()
+    thread = threading.Thread(target=ingest.run, args=(stop,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+    assert not thread.is_alive()
+    return stop
+
+
+def setup(
+    tmp_path: Path, partitions: dict[int, list[bytes | None]]
+) -> tuple[EventLog, Topic, Ingestor, Sink]:
+    log = EventLog(tmp_path / "log.sqlite")
+    topic = Topic(partitions, log)
+    sink = Sink()
+    ingestor = Ingestor(
+        log, bootstrap="unused", topic=TOPIC, group_id="g", dead_letters=sink, processes=1
+    )
+    return log, topic, ingestor, sink
+
+
+def ids(log: EventLog) -> list[str]:
+    with log.reader() as conn:
+        return [r[0] for r in conn.execute("SELECT event_id FROM events")]
+
+
+def caught_up(log: EventLog, topic: Topic) -> Callable[[], bool]:
+    ends = {p: len(v) for p, v in topic.partitions.items()}
+    return lambda: log.stored_offsets(TOPIC) == ends and topic.committed == ends
+
+
+@pytest.fixture(autouse=True)
+def quick_restarts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ingest_procs, "RESTART_MIN_S", 0.01)
+    monkeypatch.setattr(ingest_procs, "REPLY_WAIT_S", 0.05)
+    import services.trainer.ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "BACKOFF_MIN_S", 0.01)
+
+
+def test_batches_land_once_and_kafka_commits_follow_the_log(tmp_path: Path) -> None:
+    values = {0: [view(f"a{i}") for i in range(20)], 1: [view(f"b{i}") for i in range(7)]}
+    values[0][5] = b"junk"  # dead-lettered, its offset handled like the others
+    log, topic, ingestor, sink = setup(tmp_path, values)
+    ingest = ThreadIngest(ingestor, [[GroupConsumer(topic, [0, 1])]], sink)
+    done = caught_up(log, topic)
+    run_until(ingest, lambda: done() and ingestor.status.consumer_lag == 0)
+    assert sorted(ids(log)) == sorted(
+        [f"a{i}" for i in range(20) if i != 5] + [f"b{i}" for i in range(7)]
+    )
+    assert log.counters()["applied"] == 26 and log.counters()["dead_lettered"] == 1
+    assert [d.offset for d in sink.sent] == [5]
+    assert topic.committed == {0: 20, 1: 7}
+    assert topic.commits_ahead_of_log == []
+    assert ingestor.status.first_records_at is not None
+    assert ingestor.status.consumer_lag == 0
+
+
+def test_a_kill_after_the_write_and_before_the_kafka_commit_resumes_from_the_log(
+    tmp_path: Path,
+) -> None:
+    """The writer applied batches the consumer never saw acknowledged (so never
+    committed to Kafka). The restarted consumer resumes from the log's offsets,
+    not Kafka's: nothing is applied twice (not even as a counted duplicate),
+    nothing is skipped."""
+    values = {0: [view(f"a{i}") for i in range(30)]}
+    log, topic, ingestor, sink = setup(tmp_path, values)
+    first = GroupConsumer(topic, [0], kill_after=4)
+    second = GroupConsumer(topic, [0])
+    ingest = ThreadIngest(ingestor, [[first, second]], sink)
+    run_until(ingest, caught_up(log, topic))
+    assert first.killed
+    assert len(ingest.started) == 2
+    # Killed with 12 records in the log; at most what was acknowledged before
+    # the kill reached Kafka (the last batch's acknowledgement was never read).
+    assert second.seeks[0] == (0, 12)
+    assert sorted(ids(log)) == sorted(f"a{i}" for i in range(30))
+    assert log.counters() == {
+        "applied": 30, "duplicates": 0, "dropped_forgotten": 0, "forgotten_users": 0,
+        "dead_lettered": 0,
+    }  # fmt: skip
+    assert topic.commits_ahead_of_log == []
+
+
+def test_a_failed_write_drops_the_batches_read_past_it_and_rereads(tmp_path: Path) -> None:
+    """Batch 2 fails (disk full): batch 3, already sent in the same epoch, must
+    not land before it. The consumer seeks back to the log and re-reads."""
+    values = {0: [view(f"a{i}") for i in range(15)]}
+    log, topic, ingestor, sink = setup(tmp_path, values)
+    real_apply = log.apply_rows
+    calls: list[list[int]] = []
+
+    def flaky(topic_name: str, rows: Any, next_offsets: Any, **kwargs: Any) -> Any:
+        calls.append([row[2] for row in rows])
+        if len(calls) == 2:
+            raise EventLogError("database or disk is full")
+        return real_apply(topic_name, rows, next_offsets, **kwargs)
+
+    log.apply_rows = flaky  # type: ignore[method-assign,assignment]
+    consumer = GroupConsumer(topic, [0])
+    ingest = ThreadIngest(ingestor, [[consumer]], sink)
+    run_until(ingest, caught_up(log, topic))
+    # Offsets applied, in order: every batch after the failed one starts where
+    # the log ends (3), never at 6.
+    applied_firsts = [c[0] for k, c in enumerate(calls) if k != 1]
+    assert applied_firsts == [0, 3, 6, 9, 12]
+    assert calls[1] == [3, 4, 5]
+    assert (0, 3) in consumer.seeks
+    assert sorted(ids(log)) == sorted(f"a{i}" for i in range(15))
+    assert log.counters()["duplicates"] == 0
+    assert topic.commits_ahead_of_log == []
+
+
+def test_duplicate_ids_across_batches_partitions_and_consumers_are_stored_once(
+    tmp_path: Path,
+) -> None:
+    """Producer retries (same id again, later, same partition) and an id that
+    arrives on two partitions read by two consumer processes."""
+    p0 = [view(f"e{i}") for i in range(12)] + [view("e1"), view("e2")]
+    p1 = [view(f"e{i}") for i in range(6, 18)]
+    log, topic, ingestor, sink = setup(tmp_path, {0: p0, 1: p1})
+    ingest = ThreadIngest(
+        ingestor, [[GroupConsumer(topic, [0])], [GroupConsumer(topic, [1])]], sink
+    )
+    run_until(ingest, caught_up(log, topic))
+    stored = ids(log)
+    assert sorted(stored) == sorted(f"e{i}" for i in range(18))
+    assert len(stored) == len(set(stored))
+    counters = log.counters()
+    assert counters["applied"] == 18
+    assert counters["duplicates"] == len(p0) + len(p1) - 18
+    assert topic.commits_ahead_of_log == []
+
+
+def test_forgetting_a_user_covers_every_partition_and_consumer(tmp_path: Path) -> None:
+    """The user's events arrive on two partitions read by two processes; the
+    erasure on one of them removes those of both, whichever lands first, and
+    drops the ones older than the erasure that arrive after it."""
+    p0 = [view(f"v0-{i}", user="v", ts=100 + i) for i in range(6)] + [forget("v", 500)]
+    p0 += [view(f"w0-{i}", user="w", ts=600) for i in range(3)]
+    p1 = [view(f"v1-{i}", user="v", ts=200 + i) for i in range(9)]
+    p1 += [view(f"w1-{i}", user="w", ts=700) for i in range(3)]
+    log, topic, ingestor, sink = setup(tmp_path, {0: p0, 1: p1})
+    ingest = ThreadIngest(
+        ingestor, [[GroupConsumer(topic, [0], batch=2)], [GroupConsumer(topic, [1], batch=2)]], sink
+    )
+    run_until(ingest, caught_up(log, topic))
+    with log.reader() as conn:
+        users = {r[0] for r in conn.execute("SELECT user_id FROM events")}
+    assert users == {"w"}
+    assert len(ids(log)) == 6
+    counters = log.counters()
+    assert counters["forgotten_users"] == 1
+    # Each of v's 15 events was either written then erased or dropped on arrival.
+    assert counters["applied"] + counters["dropped_forgotten"] == 15 + 6
+    assert log.forgotten_users() == {"v"}

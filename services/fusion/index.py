@@ -91,7 +91,7 @@ class ItemIndex:
         popularity: np.ndarray,
         ann: faiss.Index | None,
         *,
-        ef_search: int = 256,
+        ef_search: int = 160,
         fold_threshold: int = 5_000,
     ) -> None:
         n = len(metas)

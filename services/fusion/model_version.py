@@ -194,7 +194,7 @@ class ModelVersion:
         path: Path,
         *,
         intra_op_threads: int = 1,
-        ef_search: int = 256,
+        ef_search: int = 160,
         fold_threshold: int = 5_000,
     ) -> ModelVersion:
         path = Path(path)

@@ -121,7 +121,7 @@ class RecsysModelVersion(ModelVersion):
         path: Path,
         *,
         intra_op_threads: int = 1,
-        ef_search: int = 256,
+        ef_search: int = 160,
         fold_threshold: int = 5_000,
     ) -> RecsysModelVersion:
         path = Path(path)

@@ -33,7 +33,7 @@ class FusionSettings(ServerSettings):
     # Handing the ranker more puts items in front of it unlike any it learned on,
     # and costs search and ranking time per call.
     candidates: int = 0
-    ef_search: int = 256
+    ef_search: int = 160
     # Upserted items stay in an exact side buffer until this many, then fold into the ANN index.
     fold_threshold: int = 5_000
     # ONNX Runtime threads per call; 1 suits many concurrent calls on few cores.

@@ -80,6 +80,8 @@ _INSERT = (
 )
 
 Row = tuple[str, int, int, int, str, str | None, str | None, str | None, float | None, bytes | None]
+# One poll batch: its rows, the next offset of every partition it touched, its dead letters.
+Batch = tuple[Sequence[Row], Mapping[int, int], int]
 
 
 class EventLogError(RuntimeError):
@@ -209,22 +211,31 @@ class EventLog:
         Raises EventLogError with nothing applied when the database cannot be
         written.
         """
-        result = ApplyResult(dead_lettered=dead_lettered)
+        return self.apply_batches(topic, [(rows, next_offsets, dead_lettered)])
+
+    def apply_batches(self, topic: str, batches: Sequence[Batch]) -> ApplyResult:
+        """Apply several batches (``apply_rows``'s arguments each, in the order
+        they were read) in ONE transaction: all of them with their offsets, or
+        none. The log writer groups what its consumers sent while it was busy."""
+        result = ApplyResult(dead_lettered=sum(batch[2] for batch in batches))
         tombstones = dict(self._tombstones)
+        offsets: dict[int, int] = {}
         with self._lock:
             conn = self._conn
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                if self._plain(rows, tombstones):
-                    # No erasure in the batch and no erased user in it: one
-                    # executemany over the batch, no per-row Python work.
-                    self._flush(conn, rows, result)
-                else:
-                    self._apply_slow(conn, rows, tombstones, result)
+                for rows, next_offsets, _dead in batches:
+                    if self._plain(rows, tombstones):
+                        # No erasure in the batch and no erased user in it: one
+                        # executemany over the batch, no per-row Python work.
+                        self._flush(conn, rows, result)
+                    else:
+                        self._apply_slow(conn, rows, tombstones, result)
+                    offsets.update(next_offsets)
                 conn.executemany(
                     "INSERT INTO offsets (topic, partition, next_offset) VALUES (?, ?, ?) "
                     "ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
-                    [(topic, p, o) for p, o in next_offsets.items()],
+                    [(topic, p, o) for p, o in offsets.items()],
                 )
                 conn.executemany(
                     "INSERT INTO meta (key, value) VALUES (?, ?) "

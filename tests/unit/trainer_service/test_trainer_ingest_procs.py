@@ -284,7 +284,8 @@ def test_batches_land_once_and_kafka_commits_follow_the_log(tmp_path: Path) -> N
     assert topic.committed == {0: 20, 1: 7}
     assert topic.commits_ahead_of_log == []
     assert ingestor.status.first_records_at is not None
-    assert ingestor.status.consumer_lag == 0
+    # (run_until waited for consumer_lag == 0; stopped, it is unknown again)
+    assert ingestor.status.consumer_lag == -1
 
 
 def test_a_kill_after_the_write_and_before_the_kafka_commit_resumes_from_the_log(
@@ -314,30 +315,37 @@ def test_a_kill_after_the_write_and_before_the_kafka_commit_resumes_from_the_log
 
 
 def test_a_failed_write_drops_the_batches_read_past_it_and_rereads(tmp_path: Path) -> None:
-    """Batch 2 fails (disk full): batch 3, already sent in the same epoch, must
-    not land before it. The consumer seeks back to the log and re-reads."""
-    values = {0: [view(f"a{i}") for i in range(15)]}
+    """The second transaction fails (disk full) while later batches are already
+    on their way: none of them may land before the failed one. The consumer
+    seeks back to the log and re-reads; the log ends with every offset once,
+    in order."""
+    values = {0: [view(f"a{i}") for i in range(30)]}
     log, topic, ingestor, sink = setup(tmp_path, values)
-    real_apply = log.apply_rows
-    calls: list[list[int]] = []
+    real_apply = log.apply_batches
+    calls: list[tuple[list[int], bool]] = []
 
-    def flaky(topic_name: str, rows: Any, next_offsets: Any, **kwargs: Any) -> Any:
-        calls.append([row[2] for row in rows])
-        if len(calls) == 2:
+    def flaky(topic_name: str, batches: Any) -> Any:
+        offsets = [row[2] for rows, _, _ in batches for row in rows]
+        if len(calls) == 1:
+            time.sleep(0.2)  # let the consumer send more batches meanwhile
+            calls.append((offsets, False))
             raise EventLogError("database or disk is full")
-        return real_apply(topic_name, rows, next_offsets, **kwargs)
+        calls.append((offsets, True))
+        return real_apply(topic_name, batches)
 
-    log.apply_rows = flaky  # type: ignore[method-assign,assignment]
+    log.apply_batches = flaky  # type: ignore[method-assign,assignment]
     consumer = GroupConsumer(topic, [0])
     ingest = ThreadIngest(ingestor, [[consumer]], sink)
     run_until(ingest, caught_up(log, topic))
-    # Offsets applied, in order: every batch after the failed one starts where
-    # the log ends (3), never at 6.
-    applied_firsts = [c[0] for k, c in enumerate(calls) if k != 1]
-    assert applied_firsts == [0, 3, 6, 9, 12]
-    assert calls[1] == [3, 4, 5]
-    assert (0, 3) in consumer.seeks
-    assert sorted(ids(log)) == sorted(f"a{i}" for i in range(15))
+    failed = calls[1][0]
+    applied = [o for offsets, ok in calls if ok for o in offsets]
+    assert applied == list(range(30))  # every offset once, in order
+    assert failed[0] == len(calls[0][0])  # it follows the first transaction
+    assert (0, failed[0]) in consumer.seeks
+    # Batches were read past the failed one (and dropped): the consumer's
+    # position had gone beyond what the failed transaction held.
+    assert consumer.polls_with_records > 10
+    assert sorted(ids(log)) == sorted(f"a{i}" for i in range(30))
     assert log.counters()["duplicates"] == 0
     assert topic.commits_ahead_of_log == []
 

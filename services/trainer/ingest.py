@@ -1,5 +1,10 @@
 """The consumer loop: events topic -> event log, bad messages -> dead-letter topic.
 
+This is the in-process loop (``ingest_processes = 0``) and the pieces the
+consumer processes share (``split_batch``, the dead-letter sink, commits);
+``services.trainer.ingest_procs`` runs the same steps split over consumer
+processes and one log writer.
+
 Order of effects for one poll batch (what makes a SIGKILL at any moment safe):
 
 1. decode every record; the ones that cannot be applied are produced to the

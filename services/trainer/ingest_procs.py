@@ -6,13 +6,14 @@ them). Each one polls, decodes the records into log rows and dead-letters the
 bad ones; it hands every batch, rows plus next offsets, to the writer thread
 in the service process over a pipe. The writer is the log's only writer: it
 applies each batch in ONE SQLite transaction (rows, erasures, counters,
-offsets) exactly as the in-process loop does, then acknowledges it; the
-consumer commits offsets to Kafka only after that acknowledgement.
+offsets) exactly as the in-process loop does -- batches that queued up while
+it was busy share one transaction, all or nothing -- then acknowledges it;
+the consumer commits offsets to Kafka only after that acknowledgement.
 
 Why it is still exactly-once:
 
-* the log is written only by the writer, one transaction per batch, with the
-  batch's offsets; a consumer process cannot touch it;
+* the log is written only by the writer, one transaction per batch (or
+  group), with the offsets; a consumer process cannot touch it;
 * every (re)assignment seeks to the log's offsets, asked of the writer over
   the same pipe, so the answer comes after every batch sent before it was
   applied (eager rebalancing: a member first drains what it has in flight in

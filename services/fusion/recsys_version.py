@@ -299,29 +299,39 @@ class RecsysModelVersion(ModelVersion):
             tower = _pad_rows([dots[n] for n in live], width, np.float32)
         else:
             tower = np.einsum("ncd,nd->nc", self.index.vectors(padded), user_vecs[live])
-        if self._ranker is None:
-            scores = tower
-        else:
-            histories = [users[n].history_rows for n in live]
-            tables, local = self._local_tables(padded, histories)
+        scores = tower
+        ranker = self._ranker
+        # The trained gate: outside it the tower order stands (as in training's eval),
+        # so features are built and the ranker run only for the users inside it.
+        ranked = (
+            [
+                j
+                for j, n in enumerate(live)
+                if self._ranker_applies(len(users[n].history_rows), padded[j, : sizes[n]])
+            ]
+            if ranker is not None
+            else []
+        )
+        if ranker is not None and ranked:
+            ranked_users = [users[live[j]] for j in ranked]
+            ranked_rows = padded[ranked]
+            histories = [u.history_rows for u in ranked_users]
+            tables, local = self._local_tables(ranked_rows, histories)
             feats = ranker_features(
                 self.spec,
                 tables,
-                tower,
-                self.spec.user_vocab.encode([users[n].attributes for n in live]),
+                tower[ranked],
+                self.spec.user_vocab.encode([u.attributes for u in ranked_users]),
                 [local(h) for h in histories],
-                local(padded),
-                interest=self._interest([users[n] for n in live]),
+                local(ranked_rows),
+                interest=self._interest(ranked_users),
             )
             count, cands, features = feats.shape
-            (out,) = self._ranker.run(
+            (out,) = ranker.run(
                 [self.ranker_output], {self.ranker_input: feats.reshape(count * cands, features)}
             )
-            scores = np.asarray(out, dtype=np.float32).reshape(count, cands)
-            # The trained gate: outside it the tower order stands (as in training's eval).
-            for j, n in enumerate(live):
-                if not self._ranker_applies(len(histories[j]), padded[j, : sizes[n]]):
-                    scores[j] = tower[j]
+            scores = np.array(tower, dtype=np.float32)
+            scores[ranked] = np.asarray(out, dtype=np.float32).reshape(count, cands)
         result = [np.empty(0, dtype=np.float32) for _ in rows]
         for j, n in enumerate(live):
             result[n] = np.ascontiguousarray(scores[j, : sizes[n]], dtype=np.float32)

@@ -291,3 +291,50 @@ def test_the_service_serves_the_export(tmp_path: Path, trained: Trained) -> None
         returned = [i.item_id for i in filtered.items]
         assert "brand-new" in returned
         assert set(returned) <= {item_id(m) for m in g5} | {"brand-new"}
+
+
+def test_a_mixed_batch_ranks_each_user_as_alone_and_skips_gated_out_users(
+    trained: Trained,
+) -> None:
+    # Its own copy of the version: the test swaps the gate and the ranker session.
+    holder = ModelHolder(trained.registry, ModelVersion.load)
+    core = Recommender(holder, UserStore())
+    holder.load_initial()
+    model = holder.current
+    assert isinstance(model, RecsysModelVersion) and model._ranker is not None
+    # A gate that only users with 2-4 history items pass: one batch mixes both sides.
+    model.manifest = {
+        **model.manifest,
+        "ranker": {**model.manifest["ranker"], "gate": {"min_history": 2, "max_history": 4}},
+    }
+    lengths = (0, 1, 3, 8)
+    users = [
+        core._prepare(UserQuery(recent_item_ids=[item_id(i) for i in range(n)]), 10).user
+        for n in lengths
+    ]
+    vecs = model.user_vector_batch(users)
+    candidates = [np.arange(n, len(model.index), 7) for n in range(len(users))]
+
+    runs: list[int] = []
+    session = model._ranker
+
+    class Counting:
+        def run(self, *args: object, **kwargs: object) -> object:
+            runs.append(1)
+            return session.run(*args, **kwargs)
+
+    model._ranker = Counting()
+    batch = model.rank_batch(users, candidates, vecs)
+    assert len(runs) == 1  # one ranker run for the batch, for the user inside the gate
+    for n, (user, vec, rows) in enumerate(zip(users, vecs, candidates, strict=True)):
+        alone = model.rank(user, rows, vec)
+        np.testing.assert_allclose(batch[n], alone, atol=1e-6)
+        tower = model.index.vectors(rows) @ vec
+        if lengths[n] == 3:
+            assert np.max(np.abs(batch[n] - tower)) > 1e-3  # the ranker re-scored it
+        else:
+            np.testing.assert_allclose(batch[n], tower, atol=1e-5)  # the tower order stands
+
+    runs.clear()
+    model.rank_batch(users[:1] + users[3:], [candidates[0], candidates[3]], vecs[[0, 3]])
+    assert runs == []  # nobody inside the gate: no features built, no ranker run

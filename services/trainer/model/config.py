@@ -22,6 +22,20 @@ class ModelConfig:
     # and drop an item's whole content vector with this probability in training.
     content_dims: int = 8
     content_dropout: float = 0.5
+    # The item tower's cold branch (towers.ItemTower): an MLP over the content projected
+    # onto this many directions (0: the full vector) added to items without an id
+    # code only. < 0: no cold branch. cold_joint: train it inside the one tower loss
+    # (the id-dropped items' vectors include it) instead of with a loss of its own
+    # against the detached towers (train.TowerLoss).
+    cold_content_dims: int = -1
+    cold_joint: bool = False
+    # Training-time content augmentation against memorising titles: with probability
+    # content_swap an item's content vector is replaced by one of its content_swap_k
+    # nearest neighbours' (cosine), then Gaussian noise of total norm ~content_noise is
+    # added and the vector re-normalised. 0 = off (serving never augments).
+    content_swap: float = 0.0
+    content_swap_k: int = 10
+    content_noise: float = 0.0
     # Add the release-year band read off the item text to the item attributes.
     derive_year: bool = True
     max_history: int = 50
@@ -76,11 +90,27 @@ class ModelConfig:
             raise ValueError(f"ranker_loss: {self.ranker_loss!r} is not softmax or bce")
         if self.loss not in LOSSES:
             raise ValueError(f"loss: {self.loss!r} is not one of {', '.join(LOSSES)}")
-        for name in ("item_id_dropout", "user_id_dropout", "interest_dropout", "content_dropout"):
+        for name in (
+            "item_id_dropout",
+            "user_id_dropout",
+            "interest_dropout",
+            "content_dropout",
+            "content_swap",
+        ):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}: {value} is not in [0, 1]")
-        for name in ("dim", "hidden", "batch_size", "epochs", "max_history", "ranker_candidates"):
+        if self.content_noise < 0:
+            raise ValueError("content_noise: must be >= 0")
+        for name in (
+            "dim",
+            "hidden",
+            "batch_size",
+            "epochs",
+            "max_history",
+            "ranker_candidates",
+            "content_swap_k",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be at least 1")
         if self.temperature <= 0:

@@ -29,9 +29,18 @@ class ItemTower(nn.Module):
     the raw 384-d text vector memorises the training items (it maps each title to
     its collaborative vector) and ranks new items worse than attributes alone; a
     few dozen directions keep what generalises (kind of film, era, language).
+
+    With ``cold_content_dims`` >= 0 a second MLP (the *cold branch*) reads the
+    content projected onto that many directions (0: the full vector) plus the
+    attributes, and its output is added to the vectors of items without an id code
+    (``item_id == 0``) only: new items. Items with an id keep exactly the vector of the
+    small projection. Training (``train.TowerLoss``) fits the cold branch with its own
+    loss against the (detached) user vectors, so the rest of the towers train exactly as
+    without it; only a new item is placed from all of its text (measured, docs/MODEL.md).
     """
 
     content_proj: torch.Tensor
+    cold_proj: torch.Tensor
 
     def __init__(
         self,
@@ -43,6 +52,7 @@ class ItemTower(nn.Module):
         temperature: float,
         use_content: bool = True,
         content_dims: int = 0,
+        cold_content_dims: int = -1,
     ) -> None:
         super().__init__()
         self.dim = dim
@@ -56,25 +66,66 @@ class ItemTower(nn.Module):
         # Row 0 is "no id" and stays zero; ids start as zero so a fresh id means "content only".
         self.id_emb = nn.Embedding(n_ids + 1, dim + 1, padding_idx=0)
         nn.init.zeros_(self.id_emb.weight)
+        self.text_dim, self.n_attrs, self.hidden = text_dim, n_attrs, hidden
+        self.cold_mlp: nn.Sequential | None = None
+        if cold_content_dims >= 0:
+            self.add_cold_branch(cold_content_dims)
+
+    def add_cold_branch(self, cold_content_dims: int) -> None:
+        """Adds the cold branch (TwoTower adds it last, so the other layers start from
+        the same random weights as without it)."""
+        text_dim = self.text_dim
+        kc = cold_content_dims if 0 < cold_content_dims < text_dim else text_dim
+        self.register_buffer("cold_proj", torch.eye(text_dim)[:, :kc].clone())
+        self.cold_mlp = _mlp(kc + self.n_attrs, self.hidden, self.dim + 1)
+        # Starts as "no correction": a fresh cold branch leaves the vectors as they are.
+        last = self.cold_mlp[2]
+        assert isinstance(last, nn.Linear)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def set_content_projection(self, content: torch.Tensor) -> None:
         """Top right-singular vectors of the (uncentred) content matrix: zero content
         (an item without text) still projects to zero."""
         k = self.content_proj.shape[1]
-        if k == content.shape[1]:
+        kc = self.cold_proj.shape[1] if self.cold_mlp is not None else content.shape[1]
+        if k == content.shape[1] and kc == content.shape[1]:
             return
         _, _, vh = torch.linalg.svd(content.double(), full_matrices=False)
         with torch.no_grad():
-            self.content_proj.copy_(vh[:k].T.float())
+            if k < content.shape[1]:
+                self.content_proj.copy_(vh[:k].T.float())
+            if kc < content.shape[1]:
+                self.cold_proj.copy_(vh[:kc].T.float())
+
+    def base(
+        self, content: torch.Tensor, item_attrs: torch.Tensor, item_id: torch.Tensor
+    ) -> torch.Tensor:
+        """The pre-normalisation output without the cold branch."""
+        x = torch.cat([(content * self.content_gate) @ self.content_proj, item_attrs], dim=1)
+        out: torch.Tensor = self.mlp(x) + self.id_emb(item_id)
+        return out
+
+    def cold(self, content: torch.Tensor, item_attrs: torch.Tensor) -> torch.Tensor:
+        """The cold branch's correction (zeros without a branch)."""
+        if self.cold_mlp is None:
+            return content.new_zeros(content.shape[0], self.dim + 1)
+        x = torch.cat([(content * self.content_gate) @ self.cold_proj, item_attrs], dim=1)
+        out: torch.Tensor = self.cold_mlp(x)
+        return out
+
+    def finish(self, h: torch.Tensor) -> torch.Tensor:
+        vec = F.normalize(h[:, : self.dim], dim=1) * self.scale
+        return torch.cat([vec, h[:, self.dim :]], dim=1)
 
     def forward(
         self, content: torch.Tensor, item_attrs: torch.Tensor, item_id: torch.Tensor
     ) -> torch.Tensor:
-        projected = (content * self.content_gate) @ self.content_proj
-        x = torch.cat([projected, item_attrs], dim=1)
-        h = self.mlp(x) + self.id_emb(item_id)
-        vec = F.normalize(h[:, : self.dim], dim=1) * self.scale
-        return torch.cat([vec, h[:, self.dim :]], dim=1)
+        h = self.base(content, item_attrs, item_id)
+        if self.cold_mlp is not None:
+            no_id = (item_id == 0).to(h.dtype).unsqueeze(1)
+            h = h + no_id * self.cold(content, item_attrs)
+        return self.finish(h)
 
 
 class UserTower(nn.Module):
@@ -146,6 +197,7 @@ class TwoTower(nn.Module):
         temperature: float,
         use_content: bool = True,
         content_dims: int = 0,
+        cold_content_dims: int = -1,
     ) -> None:
         super().__init__()
         self.item = ItemTower(
@@ -154,3 +206,5 @@ class TwoTower(nn.Module):
         self.user = UserTower(
             n_user_attrs, text_dim, dim + 1, n_users, dim, hidden, temperature, use_content
         )
+        if cold_content_dims >= 0:
+            self.item.add_cold_branch(cold_content_dims)

@@ -86,6 +86,9 @@ class TowerBatcher:
         expected = 1.0 - np.power(1.0 - q, self.global_batch)
         expected += cfg.n_negatives / max(1, len(self.neg_pool))
         self.logq = np.log(np.maximum(expected, 1e-12)).astype(np.float32)
+        self.neighbors = (
+            content_neighbors(data.content, cfg.content_swap_k) if cfg.content_swap > 0 else None
+        )
         self._plan_epoch = -1
         self._draws = np.zeros((0, cfg.max_history))
         self._plan: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -170,9 +173,10 @@ class TowerBatcher:
         sub = data.positives[users][:, candidates].toarray() > 0
         sub[np.arange(len(local)), target] = False
         interest = data.interest[users] * keep_interest[local][:, None]
+        content = self.augmented_content(items, step_rng) * keep_content[items, None]
         return {
             "item_rows": items,  # not a model input; lets tests map the batch back
-            "item_content": data.content[items] * keep_content[items, None],
+            "item_content": content,
             "item_attrs": data.item_attrs[items],
             "item_id": item_ids.astype(np.int64),
             "cand_index": np.searchsorted(items, candidates).astype(np.int64),
@@ -187,22 +191,59 @@ class TowerBatcher:
             "exclude": sub,
         }
 
+    def augmented_content(self, items: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """The items' content vectors with the training-time augmentation (swap, noise)."""
+        cfg, data = self.cfg, self.data
+        content = data.content[items]
+        if self.neighbors is not None:
+            swap = rng.random(len(items)) < cfg.content_swap
+            pick = rng.integers(0, self.neighbors.shape[1], size=len(items))
+            content = np.where(swap[:, None], data.content[self.neighbors[items, pick]], content)
+        if cfg.content_noise > 0:
+            noise = rng.standard_normal(content.shape).astype(np.float32)
+            noisy = content + noise * (cfg.content_noise / math.sqrt(content.shape[1]))
+            norm = np.linalg.norm(noisy, axis=1, keepdims=True)
+            has_text = np.abs(content).sum(axis=1, keepdims=True) > 0
+            content = np.where(has_text, noisy / np.maximum(norm, 1e-12), content)
+        return np.ascontiguousarray(content, dtype=np.float32)
+
+
+def content_neighbors(content: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
+    """(n, k) rows of each item's k most cosine-similar other items (an item without
+    text, a zero row, gets only itself)."""
+    n = content.shape[0]
+    k = max(1, min(k, n - 1))
+    out = np.zeros((n, k), dtype=np.int64)
+    for start in range(0, n, block):
+        sims = content[start : start + block] @ content.T
+        idx = np.arange(sims.shape[0])
+        sims[idx, start + idx] = -np.inf
+        out[start : start + len(idx)] = _topk(sims, k)
+    empty = np.abs(content).sum(axis=1) == 0
+    out[empty] = np.arange(n)[empty, None]
+    return out
+
 
 class TowerLoss(nn.Module):
-    def __init__(self, towers: TwoTower, loss: str, logq_weight: float) -> None:
+    """The towers' loss over a batch (in-batch softmax with logQ, or BPR).
+
+    With a cold branch in the item tower (and ``cold_joint`` off) the towers train as
+    without it (the id-dropped items use the branch-free vectors), and the branch gets
+    a loss of its own: the same one over the step's candidates, every candidate scored
+    from content alone (no id, the branch added; the branch-free part detached) against
+    the detached user vectors, i.e. the ranking among new items that item cold-start is.
+    ``cold_joint``: the branch is part of the id-dropped items' vectors in the one loss."""
+
+    def __init__(
+        self, towers: TwoTower, loss: str, logq_weight: float, cold_joint: bool = False
+    ) -> None:
         super().__init__()
         self.towers = towers
         self.loss = loss
         self.logq_weight = logq_weight
+        self.cold_joint = cold_joint
 
-    def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
-        item_vecs = self.towers.item(b["item_content"], b["item_attrs"], b["item_id"])
-        # The mean over the last max_history items, as recsys_features.pool_history does.
-        hist = b["hist_pool"] @ item_vecs
-        user_vecs = self.towers.user(
-            b["user_attrs"], b["user_id"], b["interest"], b["has_interest"], hist, b["hist_len"]
-        )
-        logits = user_vecs @ item_vecs[b["cand_index"]].T  # (B, C)
+    def _loss(self, logits: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = logits.masked_fill(b["exclude"], float("-inf"))
         target = b["target"]
         if self.loss == "softmax":
@@ -214,6 +255,28 @@ class TowerLoss(nn.Module):
         valid = torch.isfinite(logits) & (cols.unsqueeze(0) != target.unsqueeze(1))
         pair = F.softplus(torch.where(valid, logits - pos, torch.zeros_like(logits)))
         return (pair * valid).sum() / valid.sum().clamp(min=1)
+
+    def forward(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        item = self.towers.item
+        separate = item.cold_mlp is not None and not self.cold_joint
+        content, attrs, ids = b["item_content"], b["item_attrs"], b["item_id"]
+        if separate:
+            item_vecs = item.finish(item.base(content, attrs, ids))
+        else:
+            item_vecs = item(content, attrs, ids)
+        # The mean over the last max_history items, as recsys_features.pool_history does.
+        hist = b["hist_pool"] @ item_vecs
+        user_vecs = self.towers.user(
+            b["user_attrs"], b["user_id"], b["interest"], b["has_interest"], hist, b["hist_len"]
+        )
+        cand = b["cand_index"]
+        loss = self._loss(user_vecs @ item_vecs[cand].T, b)  # (B, C) logits
+        if separate:
+            c, a = content[cand], attrs[cand]
+            no_id = torch.zeros_like(ids[cand])
+            cold_vecs = item.finish(item.base(c, a, no_id).detach() + item.cold(c, a))
+            loss = loss + self._loss(user_vecs.detach() @ cold_vecs.T, b)
+        return loss
 
 
 # --------------------------------------------------------------------------- ranker
@@ -628,6 +691,7 @@ def make_towers(data: ModelData, cfg: ModelConfig) -> TwoTower:
         temperature=cfg.temperature,
         use_content=cfg.use_content,
         content_dims=cfg.content_dims,
+        cold_content_dims=cfg.cold_content_dims,
     )
     towers.item.set_content_projection(torch.from_numpy(np.asarray(data.content)))
     return towers
@@ -668,7 +732,7 @@ def train(
     ckpt_path = opts.run_dir / CHECKPOINT if opts.run_dir else None
     towers = make_towers(data, cfg).to(ctx.device)
     ranker = make_ranker(data, cfg).to(ctx.device) if cfg.use_ranker else None
-    tower_loss = TowerLoss(towers, cfg.loss, cfg.logq_weight)
+    tower_loss = TowerLoss(towers, cfg.loss, cfg.logq_weight, cfg.cold_joint)
     tower_opt = _optimizer(towers, cfg.lr, cfg.weight_decay)
     tower_state, ranker_state = StageState(), StageState()
     ranker_opt_state: dict[str, Any] | None = None

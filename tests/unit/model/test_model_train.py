@@ -16,12 +16,15 @@ from services.trainer.model.dataset import ModelData
 from services.trainer.model.distributed import DistContext
 from services.trainer.model.recommender import ScoringModel
 from services.trainer.model.synthetic import small_config
+from services.trainer.model.towers import ItemTower
 from services.trainer.model.train import (
     GATE_BANDS,
     NEVER,
     RunOptions,
+    TowerBatcher,
     TrainResult,
     choose_gate,
+    content_neighbors,
     item_vectors,
     ndcg_at,
     train,
@@ -207,3 +210,96 @@ def test_auto_gate_is_chosen_on_held_out_users(tiny_data: ModelData) -> None:
     assert (lo, hi) == (NEVER, -1) or (lo, hi) in {
         (a[0], b[1]) for a in GATE_BANDS for b in GATE_BANDS if a[0] <= b[0]
     }
+
+
+def test_cold_branch_changes_only_items_without_an_id() -> None:
+    """The cold branch is added to id-less items only; a fresh one changes nothing."""
+    torch.manual_seed(0)
+    plain = ItemTower(32, 3, 10, 8, 16, 0.1, content_dims=4)
+    tower = ItemTower(32, 3, 10, 8, 16, 0.1, content_dims=4, cold_content_dims=0)
+    assert tower.cold_proj.shape == (32, 32)
+    assert "cold_proj" not in plain.state_dict()
+    tower.load_state_dict(plain.state_dict(), strict=False)
+    content = torch.nn.functional.normalize(torch.randn(6, 32), dim=1)
+    attrs = torch.ones(6, 3)
+    ids = torch.tensor([0, 0, 0, 1, 2, 3])
+    with torch.no_grad():
+        before = tower(content, attrs, ids)
+        torch.testing.assert_close(before, plain(content, attrs, ids))
+        for p in tower.cold_mlp.parameters():  # type: ignore[union-attr]
+            p.add_(torch.randn_like(p))
+        after = tower(content, attrs, ids)
+    assert torch.equal(before[3:], after[3:])
+    assert not torch.allclose(before[:3], after[:3])
+
+
+def test_cold_branch_trains_and_scores_new_items(tiny_data: ModelData) -> None:
+    result = train(
+        tiny_data,
+        small_config(epochs=2, use_ranker=False, cold_content_dims=0),
+        DistContext.single(),
+        RunOptions(),
+    )
+    branch = result.towers.item.cold_mlp
+    assert branch is not None
+    last = branch[2]
+    assert isinstance(last, torch.nn.Linear) and last.weight.abs().sum() > 0
+    data = result.data
+    cold = item_vectors(result.towers, data, np.zeros(data.n_items, dtype=np.int64))
+    warm = item_vectors(result.towers, data)
+    assert np.isfinite(cold).all() and np.linalg.matrix_rank(cold[:, :-1]) > 4
+    assert not np.allclose(cold, warm)
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_cold_branch_leaves_the_other_weights_alone(tiny_data: ModelData, joint: bool) -> None:
+    """With its own loss the branch changes no other weight (same init, same steps);
+    trained jointly it does."""
+    runs = [
+        train(
+            tiny_data,
+            small_config(epochs=1, use_ranker=False, cold_content_dims=dims, cold_joint=joint),
+            DistContext.single(),
+            RunOptions(),
+        )
+        for dims in (-1, 0)
+    ]
+    plain, branched = (r.towers.state_dict() for r in runs)
+    assert set(branched) - set(plain) == {
+        "item.cold_proj",
+        "item.cold_mlp.0.weight",
+        "item.cold_mlp.0.bias",
+        "item.cold_mlp.2.weight",
+        "item.cold_mlp.2.bias",
+    }
+    same = [torch.equal(plain[k], branched[k]) for k in plain]
+    assert all(same) != joint
+
+
+def test_content_augmentation(tiny_data: ModelData) -> None:
+    """content_swap replaces a vector with one of its nearest neighbours'; content_noise
+    perturbs it and keeps unit norm; neither is on by default."""
+    content = tiny_data.content
+    nb = content_neighbors(content, 3)
+    sims = content @ content.T
+    np.fill_diagonal(sims, -np.inf)
+    np.testing.assert_array_equal(np.sort(nb, axis=1), np.sort(np.argsort(-sims)[:, :3], axis=1))
+    rng = np.random.default_rng(0)
+    items = np.arange(tiny_data.n_items)
+    plain = TowerBatcher(tiny_data, small_config(), 0, 1)
+    assert plain.neighbors is None
+    np.testing.assert_array_equal(plain.augmented_content(items, rng), content)
+    swapped = TowerBatcher(tiny_data, small_config(content_swap=1.0, content_swap_k=3), 0, 1)
+    out = swapped.augmented_content(items, rng)
+    for i in items:
+        assert any(np.array_equal(out[i], content[j]) for j in nb[i])
+    noisy = TowerBatcher(tiny_data, small_config(content_noise=0.5), 0, 1)
+    out = noisy.augmented_content(items, rng)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(out, content)
+    cos = (out * content).sum(axis=1)
+    assert cos.min() > 0.7
+    with pytest.raises(ValueError, match="content_swap"):
+        ModelConfig(content_swap=1.5)
+    with pytest.raises(ValueError, match="content_noise"):
+        ModelConfig(content_noise=-1.0)

@@ -118,6 +118,49 @@ def wait_gone(pids: list[int], timeout_s: float = 10.0) -> list[int]:
     return [p for p in pids if alive(p)]
 
 
+class PacedProducer:
+    """Produces ``events`` in chunks at PACE events/s on a thread, then ``resent``
+    again (a producer's retry after an unacknowledged send: the same ids twice)."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        events: list[events_pb2.Event],
+        resent: list[events_pb2.Event],
+        chunk: int,
+    ) -> None:
+        self.done = threading.Event()
+        self.failure: list[BaseException] = []
+        self.producer = make_producer(bootstrap, linger_ms=20, batch_size=256 * 1024)
+        self._thread = threading.Thread(
+            target=self._run, args=(topic, events, resent, chunk), daemon=True
+        )
+
+    def _run(
+        self,
+        topic: str,
+        events: list[events_pb2.Event],
+        resent: list[events_pb2.Event],
+        chunk: int,
+    ) -> None:
+        try:
+            began = time.monotonic()
+            for start in range(0, len(events), chunk):
+                produce_and_wait(self.producer, topic, events[start : start + chunk], timeout_s=60)
+                time.sleep(max(0.0, began + (start + chunk) / PACE - time.monotonic()))
+            produce_and_wait(self.producer, topic, resent, timeout_s=60)
+            self.done.set()
+        except BaseException as exc:
+            self.failure.append(exc)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout=timeout)
+
+
 @pytest.mark.parametrize("processes", [1, 2, 0])
 def test_three_sigkills_while_50k_events_are_produced_lose_and_double_nothing(
     kafka_broker: str, tmp_path: Path, processes: int
@@ -128,23 +171,9 @@ def test_three_sigkills_while_50k_events_are_produced_lose_and_double_nothing(
     topic, dlq = topics(kafka_broker)
     events = [interaction(i) for i in range(EVENTS)]
     produced = {e.event_id for e in events}
-    # Producer retries after an unacknowledged send: the same ids again.
     resent = random.Random(7).sample(events, 500)
-    producer = make_producer(kafka_broker, linger_ms=20, batch_size=256 * 1024)
-    done = threading.Event()
-    failure: list[BaseException] = []
-
-    def produce() -> None:
-        # Paced so that all three kills land while producing.
-        try:
-            began = time.monotonic()
-            for start in range(0, EVENTS, 2500):
-                produce_and_wait(producer, topic, events[start : start + 2500], timeout_s=60)
-                time.sleep(max(0.0, began + (start + 2500) / PACE - time.monotonic()))
-            produce_and_wait(producer, topic, resent, timeout_s=60)
-            done.set()
-        except BaseException as exc:
-            failure.append(exc)
+    # Paced so that all three kills land while producing.
+    writer = PacedProducer(kafka_broker, topic, events, resent, chunk=2500)
 
     seed = random.randrange(1_000_000)
     # Three random moments (seconds after production starts) within its first 14 s;
@@ -156,7 +185,6 @@ def test_three_sigkills_while_50k_events_are_produced_lose_and_double_nothing(
         **service_settings(kafka_broker, topic, dlq, tmp_path),
         "ingest_processes": processes,
     }
-    writer = threading.Thread(target=produce, daemon=True)
     writer.start()
     seen_at_kill: list[int] = []
     producing: list[bool] = []
@@ -174,14 +202,14 @@ def test_three_sigkills_while_50k_events_are_produced_lose_and_double_nothing(
                     assert trainer.process.poll() is None, trainer.logs()[-2000:]
                     time.sleep(0.01)
                 trainer.kill()  # SIGKILL, mid-stream
-                producing.append(not done.is_set())
+                producing.append(not writer.done.is_set())
                 pids = consumer_pids(trainer)
                 assert len(pids) == processes, trainer.logs()[-2000:]
                 assert wait_gone(pids) == [], "consumer processes outlived the service"
                 seen_at_kill.append(log_rows(db))
                 print(f"killed at {seen_at_kill[-1]} rows, {time.monotonic() - began:.1f}s")
         writer.join(timeout=180)
-        assert done.is_set(), failure
+        assert writer.done.is_set(), writer.failure
         with running_service("trainer", tmp_path / "logs", settings=settings) as trainer:
             deadline = time.monotonic() + 120
             target = end_offsets(kafka_broker, topic)
@@ -199,7 +227,7 @@ def test_three_sigkills_while_50k_events_are_produced_lose_and_double_nothing(
             assert reply.events_applied == EVENTS
             assert reply.events_dead_lettered == 0
     finally:
-        producer.close()
+        writer.producer.close()
 
     assert producing == [True, True, True], (seed, kills, seen_at_kill)
     assert seen_at_kill[0] > 0 and seen_at_kill[-1] < EVENTS, (seed, kills, seen_at_kill)
@@ -226,20 +254,7 @@ def test_sigkilled_consumer_processes_are_restarted_and_lose_and_double_nothing(
     n = 20_000
     events = [interaction(i) for i in range(n)]
     resent = random.Random(11).sample(events, 200)
-    producer = make_producer(kafka_broker, linger_ms=20, batch_size=256 * 1024)
-    done = threading.Event()
-    failure: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            began = time.monotonic()
-            for start in range(0, n, 2000):
-                produce_and_wait(producer, topic, events[start : start + 2000], timeout_s=60)
-                time.sleep(max(0.0, began + (start + 2000) / PACE - time.monotonic()))
-            produce_and_wait(producer, topic, resent, timeout_s=60)
-            done.set()
-        except BaseException as exc:
-            failure.append(exc)
+    writer = PacedProducer(kafka_broker, topic, events, resent, chunk=2000)
 
     seed = random.randrange(1_000_000)
     rng = random.Random(seed)
@@ -250,7 +265,6 @@ def test_sigkilled_consumer_processes_are_restarted_and_lose_and_double_nothing(
             deadline = time.monotonic() + 60
             while len(consumer_pids(trainer)) < 2 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            writer = threading.Thread(target=produce, daemon=True)
             writer.start()
             killed: list[int] = []
             for _ in range(3):
@@ -267,7 +281,7 @@ def test_sigkilled_consumer_processes_are_restarted_and_lose_and_double_nothing(
                     time.sleep(0.05)
                 assert sum(alive(p) for p in consumer_pids(trainer)) == 2, trainer.logs()[-3000:]
             writer.join(timeout=120)
-            assert done.is_set(), failure
+            assert writer.done.is_set(), writer.failure
             deadline = time.monotonic() + 120
             target = end_offsets(kafka_broker, topic)
             reply = status(trainer.address)
@@ -287,7 +301,7 @@ def test_sigkilled_consumer_processes_are_restarted_and_lose_and_double_nothing(
         # A clean stop ends the consumer processes too.
         assert wait_gone(live) == []
     finally:
-        producer.close()
+        writer.producer.close()
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     ids = [r[0] for r in conn.execute("SELECT event_id FROM events")]
     counters = dict(conn.execute("SELECT key, value FROM meta").fetchall())

@@ -29,6 +29,14 @@ class ModelConfig:
     # against the detached towers (train.TowerLoss).
     cold_content_dims: int = -1
     cold_joint: bool = False
+    # Choose among option sets on an inner item-cold holdout inside training
+    # (select.auto_select): each entry "key=value,key=value" (values JSON; "" = as
+    # configured). An auto_select_holdout share of the items with training positives plays
+    # "new" in each of auto_select_folds disjoint folds; the candidate whose towers rank
+    # them best (Recall@20) is applied to the run. Empty: off.
+    auto_select: tuple[str, ...] = ()
+    auto_select_holdout: float = 0.2
+    auto_select_folds: int = 1
     # Training-time content augmentation against memorising titles: with probability
     # content_swap an item's content vector is replaced by one of its content_swap_k
     # nearest neighbours' (cosine), then Gaussian noise of total norm ~content_noise is
@@ -82,6 +90,21 @@ class ModelConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.auto_select, tuple):  # JSON gives a list
+            object.__setattr__(self, "auto_select", tuple(self.auto_select))
+        if self.auto_select:
+            from services.trainer.model.select import parse_candidate
+
+            known = {f.name for f in fields(self)}
+            for text in self.auto_select:
+                keys = set(parse_candidate(text))
+                bad = sorted(k for k in keys if k not in known or k.startswith("auto_select"))
+                if bad:
+                    raise ValueError(f"auto_select: {text!r}: unknown option(s) {', '.join(bad)}")
+        if not 0.0 < self.auto_select_holdout < 0.5:
+            raise ValueError("auto_select_holdout: must be in (0, 0.5)")
+        if self.auto_select_folds < 1 or self.auto_select_folds * self.auto_select_holdout > 1:
+            raise ValueError("auto_select_folds: must be >= 1, with folds x holdout <= 1")
         if self.history_mode not in ("prefix", "set"):
             raise ValueError(f"history_mode: {self.history_mode!r} is not prefix or set")
         if self.lr_schedule not in ("cosine", "constant"):

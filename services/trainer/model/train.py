@@ -676,6 +676,8 @@ class TrainResult:
     samples: dict[str, int]
     # Held-out check behind the chosen gate: "band lo..hi" -> queries, tower, ranker NDCG.
     gate: dict[str, dict[str, float]] = field(default_factory=dict)
+    # auto_select: candidate -> summed inner-holdout item-cold Recall@20 (empty: off).
+    selection: dict[str, float] = field(default_factory=dict)
 
 
 def make_towers(data: ModelData, cfg: ModelConfig) -> TwoTower:
@@ -726,6 +728,13 @@ def train(
 ) -> TrainResult:
     """Train towers then ranker; checkpoints and the loss plot go to ``opts.run_dir``."""
     opts = opts or RunOptions()
+    selection: dict[str, float] = {}
+    if cfg.auto_select:
+        from services.trainer.model.select import auto_select
+
+        # Before anything else, so a resumed run re-derives (deterministically) the
+        # config its checkpoint was written with.
+        cfg, selection = auto_select(data, cfg)
     # Adam's second moments of rarely-hit embedding rows decay into denormals, which
     # are ~50x slower on x86 CPUs; flushing them to zero changes nothing measurable.
     torch.set_flush_denormal(True)
@@ -854,7 +863,9 @@ def train(
     losses = {"towers": tower_state.losses, "ranker": ranker_state.losses}
     if opts.run_dir is not None and ctx.is_main:
         write_run_report(opts.run_dir, result_cfg, losses, seconds, samples)
-    return TrainResult(result_cfg, data, towers, ranker_out, losses, seconds, samples, gate)
+    return TrainResult(
+        result_cfg, data, towers, ranker_out, losses, seconds, samples, gate, selection
+    )
 
 
 def write_run_report(

@@ -2,13 +2,16 @@
 
 With ``ingest_processes = N >= 1`` the service starts N consumer processes
 (members of the consumer group; the group spreads the topic's partitions over
-them). Each one polls, decodes the records into log rows and dead-letters the
-bad ones; it hands every batch, rows plus next offsets, to the writer thread
-in the service process over a pipe. The writer is the log's only writer: it
-applies each batch in ONE SQLite transaction (rows, erasures, counters,
-offsets) exactly as the in-process loop does -- batches that queued up while
-it was busy share one transaction, all or nothing -- then acknowledges it;
-the consumer commits offsets to Kafka only after that acknowledgement.
+them). Each one polls and hands every batch, the raw records as columns
+(offsets, keys, values per partition), to the writer thread in the service
+process over a pipe: a consumer process does little more than a bare
+kafka-python consume loop. The writer decodes the records, sends the bad ones
+to the dead-letter topic (acknowledged before anything of their batch is
+applied), and is the log's only writer: it applies each batch in ONE SQLite
+transaction (rows, erasures, counters, offsets) exactly as the in-process loop
+does -- batches that queued up while it was busy share one transaction, all or
+nothing -- then acknowledges it; the consumer commits offsets to Kafka only
+after that acknowledgement.
 
 Why it is still exactly-once:
 
@@ -18,7 +21,8 @@ Why it is still exactly-once:
   the same pipe, so the answer comes after every batch sent before it was
   applied (eager rebalancing: a member first drains what it has in flight in
   ``on_partitions_revoked``);
-* a batch that fails to apply (disk full) is answered ``failed``; the writer
+* a batch that fails to apply (disk full, dead-letter topic unreachable) is
+  answered ``failed``; the writer
   then drops every later batch of that consumer's *epoch* (they were read
   past a hole), the consumer starts a new epoch, asks for the log's offsets
   and seeks back: no later batch can land before the failed one;
@@ -47,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from services.trainer import metrics
 from services.trainer.event_log import EventLogError
+from services.trainer.ingest import DeadLetter, columns_of, note_dead_letters, split_columns
 
 if TYPE_CHECKING:
     from services.trainer.ingest import Ingestor
@@ -75,7 +80,6 @@ class ConsumerConfig:
     index: int
     bootstrap: str
     topic: str
-    dead_letter_topic: str
     group_id: str
     group_instance_id: str
     check_crcs: bool
@@ -103,7 +107,7 @@ class _Rewind(RuntimeError):
 
 
 class ConsumerProcess:
-    """The loop of one consumer process: poll, decode, dead-letter, hand over, commit.
+    """The loop of one consumer process: poll, hand over, commit.
 
     ``run`` is the process's main; tests drive it in a thread with a fake
     consumer and sink.
@@ -115,16 +119,10 @@ class ConsumerProcess:
         config: ConsumerConfig,
         *,
         consumer_factory: Callable[[], Any] | None = None,
-        dead_letters: Any = None,
     ) -> None:
-        from services.trainer.ingest import KafkaDeadLetterSink
-
         self.conn = conn
         self.config = config
         self.consumer_factory = consumer_factory or self._default_consumer
-        self.dead_letters = dead_letters or KafkaDeadLetterSink(
-            config.bootstrap, config.dead_letter_topic
-        )
         self.stopping = False
         self.seq = 0
         self.epoch = 0
@@ -157,11 +155,11 @@ class ConsumerProcess:
     def _send(self, message: tuple[Any, ...]) -> None:
         """Queue a message for the sender thread (pickled here, in order).
 
-        A batch is ~100 bytes a row, far more than a socket buffer holds: a
+        A batch is ~90 bytes a record, far more than a socket buffer holds: a
         plain send would block until the writer reads it, i.e. until it has
         applied the batch before. The sender thread blocks instead (without
-        the GIL) and this one goes on polling and decoding, up to
-        MAX_IN_FLIGHT batches ahead.
+        the GIL) and this one goes on polling, up to MAX_IN_FLIGHT batches
+        ahead.
         """
         if self._send_error is not None:
             raise self._send_error
@@ -256,8 +254,6 @@ class ConsumerProcess:
                     self._drain()
                 self._commit(consumer, sync=True)
                 _close(consumer)
-            with contextlib.suppress(Exception):
-                self.dead_letters.close()
             with contextlib.suppress(*_PIPE_GONE):
                 self._send(("bye",))
             self._outbox.put(None)
@@ -304,9 +300,13 @@ class ConsumerProcess:
                 consumer.seek_to_beginning(tp)
 
     def poll_once(self, consumer: Any) -> bool:
-        """One turn: replies, poll, decode, dead letters, hand-over. False when empty."""
-        from services.trainer.ingest import split_batch
+        """One turn: replies, poll, hand-over. False when empty.
 
+        The records go over as they came (``columns_of``: lists of offsets,
+        keys and values): decoding them here would double this process's
+        work per record, and it is the one that also runs kafka-python's
+        record parsing; the writer decodes (``split_columns``).
+        """
         self._pump(0)
         while len(self.in_flight) >= MAX_IN_FLIGHT and not self.stopping:
             self._pump(REPLY_WAIT_S)
@@ -320,21 +320,12 @@ class ConsumerProcess:
             return False
         if self.first_records_at is None:
             self.first_records_at = time.perf_counter()
-        records = [r for tp in sorted(batches, key=lambda t: t.partition) for r in batches[tp]]
-        split = split_batch(records)
-        if split.dead:
-            try:
-                self.dead_letters.send(self.config.topic, split.dead)
-            except Exception as exc:
-                raise _Rewind(f"dead-letter topic unavailable: {exc!r}") from exc
+        columns = columns_of(batches)
         self._update_lag(consumer, force_send=False)
         self.seq += 1
-        self.in_flight[self.seq] = split.next_offsets
-        dead = [(d.partition, d.offset, d.reason, d.detail) for d in split.dead]
-        self._send(
-            ("batch", self.seq, self.epoch, split.rows, split.next_offsets, dead, self.lag,
-             self.first_records_at)
-        )  # fmt: skip
+        # partition -> the offset after its last record (dead letters included)
+        self.in_flight[self.seq] = {c[0]: c[1][-1] + 1 for c in columns}
+        self._send(("batch", self.seq, self.epoch, columns, self.lag, self.first_records_at))
         return True
 
     def _check_failure(self) -> None:
@@ -405,14 +396,14 @@ def consumer_main(conn: Connection, config: ConsumerConfig) -> None:
 
 @dataclass
 class _Pending:
-    """A batch received and not yet applied."""
+    """A batch received (and decoded) and not yet applied."""
 
     member: _Member
     seq: int
     epoch: int
     rows: list[Any]
     next_offsets: dict[int, int]
-    dead_lettered: int
+    dead: list[DeadLetter]
 
 
 @dataclass
@@ -432,10 +423,9 @@ class _Member:
 class ProcessIngest:
     """The writer thread: starts the consumer processes, applies their batches."""
 
-    def __init__(self, ingestor: Ingestor, processes: int, dead_letter_topic: str) -> None:
+    def __init__(self, ingestor: Ingestor, processes: int) -> None:
         self.ingestor = ingestor
         self.processes = processes
-        self.dead_letter_topic = dead_letter_topic
         self.members = [_Member(i) for i in range(processes)]
         self._context = multiprocessing.get_context("spawn")
 
@@ -445,7 +435,6 @@ class ProcessIngest:
             index=index,
             bootstrap=ing.bootstrap,
             topic=ing.topic,
-            dead_letter_topic=self.dead_letter_topic,
             group_id=ing.group_id,
             group_instance_id=member_instance_id(ing.group_instance_id, index, self.processes),
             check_crcs=ing.check_crcs,
@@ -587,8 +576,8 @@ class ProcessIngest:
             member.said_bye = True
 
     def _take_batch(self, member: _Member, message: tuple[Any, ...]) -> _Pending | None:
-        """A received batch, ready to apply; None when it is to be dropped."""
-        _, seq, epoch, rows, next_offsets, dead, lag, first_at = message
+        """A received batch, decoded, ready to apply; None when it is to be dropped."""
+        _, seq, epoch, columns, lag, first_at = message
         status = self.ingestor.status
         if first_at is not None and (
             status.first_records_at is None or first_at < status.first_records_at
@@ -599,42 +588,33 @@ class ProcessIngest:
             self._publish_lag()
         if epoch <= member.discard_epoch:
             return None  # read past a failed batch: the consumer re-reads it
-        for partition, offset, reason, detail in dead:
-            metrics.EVENTS_DEAD_LETTERED.labels(reason).inc()
-            log.warning(
-                "event dead-lettered",
-                extra={
-                    "topic": self.ingestor.topic,
-                    "partition": partition,
-                    "offset": offset,
-                    "reason": reason,
-                    "detail": detail,
-                },
-            )
-        return _Pending(member, seq, epoch, rows, next_offsets, len(dead))
+        split = split_columns(columns)
+        return _Pending(member, seq, epoch, split.rows, split.next_offsets, split.dead)
 
     def _flush(self, group: list[_Pending]) -> list[_Pending]:
-        """Apply the group in one transaction and answer every consumer in it."""
+        """Dead-letter, apply the group in one transaction, answer every consumer in it."""
         if not group:
             return group
         ing = self.ingestor
+        dead = [letter for pending in group for letter in pending.dead]
+        if dead:
+            # Durable in the dead-letter topic before their offsets are in the log.
+            try:
+                ing.dead_letters.send(ing.topic, dead)
+            except Exception as exc:
+                error = f"dead-letter topic unavailable: {exc!r}"
+                log.error("dead-lettering failed; batch will be re-read", extra={"error": error})
+                return self._failed(group, error)
+            note_dead_letters(ing.topic, dead)
         started = time.perf_counter()
         try:
             result = ing.log.apply_batches(
-                ing.topic, [(g.rows, g.next_offsets, g.dead_lettered) for g in group]
+                ing.topic, [(g.rows, g.next_offsets, len(g.dead)) for g in group]
             )
         except EventLogError as exc:
             metrics.LOG_WRITE_FAILURES.inc()
             log.error("event log write failed; batch will be re-read", extra={"error": str(exc)})
-            ing.status.last_error = str(exc)
-            first: dict[int, _Pending] = {}
-            for pending in group:
-                first.setdefault(pending.member.index, pending)
-            for pending in first.values():
-                # Drop what it sent after this batch; it re-reads from the log.
-                pending.member.discard_epoch = pending.epoch
-                self._reply(pending.member, ("failed", pending.seq, str(exc)))
-            return []
+            return self._failed(group, str(exc))
         metrics.APPLY_BATCH_SECONDS.observe(time.perf_counter() - started)
         last: dict[int, _Pending] = {}
         for pending in group:
@@ -642,6 +622,18 @@ class ProcessIngest:
         for pending in last.values():
             self._reply(pending.member, ("applied", pending.seq))
         ing._count(result)
+        return []
+
+    def _failed(self, group: list[_Pending], error: str) -> list[_Pending]:
+        """Nothing of the group was applied: every consumer in it re-reads from the log."""
+        self.ingestor.status.last_error = error
+        first: dict[int, _Pending] = {}
+        for pending in group:
+            first.setdefault(pending.member.index, pending)
+        for pending in first.values():
+            # Drop what it sent after this batch; it re-reads from the log.
+            pending.member.discard_epoch = pending.epoch
+            self._reply(pending.member, ("failed", pending.seq, error))
         return []
 
     def _reply(self, member: _Member, message: tuple[Any, ...]) -> None:

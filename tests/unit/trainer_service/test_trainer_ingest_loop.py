@@ -14,7 +14,14 @@ from kafka import TopicPartition
 from services.common.events import encode_event, new_event
 from services.trainer import metrics
 from services.trainer.event_log import EventLog, EventLogError
-from services.trainer.ingest import DeadLetter, Ingestor, _BatchFailed, split_batch
+from services.trainer.ingest import (
+    DeadLetter,
+    Ingestor,
+    _BatchFailed,
+    columns_of,
+    split_batch,
+    split_columns,
+)
 
 TOPIC = "events"
 
@@ -99,6 +106,30 @@ def test_split_batch_rows_are_row_of_the_decoded_event_for_every_kind() -> None:
         row_of(Incoming(r.partition, r.offset, decode_event(r.value), r.value or b""))
         for r in records
     ]
+
+
+def test_columns_of_a_poll_decode_like_its_records() -> None:
+    """What a consumer process hands over (``columns_of``: offsets, keys and
+    values per partition, partitions in order) decodes, in the writer, to the
+    rows and dead letters of the records themselves, keys kept."""
+    polled = {
+        TopicPartition(TOPIC, 2): [Record(2, 5, b"u", good(3)), Record(2, 6, b"x", b"junk")],
+        TopicPartition(TOPIC, 0): [Record(0, 10, b"u", good(1)), Record(0, 11, None, None)],
+        TopicPartition(TOPIC, 1): [],
+    }
+    columns = columns_of(polled)
+    assert columns == [
+        (0, [10, 11], [b"u", None], [good(1), None]),
+        (2, [5, 6], [b"u", b"x"], [good(3), b"junk"]),
+    ]
+    split = split_columns(columns)
+    assert split == split_batch([r for tp in sorted(polled) for r in polled[tp]])
+    assert [(row[1], row[2]) for row in split.rows] == [(0, 10), (2, 5)]
+    assert [(d.partition, d.offset, d.key, d.reason) for d in split.dead] == [
+        (0, 11, None, "empty"),
+        (2, 6, b"x", "unparseable"),
+    ]
+    assert split.next_offsets == {0: 12, 2: 7}
 
 
 class FakeConsumer:

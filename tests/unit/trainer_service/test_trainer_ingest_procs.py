@@ -206,7 +206,7 @@ class ThreadIngest(ProcessIngest):
     def __init__(
         self, ingestor: Ingestor, consumers: list[list[GroupConsumer]], sink: Sink
     ) -> None:
-        super().__init__(ingestor, len(consumers), sink.topic)
+        super().__init__(ingestor, len(consumers))
         self.consumers = consumers
         self.sink = sink
         self.started: list[GroupConsumer] = []
@@ -215,9 +215,7 @@ class ThreadIngest(ProcessIngest):
         parent, child = multiprocessing.Pipe(duplex=True)
         consumer = self.consumers[index].pop(0)
         self.started.append(consumer)
-        worker = ConsumerProcess(
-            child, self.config(index), consumer_factory=lambda: consumer, dead_letters=self.sink
-        )
+        worker = ConsumerProcess(child, self.config(index), consumer_factory=lambda: consumer)
         return ThreadProcess(worker), parent
 
 
@@ -393,3 +391,83 @@ def test_forgetting_a_user_covers_every_partition_and_consumer(tmp_path: Path) -
     # Each of v's 15 events was either written then erased or dropped on arrival.
     assert counters["applied"] + counters["dropped_forgotten"] == 15 + 6
     assert log.forgotten_users() == {"v"}
+
+
+class FlakySink(Sink):
+    """Refuses the first ``failures`` sends (the dead-letter topic is down);
+    notes the log's offsets at every send."""
+
+    def __init__(self, log: EventLog, failures: int) -> None:
+        super().__init__()
+        self.log = log
+        self.failures = failures
+        self.attempts: list[dict[int, int]] = []
+
+    def send(self, source_topic: str, letters: Sequence[DeadLetter]) -> None:
+        self.attempts.append(self.log.stored_offsets(TOPIC))
+        if len(self.attempts) <= self.failures:
+            raise ConnectionError("dead-letter topic unreachable")
+        super().send(source_topic, letters)
+
+
+def test_the_writer_dead_letters_before_it_applies_and_rereads_when_it_cannot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Consumers hand raw records over; the writer decodes them. A bad record
+    goes to the dead-letter topic (with its key and bytes) before its batch is
+    applied; while that topic is down nothing of the batch, nor of what the
+    consumer read after it, is applied, and the consumer re-reads from the log."""
+    values = {0: [view(f"a{i}") for i in range(20)], 1: [view(f"b{i}") for i in range(4)]}
+    values[0][7] = b"junk"
+    log, topic, ingestor, _ = setup(tmp_path, values)
+    sink = FlakySink(log, failures=2)
+    ingestor.dead_letters = sink
+    consumer = GroupConsumer(topic, [0, 1])
+    ingest = ThreadIngest(ingestor, [[consumer]], sink)
+    caplog.set_level("WARNING", logger="coldstart.trainer.ingest")
+    run_until(ingest, caught_up(log, topic))
+    assert len(sink.attempts) == 3
+    # The junk's batch (offsets 6-8 of partition 0) was never in the log at a send.
+    assert all(stored.get(0, 0) <= 7 for stored in sink.attempts)
+    assert [(d.partition, d.offset, d.key, d.value, d.reason) for d in sink.sent] == [
+        (0, 7, b"k", b"junk", "unparseable")
+    ]
+    # Sought back to the log's offsets after each failure, never past the junk.
+    rewinds = [o for p, o in consumer.seeks if p == 0]
+    assert len(rewinds) == 3 and all(o <= 7 for o in rewinds)
+    assert sorted(ids(log)) == sorted(
+        [f"a{i}" for i in range(20) if i != 7] + [f"b{i}" for i in range(4)]
+    )
+    assert log.counters()["dead_lettered"] == 1
+    assert log.counters()["duplicates"] == 0
+    assert topic.commits_ahead_of_log == []
+    lettered = [r for r in caplog.records if r.getMessage() == "event dead-lettered"]
+    assert [(r.__dict__["partition"], r.__dict__["offset"]) for r in lettered] == [(0, 7)]
+
+
+def test_a_consumer_hands_over_raw_columns_and_next_offsets(tmp_path: Path) -> None:
+    """What crosses the pipe: per partition, the records' offsets, keys and
+    values as polled (no decoding in the consumer process)."""
+    values = {0: [view("a0"), b"junk", view("a2")], 1: [view("b0")]}
+    _log, topic, ingestor, _ = setup(tmp_path, values)
+    parent, child = multiprocessing.Pipe(duplex=True)
+    consumer = GroupConsumer(topic, [0, 1])
+    worker = ConsumerProcess(
+        child, ProcessIngest(ingestor, 1).config(0), consumer_factory=lambda: consumer
+    )
+    try:
+        consumer.listener = None
+        consumer.assigned = True
+        consumer.positions = {0: 0, 1: 0}
+        assert worker.poll_once(consumer)
+        message = parent.recv()
+        while message[0] != "batch":
+            message = parent.recv()
+        _, seq, epoch, columns, _lag, first_at = message
+        assert columns == [(0, [0, 1, 2], [b"k"] * 3, values[0]), (1, [0], [b"k"], values[1])]
+        assert worker.in_flight[seq] == {0: 3, 1: 1}
+        assert epoch == 0 and first_at is not None
+    finally:
+        worker._outbox.put(None)
+        parent.close()
+        child.close()

@@ -70,6 +70,15 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 
 CACHE_KIB = 64 * 1024
+# Page size of a NEW log (an existing one keeps its own): 16 KiB pages cost
+# ~10% less per inserted row than SQLite's default 4 KiB (fewer, shallower
+# B-tree pages to search and split for the random-key dedupe index).
+PAGE_SIZE = 16 * 1024
+# The writer checkpoints the WAL into the database once it holds this much.
+# SQLite's default (1000 pages) checkpoints after nearly every 20k-row group
+# commit, and each checkpoint fsyncs twice: ~1.7 us per event on the writer
+# thread against ~1 us with this (see docs/TRAINER.md, "Ingest rate").
+WAL_CHECKPOINT_BYTES = 32 * 1024 * 1024
 FORGOTTEN = "user_forgotten"
 COUNTERS = ("applied", "duplicates", "dropped_forgotten", "forgotten_users", "dead_lettered")
 
@@ -152,12 +161,18 @@ def row_of(item: Incoming) -> Row:
 
 
 def connect(
-    path: Path, *, synchronous: str = "NORMAL", timeout_s: float = 30.0
+    path: Path, *, synchronous: str = "NORMAL", timeout_s: float = 30.0, page_size: int = 0
 ) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit BEGIN/COMMIT)."""
+    """A connection in autocommit mode (transactions are explicit BEGIN/COMMIT).
+
+    ``page_size`` applies only when this creates the database (SQLite ignores
+    it for an existing one in WAL mode).
+    """
     conn = sqlite3.connect(
         str(path), timeout=timeout_s, isolation_level=None, check_same_thread=False
     )
+    if page_size:
+        conn.execute(f"PRAGMA page_size = {int(page_size)}")  # before WAL mode: it fixes the size
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
     # The dedupe index takes random UUID keys: a batch touches pages all over
@@ -174,8 +189,11 @@ class EventLog:
         self.synchronous = synchronous
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._conn = connect(self.path, synchronous=synchronous)
+            self._conn = connect(self.path, synchronous=synchronous, page_size=PAGE_SIZE)
             self._conn.executescript(SCHEMA)
+            (page,) = self._conn.execute("PRAGMA page_size").fetchone()
+            pages = max(1000, WAL_CHECKPOINT_BYTES // int(page))
+            self._conn.execute(f"PRAGMA wal_autocheckpoint = {pages}")
         except sqlite3.Error as exc:
             raise EventLogError(f"cannot open the event log {self.path}: {exc}") from exc
         self._lock = threading.Lock()

@@ -191,3 +191,34 @@ def test_unopenable_log_raises_event_log_error(tmp_path: Path) -> None:
     folder.mkdir()
     with pytest.raises(EventLogError, match="cannot open"):
         EventLog(folder)
+
+
+def test_a_new_log_gets_big_pages_and_an_existing_one_keeps_its_own(tmp_path: Path) -> None:
+    """Page size and checkpoint interval are speed settings: a log created by
+    an older build (4 KiB pages) opens, keeps its page size and its events."""
+    from services.trainer import event_log
+
+    new = EventLog(tmp_path / "new.sqlite")
+    new.apply(TOPIC, incoming([interaction("u", "i", 1)]), {0: 1})
+    (page,) = new._conn.execute("PRAGMA page_size").fetchone()
+    (pages,) = new._conn.execute("PRAGMA wal_autocheckpoint").fetchone()
+    assert page == event_log.PAGE_SIZE
+    assert pages * page == event_log.WAL_CHECKPOINT_BYTES
+    new.close()
+
+    old_path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(old_path)
+    conn.execute("PRAGMA page_size = 4096")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(event_log.SCHEMA)
+    conn.close()
+    old = EventLog(old_path)
+    old.apply(TOPIC, incoming([interaction("u", "i", 1, event_id="a")]), {0: 1})
+    old.close()
+    old = EventLog(old_path)
+    assert old._conn.execute("PRAGMA page_size").fetchone() == (4096,)
+    assert old._conn.execute("PRAGMA wal_autocheckpoint").fetchone() == (
+        event_log.WAL_CHECKPOINT_BYTES // 4096,
+    )
+    assert ids(old) == ["a"] and old.stored_offsets(TOPIC) == {0: 1}
+    old.close()

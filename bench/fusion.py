@@ -47,12 +47,15 @@ CATALOG_ITEMS = 100_000
 DIMENSION = 64
 CONTENT_DIMENSION = 384
 USERS = 1_000
+# Bumped when the synthetic version's files change (2: the ANN index is tuned,
+# services.common.ann), so a cached catalog of an older build is not reused.
+CATALOG_REVISION = 2
 
 
 # -- set-up ---------------------------------------------------------------------
 def cached_catalog(n_items: int) -> ModelRegistry:
     """A synthetic version, built once per size and reused by later runs."""
-    registry = ModelRegistry(cache_dir() / "bench" / f"fusion-{n_items}")
+    registry = ModelRegistry(cache_dir() / "bench" / f"fusion-{n_items}-{CATALOG_REVISION}")
     if registry.current() is None:
         from services.fusion.synthetic import publish_version
 

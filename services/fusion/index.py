@@ -6,8 +6,9 @@ a row's vector never changes once written and concurrent readers need no lock:
 writers append into spare capacity and then publish a new immutable ``_View``
 (count, arrays, ANN index) with one reference assignment.
 
-Search = HNSW (faiss, inner product) over the rows folded into the ANN index +
-an exact scan of the rows appended since (the side buffer), merged. When the
+Search = the version's ANN index (faiss, inner product: HNSW, IVF or flat, see
+``services.common.ann``) over the rows folded into it + an exact scan of the
+rows appended since (the side buffer), merged. When the
 side buffer passes ``fold_threshold`` a background thread clones the ANN index,
 adds the side rows and publishes the clone; until then searches stay exact over
 the side rows, so an upserted item is retrievable at once.
@@ -19,15 +20,20 @@ import logging
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import faiss
 import numpy as np
+
+from services.common import ann as ann_kinds
 
 log = logging.getLogger("coldstart.fusion.index")
 
 # Filtered searches scan exactly when at most this many rows pass the filter:
 # exact is then cheaper than over-fetching from the ANN index, and complete.
 EXACT_FILTER_LIMIT = 20_000
+# efSearch of an HNSW index built at load (a version without an index file).
+DEFAULT_EF_SEARCH = 160
 
 _omp = threading.local()
 
@@ -47,11 +53,11 @@ def one_omp_thread() -> None:
         _omp.done = True
 
 
-def build_hnsw(vectors: np.ndarray, m: int = 32, ef_construction: int = 80) -> faiss.Index:
-    index = faiss.IndexHNSWFlat(vectors.shape[1], m, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = ef_construction
-    if len(vectors):
-        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+def build_hnsw(vectors: np.ndarray, m: int = 32, ef_construction: int = 80) -> Any:
+    """The index built here when a version ships none (graph build kept cheap: it
+    runs at load); its efSearch is ``DEFAULT_EF_SEARCH``."""
+    index = ann_kinds.build(vectors, "hnsw", m=m, ef_construction=ef_construction)
+    index.hnsw.efSearch = DEFAULT_EF_SEARCH
     return index
 
 
@@ -91,7 +97,8 @@ class ItemIndex:
         popularity: np.ndarray,
         ann: faiss.Index | None,
         *,
-        ef_search: int = 160,
+        ef_search: int = 0,
+        nprobe: int = 0,
         fold_threshold: int = 5_000,
     ) -> None:
         n = len(metas)
@@ -99,10 +106,14 @@ class ItemIndex:
             raise ValueError("metas, vectors, content and popularity must have the same rows")
         if ann is not None and ann.ntotal != n:
             raise ValueError(f"index holds {ann.ntotal} vectors for {n} items")
+        if ann is not None and ann_kinds.kind_of(ann) is None:
+            raise ValueError(f"cannot search a faiss {type(ann).__name__}")
         self.base_count = n
         self.dimension = int(vectors.shape[1])
         self.content_dimension = int(content.shape[1])
+        # Search breadth overrides; 0 = the index's own (as the version was tuned).
         self.ef_search = ef_search
+        self.nprobe = nprobe
         self.fold_threshold = fold_threshold
         self._lock = threading.Lock()
         self._folding = False
@@ -251,6 +262,9 @@ class ItemIndex:
             self._folding = False
 
     # -- searching ----------------------------------------------------------
+    def _breadth(self, ann: faiss.Index, fetch: int) -> int:
+        return ann_kinds.breadth(ann, fetch, ef_search=self.ef_search, nprobe=self.nprobe)
+
     def _fetch(self, k: int, excluded: int, filtered: bool, fraction: float) -> int:
         """Rows to ask the ANN index for so that ``k`` are left after dropping the
         excluded and deleted ones (at most that many) and, with a filter, those it
@@ -292,7 +306,7 @@ class ItemIndex:
         fetch = self._fetch(k, len(excluded), mask is not None, fraction)
         for _attempt in range(3):
             fetch = min(fetch, view.ann_count)
-            params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, fetch))  # type: ignore[attr-defined]
+            params = ann_kinds.search_params(view.ann, self._breadth(view.ann, fetch))
             scores, rows = view.ann.search(query, fetch, params=params)
             rows, scores = rows[0], scores[0]
             keep = rows >= 0
@@ -321,10 +335,11 @@ class ItemIndex:
         """``search`` for several queries at once, with the same answers.
 
         The unfiltered (or broadly filtered) queries share one faiss call per
-        distinct efSearch: faiss releases the GIL and amortises its set-up over
-        the batch. A query's top ``fetch`` of a search for more rows at the same
-        efSearch are the rows a search for ``fetch`` finds (HNSW visits nodes
-        by efSearch alone), so batching does not change any answer. Exact
+        distinct search breadth (HNSW efSearch, IVF nprobe): faiss releases the
+        GIL and amortises its set-up over the batch. A query's top ``fetch`` of a
+        search for more rows at the same breadth are the rows a search for
+        ``fetch`` finds (HNSW visits nodes by efSearch alone, IVF scans the same
+        cells), so batching does not change any answer. Exact
         scans (narrow filters, the side buffer) and the rare retry with a
         larger fetch go through ``search`` one query at a time.
         """
@@ -332,7 +347,7 @@ class ItemIndex:
         view = self._view
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(ks)
-        # efSearch -> [(query number, fetch, mask)]
+        # breadth -> [(query number, fetch, mask)]
         groups: dict[int, list[tuple[int, int, np.ndarray | None]]] = {}
         for i, (k, wanted, excluded) in enumerate(zip(ks, eligibles, excludeds, strict=True)):
             eligible = None if wanted is None else wanted[wanted < view.count]
@@ -351,13 +366,13 @@ class ItemIndex:
                 mask[eligible] = True
                 fraction = max(len(eligible) / max(view.count, 1), 1e-3)
             fetch = min(self._fetch(k, len(excluded), mask is not None, fraction), view.ann_count)
-            groups.setdefault(max(self.ef_search, fetch), []).append((i, fetch, mask))
+            groups.setdefault(self._breadth(view.ann, fetch), []).append((i, fetch, mask))
         # Scratch mask for the exclusions: set, test, reset per query (cheaper than isin).
         blocked = np.zeros(view.count, dtype=bool) if groups else None
-        for ef, jobs in groups.items():
+        for breadth, jobs in groups.items():
             assert view.ann is not None and blocked is not None
             width = max(fetch for _i, fetch, _m in jobs)
-            params = faiss.SearchParametersHNSW(efSearch=ef)  # type: ignore[attr-defined]
+            params = ann_kinds.search_params(view.ann, breadth)
             all_scores, all_rows = view.ann.search(
                 queries[[i for i, _f, _m in jobs]], width, params=params
             )

@@ -60,6 +60,7 @@ def build(settings: FusionSettings) -> ServiceParts:
             path,
             intra_op_threads=settings.intra_op_threads,
             ef_search=settings.ef_search,
+            nprobe=settings.nprobe,
             fold_threshold=settings.fold_threshold,
         )
 

@@ -29,6 +29,7 @@ import faiss
 import numpy as np
 import onnxruntime as ort
 
+from services.common import ann as ann_kinds
 from services.fusion import features
 from services.fusion.index import ItemIndex, ItemMeta, build_hnsw
 
@@ -194,7 +195,8 @@ class ModelVersion:
         path: Path,
         *,
         intra_op_threads: int = 1,
-        ef_search: int = 160,
+        ef_search: int = 0,
+        nprobe: int = 0,
         fold_threshold: int = 5_000,
     ) -> ModelVersion:
         path = Path(path)
@@ -211,6 +213,7 @@ class ModelVersion:
                 path,
                 intra_op_threads=intra_op_threads,
                 ef_search=ef_search,
+                nprobe=nprobe,
                 fold_threshold=fold_threshold,
             )
         if fmt != FORMAT:
@@ -267,6 +270,9 @@ class ModelVersion:
                     f"{index_path}: holds {ann.ntotal} vectors of dimension {ann.d}, "
                     f"expected {n} of {dimension}"
                 )
+            if ann_kinds.kind_of(ann) is None:
+                # A kind the search cannot pass parameters to: rebuilt as HNSW.
+                ann = build_hnsw(vectors)
         else:
             ann = build_hnsw(vectors)
         index = ItemIndex(
@@ -276,6 +282,7 @@ class ModelVersion:
             popularity,
             ann,
             ef_search=ef_search,
+            nprobe=nprobe,
             fold_threshold=fold_threshold,
         )
         model = cls(version, manifest, user_session, item_session, ranker_session, index)

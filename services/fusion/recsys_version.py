@@ -39,6 +39,7 @@ import faiss
 import numpy as np
 import onnxruntime as ort
 
+from services.common import ann as ann_kinds
 from services.common.recsys_features import (
     FeatureSpec,
     RankerTables,
@@ -121,7 +122,8 @@ class RecsysModelVersion(ModelVersion):
         path: Path,
         *,
         intra_op_threads: int = 1,
-        ef_search: int = 160,
+        ef_search: int = 0,
+        nprobe: int = 0,
         fold_threshold: int = 5_000,
     ) -> RecsysModelVersion:
         path = Path(path)
@@ -198,8 +200,8 @@ class RecsysModelVersion(ModelVersion):
                     f"{index_path}: holds {ann.ntotal} vectors of dimension {ann.d}, "
                     f"expected {n} of {dimension}"
                 )
-            if not isinstance(ann, faiss.IndexHNSW):
-                # The search passes HNSW parameters per call; other kinds are rebuilt.
+            if ann_kinds.kind_of(ann) is None:
+                # A kind the search cannot pass parameters to: rebuilt as HNSW.
                 ann = build_hnsw(vectors)
         else:
             ann = build_hnsw(vectors)
@@ -210,6 +212,7 @@ class RecsysModelVersion(ModelVersion):
             popularity,
             ann,
             ef_search=ef_search,
+            nprobe=nprobe,
             fold_threshold=fold_threshold,
         )
         tables = RankerTables(

@@ -27,13 +27,17 @@ class FusionSettings(ServerSettings):
     # Encoder for interest text that arrives without a vector; empty = leave it unset.
     encoder_address: str = ""
     encoder_timeout_s: float = 2.0
-    # Retrieval: candidates handed to the ranker, and the HNSW search breadth.
+    # Retrieval: candidates handed to the ranker, and the ANN search breadth.
     # candidates 0: as many as the version's ranker was trained to order (its
     # manifest's ranker.candidates; DEFAULT_CANDIDATES where it does not say).
     # Handing the ranker more puts items in front of it unlike any it learned on,
     # and costs search and ranking time per call.
     candidates: int = 0
-    ef_search: int = 160
+    # ANN search breadth: HNSW efSearch / IVF nprobe. 0: the version's own, which
+    # its builder tuned on its users' vectors to a recall target and stored in the
+    # index file (services/common/ann.py); a value overrides it for every version.
+    ef_search: int = 0
+    nprobe: int = 0
     # Upserted items stay in an exact side buffer until this many, then fold into the ANN index.
     fold_threshold: int = 5_000
     # ONNX Runtime threads per call; 1 suits many concurrent calls on few cores.
@@ -59,7 +63,11 @@ class FusionSettings(ServerSettings):
         check_positive("encoder_timeout_s", self.encoder_timeout_s)
         if self.candidates < 0:
             raise SettingsError(f"candidates: must be >= 0 (0: the model's), got {self.candidates}")
-        check_positive("ef_search", self.ef_search)
+        for name in ("ef_search", "nprobe"):
+            if getattr(self, name) < 0:
+                raise SettingsError(
+                    f"{name}: must be >= 0 (0: the version's own), got {getattr(self, name)}"
+                )
         check_positive("fold_threshold", self.fold_threshold)
         check_positive("intra_op_threads", self.intra_op_threads)
         check_positive("max_k", self.max_k)

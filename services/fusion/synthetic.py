@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from services.common import ann
 from services.common.registry import ModelRegistry
-from services.fusion.index import build_hnsw
 from services.fusion.model_version import FORMAT
 
 USER_VOCAB = {"age_band": ["18-24", "25-34", "35-49", "50+"], "region": ["eu", "na", "asia"]}
@@ -29,6 +29,8 @@ ITEM_VOCAB = {"category": [f"c{i}" for i in range(8)]}
 RANKER_FEATURES = ["dot", "interest_sim", "history_sim", "log_popularity", "history_count"]
 RANKER_WEIGHTS = [1.0, 0.5, 0.5, 0.05, 0.0]
 OPSET = 17
+# Tower candidates the synthetic ranker declares (as the trainer's default).
+CANDIDATES = 100
 
 
 def clustered_vectors(
@@ -48,6 +50,22 @@ def clustered_vectors(
         block /= np.linalg.norm(block, axis=1, keepdims=True)
         out[start : start + step] = block
     return out, labels
+
+
+def sample_user_vectors(
+    item_vectors: np.ndarray, *, users: int = 500, max_history: int = 5, seed: int = 0
+) -> np.ndarray:
+    """Query vectors like the users of a synthetic version: each the normalised mean
+    of 1..``max_history`` random items' vectors (the synthetic user tower projects
+    its history's mean content as the item tower projects an item's, so this is its
+    output up to the small attribute term). Used to tune the version's ANN index."""
+    rng = np.random.default_rng(seed + 1)
+    n = len(item_vectors)
+    out = np.empty((users, item_vectors.shape[1]), dtype=np.float32)
+    for u in range(users):
+        out[u] = item_vectors[rng.integers(n, size=int(rng.integers(1, max_history + 1)))].mean(0)
+    out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return out
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
@@ -177,10 +195,12 @@ def write_version_files(
                 "tags": [f"t{i % 5}"],
             }
             handle.write(json.dumps(record) + "\n")
+    index_desc: dict[str, Any] = {}
     if with_index:
         import faiss
 
-        faiss.write_index(build_hnsw(vectors), str(folder / "items.faiss"))
+        index, index_desc = ann.tune(vectors, sample_user_vectors(vectors, seed=seed), CANDIDATES)
+        faiss.write_index(index, str(folder / "items.faiss"))
     return {
         "format": FORMAT,
         "dimension": dimension,
@@ -192,8 +212,9 @@ def write_version_files(
             "input": "features",
             "output": "score",
             "features": RANKER_FEATURES,
-            "candidates": 100,
+            "candidates": CANDIDATES,
         },
+        **({"index": index_desc} if index_desc else {}),
         "encoder_model": "synthetic",
         "metrics": {"recall@20": 0.0},
         "item_count": n_items,

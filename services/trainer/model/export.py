@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from services.common import ann
 from services.common.recsys_features import item_tower_inputs, ranker_features, user_tower_inputs
 from services.trainer.model.bundle import MODEL_DIR, Bundle, load_bundle
 from services.trainer.model.onnx_version import FORMAT
@@ -207,51 +208,27 @@ def export_onnx(bundle: Bundle, folder: Path, seed: int = 0) -> dict[str, Any]:
 def build_index(
     vectors: np.ndarray, kind: str, params: dict[str, int]
 ) -> tuple[Any, dict[str, Any]]:
-    """An inner-product faiss index over the item vectors, and its description."""
-    import faiss
-
-    d = vectors.shape[1]
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    index: Any
+    """An inner-product faiss index of ``kind`` (hnsw, ivf, flat) with the given
+    parameters, and its description."""
+    index = ann.build(
+        vectors,
+        kind,
+        m=params["m"],
+        ef_construction=params["ef_construction"],
+        nlist=min(params["nlist"], max(1, len(vectors) // 39)),
+    )
     if kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, params["m"], faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = params["ef_construction"]
         index.hnsw.efSearch = params["ef_search"]
-        index.add(x)
-        desc = {
-            "type": "IndexHNSWFlat",
-            "M": params["m"],
-            "efConstruction": params["ef_construction"],
-            "efSearch": params["ef_search"],
-        }
     elif kind == "ivf":
-        nlist = max(1, min(params["nlist"], len(x) // 39))
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(x)
-        index.add(x)
-        index.nprobe = min(nlist, params["nprobe"])
-        desc = {"type": "IndexIVFFlat", "nlist": nlist, "nprobe": index.nprobe}
-    else:
-        raise ValueError(f"--index: unknown kind {kind!r}")
-    desc.update({"metric": "inner_product", "dimension": d, "ntotal": int(index.ntotal)})
-    return index, desc
-
-
-def index_recall(index: Any, vectors: np.ndarray, queries: np.ndarray, k: int = 100) -> float:
-    """Recall@k of the ANN index against exact inner-product search."""
-    k = min(k, len(vectors))
-    _, approx = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-    exact = np.argsort(-(queries @ vectors.T), axis=1)[:, :k]
-    hits = [len(np.intersect1d(a, e)) for a, e in zip(approx, exact, strict=True)]
-    return float(np.mean(hits) / k)
+        index.nprobe = min(int(index.nlist), params["nprobe"])
+    return index, ann.describe(index)
 
 
 def write_version(
     bundle: Bundle,
     folder: Path,
     *,
-    index_kind: str = "hnsw",
+    index_kind: str = "auto",
     index_params: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Fill ``folder`` with every file of a version; returns the manifest (not written)."""
@@ -278,8 +255,6 @@ def write_version(
     (folder / FILES["user_ids"]).write_text(json.dumps(bundle.user_ids))
     np.save(folder / FILES["user_attributes"], t["user_attrs"].astype(np.float32))
 
-    index, index_desc = build_index(item_vecs, index_kind, params)
-    faiss.write_index(index, str(folder / FILES["index"]))
     sample = _sample_users(bundle, 200, np.random.default_rng(1))
     queries = (
         bundle.towers.user(
@@ -298,7 +273,18 @@ def write_version(
         .detach()
         .numpy()
     )
-    index_desc["recall@100_vs_exact"] = round(index_recall(index, item_vecs, queries), 4)
+    # The index is searched for the ranker's candidates, so its recall is measured
+    # (and, for "auto", its kind and breadth chosen) at that fetch, on these users.
+    fetch = bundle.config.ranker_candidates
+    if index_kind == "auto":
+        index, index_desc = ann.tune(item_vecs, queries, fetch)
+    else:
+        index, index_desc = build_index(item_vecs, index_kind, params)
+        truth = ann.exact_top(item_vecs, queries, fetch)
+        width = ann.breadth(index, truth.shape[1])
+        index_desc["recall"] = round(ann.recall(index, queries, truth, width), 4)
+    index_desc["recall_k"] = min(fetch, len(item_vecs))
+    faiss.write_index(index, str(folder / FILES["index"]))
 
     spec = bundle.spec
     files = dict(FILES)
@@ -366,7 +352,7 @@ def publish(
     bundle: Bundle,
     registry_root: Path,
     *,
-    index_kind: str = "hnsw",
+    index_kind: str = "auto",
     index_params: dict[str, int] | None = None,
     set_current: bool = True,
     tag: str = "",
@@ -392,7 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--registry", type=Path, help="registry root (default .run/registry/recommender)"
     )
-    p.add_argument("--index", default="hnsw", choices=("hnsw", "ivf"))
+    p.add_argument(
+        "--index",
+        default="auto",
+        choices=("auto", *ann.KINDS),
+        help="auto (default): the fastest kind and breadth reaching recall@candidates "
+        f">= {ann.DEFAULT_RECALL_TARGET} on sampled users; the other options fix the kind",
+    )
     p.add_argument("--hnsw-m", type=int, default=32)
     p.add_argument("--ef-construction", type=int, default=200)
     p.add_argument("--ef-search", type=int, default=128)

@@ -1,14 +1,31 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
+import pytest
 
+from services.common import ann
 from services.fusion.index import ItemIndex, ItemMeta, build_hnsw
 from services.fusion.synthetic import clustered_vectors
 
+# Every kind a version may ship; IVF searched with all its cells is exact, like flat.
+KINDS = ["hnsw", "ivf", "flat"]
 
-def make_index(n: int = 500, dim: int = 8, fold_threshold: int = 1_000) -> ItemIndex:
+
+def make_ann(vectors: np.ndarray, kind: str) -> Any:
+    if kind == "hnsw":
+        return build_hnsw(vectors)
+    index = ann.build(vectors, kind, nlist=8)
+    if kind == "ivf":
+        index.nprobe = 8
+    return index
+
+
+def make_index(
+    n: int = 500, dim: int = 8, fold_threshold: int = 1_000, kind: str = "hnsw"
+) -> ItemIndex:
     vectors, labels = clustered_vectors(n, dim, clusters=8, seed=1)
     metas = [
         ItemMeta(f"i{r}", f"Item {r}", {"colour": f"c{labels[r] % 3}"}, (f"t{r % 4}",))
@@ -20,7 +37,7 @@ def make_index(n: int = 500, dim: int = 8, fold_threshold: int = 1_000) -> ItemI
         vectors,
         vectors.copy(),
         popularity,
-        build_hnsw(vectors),
+        make_ann(vectors, kind),
         fold_threshold=fold_threshold,
     )
 
@@ -30,16 +47,18 @@ def exact_top(index: ItemIndex, query: np.ndarray, k: int) -> list[int]:
     return list(np.argsort(-scores)[:k])
 
 
-def test_search_agrees_with_exact_search() -> None:
-    index = make_index()
+@pytest.mark.parametrize("kind", KINDS)
+def test_search_agrees_with_exact_search(kind: str) -> None:
+    index = make_index(kind=kind)
     query = index.vectors(np.asarray([3]))[0]
     rows, scores = index.search(query, 20)
     assert list(rows) == exact_top(index, query, 20)
     assert np.all(np.diff(scores) <= 1e-6)
 
 
-def test_upserted_item_is_found_at_once_and_replacement_hides_old_row() -> None:
-    index = make_index()
+@pytest.mark.parametrize("kind", KINDS)
+def test_upserted_item_is_found_at_once_and_replacement_hides_old_row(kind: str) -> None:
+    index = make_index(kind=kind)
     query = np.zeros(8, dtype=np.float32)
     query[0] = 1.0
     index.upsert([ItemMeta("new")], query[None, :], query[None, :])
@@ -54,8 +73,9 @@ def test_upserted_item_is_found_at_once_and_replacement_hides_old_row() -> None:
     assert len(index) == 501
 
 
-def test_filters_and_exclusions() -> None:
-    index = make_index()
+@pytest.mark.parametrize("kind", KINDS)
+def test_filters_and_exclusions(kind: str) -> None:
+    index = make_index(kind=kind)
     query = index.vectors(np.asarray([10]))[0]
     eligible = index.eligible({"colour": "c1"}, ["t2"])
     assert eligible is not None and len(eligible) > 0
@@ -69,8 +89,9 @@ def test_filters_and_exclusions() -> None:
     assert len(index.search(query, 5, eligible=index.eligible({"colour": "nope"}, []))[0]) == 0
 
 
-def test_side_buffer_folds_into_the_ann_index_without_losing_items() -> None:
-    index = make_index(fold_threshold=10)
+@pytest.mark.parametrize("kind", KINDS)
+def test_side_buffer_folds_into_the_ann_index_without_losing_items(kind: str) -> None:
+    index = make_index(kind=kind, fold_threshold=10)
     extra, _ = clustered_vectors(30, 8, clusters=4, seed=7)
     for i in range(30):
         index.upsert([ItemMeta(f"x{i}")], extra[i : i + 1], extra[i : i + 1])
@@ -112,8 +133,9 @@ def test_searches_run_on_one_openmp_thread_in_any_thread() -> None:
     assert seen == [1]
 
 
-def test_unfiltered_search_asks_the_index_for_what_can_be_dropped_only() -> None:
-    index = make_index()
+@pytest.mark.parametrize("kind", KINDS)
+def test_unfiltered_search_asks_the_index_for_what_can_be_dropped_only(kind: str) -> None:
+    index = make_index(kind=kind)
     # k + exclusions + deleted rows: nothing else can be dropped without a filter.
     assert index._fetch(200, 5, False, 1.0) == 205
     assert index._fetch(200, 5, True, 0.5) > 410
@@ -121,3 +143,27 @@ def test_unfiltered_search_asks_the_index_for_what_can_be_dropped_only() -> None
     excluded = np.asarray(exact_top(index, query, 5), dtype=np.int64)
     rows, _ = index.search_batch(query[None, :], [20], eligibles=[None], excludeds=[excluded])[0]
     assert list(rows) == exact_top(index, query, 25)[5:]
+
+
+def test_search_breadth_comes_from_the_index_unless_overridden() -> None:
+    vectors, _ = clustered_vectors(500, 8, clusters=8, seed=1)
+    hnsw = build_hnsw(vectors)
+    hnsw.hnsw.efSearch = 70
+    metas = [ItemMeta(f"i{r}") for r in range(500)]
+    pop = np.ones(500, np.float32)
+    own = ItemIndex(metas, vectors, vectors, pop, hnsw)
+    assert own._breadth(hnsw, 20) == 70 and own._breadth(hnsw, 90) == 90
+    assert ItemIndex(metas, vectors, vectors, pop, hnsw, ef_search=30)._breadth(hnsw, 20) == 30
+    ivf = make_ann(vectors, "ivf")
+    assert ItemIndex(metas, vectors, vectors, pop, ivf)._breadth(ivf, 20) == 8
+    assert ItemIndex(metas, vectors, vectors, pop, ivf, nprobe=2)._breadth(ivf, 20) == 2
+
+
+def test_an_index_kind_it_cannot_search_is_refused() -> None:
+    import faiss
+
+    vectors, _ = clustered_vectors(50, 8, clusters=2, seed=1)
+    lsh = faiss.IndexLSH(8, 16)
+    lsh.add(vectors)
+    with pytest.raises(ValueError, match="IndexLSH"):
+        ItemIndex([ItemMeta(f"i{r}") for r in range(50)], vectors, vectors, np.ones(50), lsh)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -45,8 +46,12 @@ def test_parity_and_manifest(version: Path) -> None:
     assert inputs["hist_vec"]["shape"] == ["batch", manifest["dimension"]]
     assert manifest["towers"]["item"]["outputs"][0]["shape"] == ["batch", manifest["dimension"]]
     assert len(manifest["ranker"]["features"]) == manifest["ranker"]["io"]["inputs"][0]["shape"][1]
-    assert manifest["index"]["type"] == "IndexHNSWFlat" and manifest["index"]["M"] == 32
-    assert manifest["index"]["recall@100_vs_exact"] > 0.9
+    # "auto": the kind and breadth were chosen on sampled users at the ranker's fetch.
+    index = manifest["index"]
+    assert index["kind"] in ("flat", "ivf", "hnsw")
+    assert index["recall"] >= index["tuning"]["recall_target"] == 0.98
+    assert index["recall_k"] == min(manifest["ranker"]["candidates"], manifest["n_items"])
+    assert {row["kind"] for row in index["tuning"]["tried"]} == {"flat", "ivf", "hnsw"}
     assert manifest["metrics"] == {"recall@20": 0.5}
     assert manifest["data"]["offsets"] == {"0": 12}
     assert "parent_version" in manifest
@@ -95,6 +100,32 @@ def test_new_item_vector_from_the_item_tower(version: Path) -> None:
     index = faiss.read_index(str(version / "items.faiss"))
     index.add(vec.astype(np.float32))
     assert index.ntotal == served.item_vectors.shape[0] + 1
+
+
+def test_fixed_index_kind(tiny_trained: TrainResult, tmp_path: Path) -> None:
+    """--index hnsw keeps the given graph parameters and reports its measured recall."""
+    import faiss
+
+    data = tiny_trained.data
+    save_bundle(
+        tmp_path / "run" / "model",
+        tiny_trained,
+        [f"i{i}" for i in range(data.n_items)],
+        [f"u{u}" for u in range(data.n_users)],
+        {},
+    )
+    params = {"m": 16, "ef_construction": 100, "ef_search": 40}
+    _, path = publish(
+        load_bundle(tmp_path / "run" / "model"),
+        tmp_path / "registry",
+        index_kind="hnsw",
+        index_params=params,
+    )
+    index = json.loads((path / "manifest.json").read_text())["index"]
+    assert (index["type"], index["M"], index["efSearch"]) == ("IndexHNSWFlat", 16, 40)
+    assert 0 < index["recall"] <= 1 and "tuning" not in index
+    stored: Any = faiss.read_index(str(path / "items.faiss"))
+    assert stored.hnsw.efSearch == 40
 
 
 def test_cli_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

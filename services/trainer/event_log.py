@@ -25,6 +25,7 @@ overwritten, not only unlinked.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -82,13 +83,27 @@ WAL_CHECKPOINT_BYTES = 32 * 1024 * 1024
 FORGOTTEN = "user_forgotten"
 COUNTERS = ("applied", "duplicates", "dropped_forgotten", "forgotten_users", "dead_lettered")
 
+INTERACTION = "interaction"
 _INSERT = (
     "INSERT OR IGNORE INTO events "
-    "(event_id, partition, offset, ts_ms, kind, user_id, item_id, action, value, payload) "
+    "(event_id, partition, offset, ts_ms, user_id, item_id, action, value, kind, payload) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# Interactions (nearly every event) bind 8 values, not 10: ~0.5 us less per row.
+_INSERT_INTERACTION = (
+    "INSERT OR IGNORE INTO events "
+    "(event_id, partition, offset, ts_ms, user_id, item_id, action, value, kind, payload) "
+    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, '{INTERACTION}', NULL)"
+)
 
-Row = tuple[str, int, int, int, str, str | None, str | None, str | None, float | None, bytes | None]
+# A log row: (event_id, partition, offset, ts_ms, user_id, item_id, action,
+# value) for an interaction (``_INSERT_INTERACTION``'s values), the same plus
+# (kind, payload) for any other event (``_INSERT``'s).
+InteractionRow = tuple[str, int, int, int, str, str, str, float]
+OtherRow = tuple[
+    str, int, int, int, str | None, str | None, str | None, float | None, str, bytes | None
+]
+Row = InteractionRow | OtherRow
 # One poll batch: its rows, the next offset of every partition it touched, its dead letters.
 Batch = tuple[Sequence[Row], Mapping[int, int], int]
 
@@ -127,8 +142,12 @@ class _Tombstone:
     reregistered: bool
 
 
+def kind_of(row: Row) -> str:
+    return row[8] if len(row) > 8 else INTERACTION
+
+
 def row_of(item: Incoming) -> Row:
-    """The row of a decoded event: the events-table columns, in ``_INSERT``'s order.
+    """The row of a decoded event (see ``Row``).
 
     A ``user_forgotten`` event gives a row too (kind, user id and timestamp
     set, the rest empty): ``apply_rows`` erases the user at that point of the
@@ -137,26 +156,26 @@ def row_of(item: Incoming) -> Row:
     """
     event = item.event
     kind = event.WhichOneof("payload")
-    if kind == "interaction":
+    if kind == INTERACTION:
         it = event.interaction
         return (
             event.event_id, item.partition, item.offset, event.timestamp_ms,
-            kind, it.user_id, it.item_id, it.kind, it.value, None,
+            it.user_id, it.item_id, it.kind, it.value,
         )  # fmt: skip
     if kind == "user_registered":
         return (
             event.event_id, item.partition, item.offset, event.timestamp_ms,
-            kind, event.user_registered.user_id, None, None, None, item.raw,
+            event.user_registered.user_id, None, None, None, kind, item.raw,
         )  # fmt: skip
     if kind == FORGOTTEN:
         return (
             event.event_id, item.partition, item.offset, event.timestamp_ms,
-            kind, event.user_forgotten.user_id, None, None, None, None,
+            event.user_forgotten.user_id, None, None, None, kind, None,
         )  # fmt: skip
     assert kind == "item_upserted"  # decode_event refuses events without a payload
     return (
         event.event_id, item.partition, item.offset, event.timestamp_ms,
-        kind, None, event.item_upserted.item_id, None, None, item.raw,
+        None, event.item_upserted.item_id, None, None, kind, item.raw,
     )  # fmt: skip
 
 
@@ -278,8 +297,10 @@ class EventLog:
     def _plain(rows: Sequence[Row], tombstones: Mapping[str, _Tombstone]) -> bool:
         """True when no row of the batch is an erasure or belongs to an erased user."""
         if tombstones:
-            return not any(row[5] in tombstones or row[4] == FORGOTTEN for row in rows)
-        return not any(row[4] == FORGOTTEN for row in rows)
+            return not any(
+                row[4] in tombstones or (len(row) > 8 and row[8] == FORGOTTEN) for row in rows
+            )
+        return not any(len(row) > 8 and row[8] == FORGOTTEN for row in rows)
 
     def _apply_slow(
         self,
@@ -290,7 +311,7 @@ class EventLog:
     ) -> None:
         pending: list[Row] = []
         for row in rows:
-            kind, user = row[4], row[5]
+            kind, user = kind_of(row), row[4]
             if kind == FORGOTTEN:
                 assert user is not None
                 self._flush(conn, pending, result)
@@ -318,7 +339,12 @@ class EventLog:
         if not rows:
             return
         before = conn.total_changes
-        conn.executemany(_INSERT, rows)
+        if len(rows[0]) == 8 and len(rows[-1]) == 8 and all(len(row) == 8 for row in rows):
+            conn.executemany(_INSERT_INTERACTION, rows)
+        else:
+            # In order: the first of two rows with one event id is the one kept.
+            for arity, run in itertools.groupby(rows, len):
+                conn.executemany(_INSERT_INTERACTION if arity == 8 else _INSERT, run)
         inserted = conn.total_changes - before
         result.applied += inserted
         result.duplicates += len(rows) - inserted

@@ -155,7 +155,7 @@ def split_columns(batch: Iterable[Columns]) -> SplitBatch:
                         user, item = it.user_id, it.item_id
                         if user and item:
                             append((event.event_id, partition, offset, event.timestamp_ms,
-                                    kind, user, item, it.kind, it.value, None))  # fmt: skip
+                                    user, item, it.kind, it.value))  # fmt: skip
                             continue
             try:
                 decoded = decode_event(value)

@@ -222,3 +222,35 @@ def test_a_new_log_gets_big_pages_and_an_existing_one_keeps_its_own(tmp_path: Pa
     )
     assert ids(old) == ["a"] and old.stored_offsets(TOPIC) == {0: 1}
     old.close()
+
+
+def test_a_mixed_batch_keeps_its_order_and_every_kind_its_columns(tmp_path: Path) -> None:
+    """Interactions and other events go in with two statements; the log keeps
+    the batch's order (seq) and the first of two events with one id."""
+    item = new_event(
+        "test", event_id="it", item_upserted=events_pb2.ItemUpserted(item_id="i", text="t")
+    )
+    batch = [
+        interaction("u", "i", 1, event_id="a"),
+        register("u", 2),
+        interaction("u", "j", 3, event_id="b"),
+        item,
+        interaction("v", "i", 4, event_id="a"),  # same id as the first: ignored
+        interaction("u", "k", 5, event_id="c"),
+    ]
+    log = EventLog(tmp_path / "log.sqlite")
+    result = log.apply(TOPIC, incoming(batch), {0: len(batch)})
+    assert (result.applied, result.duplicates) == (5, 1)
+    with log.reader() as conn:
+        rows = conn.execute(
+            "SELECT offset, kind, user_id, item_id, action, value, payload IS NOT NULL "
+            "FROM events ORDER BY seq"
+        ).fetchall()
+    assert rows == [
+        (0, "interaction", "u", "i", "view", 1.0, 0),
+        (1, "user_registered", "u", None, None, None, 1),
+        (2, "interaction", "u", "j", "view", 1.0, 0),
+        (3, "item_upserted", None, "i", None, None, 1),
+        (5, "interaction", "u", "k", "view", 1.0, 0),
+    ]
+    log.close()

@@ -1,7 +1,8 @@
 """`coldstart bench ingest`: the trainer's event log ingestion and retraining.
 
 1. Events per second applied by the trainer's ingest (consumer processes
-   decoding, the log writer's one SQLite transaction per poll batch with
+   polling and handing the raw records over, the log writer decoding them and
+   applying one SQLite transaction per poll batch (or group of batches) with
    dedupe and offsets, Kafka commit after it; `--ingest-processes`),
    against a bare kafka-python consume loop over the same events in the same
    run (targets: >= 20,000/s and >= 50% of the bare loop). Both rates are

@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common import metrics
 from services.common.errors import DomainError, StartupError
+from services.common.heap import freeze_long_lived
 from services.common.logs import configure_logging
 from services.common.settings import ServerSettings, SettingsError, load_settings
 
@@ -219,6 +220,8 @@ class RunningService:
         self.server.start()
         if self.parts.warmup is not None:
             self.parts.warmup()
+        # Models loaded and warmed: their objects live as long as the process.
+        freeze_long_lived()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"port": self.port, "services": self.parts.service_names})
 

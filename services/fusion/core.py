@@ -20,6 +20,7 @@ import numpy as np
 from prometheus_client import Counter, Gauge
 
 from services.common.errors import InvalidArgument, NotFound
+from services.common.heap import freeze_long_lived
 from services.common.registry import ModelRegistry, RegistryError
 from services.fusion.batcher import MicroBatcher
 from services.fusion.index import ItemMeta
@@ -189,6 +190,8 @@ class ModelHolder:
             return False
         self._failed = None
         self._install(model)
+        # The new version is as long-lived as the one at start (services/common/heap.py).
+        freeze_long_lived(collect_first=False)
         MODEL_SWAPS.inc()
         return True
 

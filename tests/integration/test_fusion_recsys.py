@@ -338,3 +338,25 @@ def test_a_mixed_batch_ranks_each_user_as_alone_and_skips_gated_out_users(
     runs.clear()
     model.rank_batch(users[:1] + users[3:], [candidates[0], candidates[3]], vecs[[0, 3]])
     assert runs == []  # nobody inside the gate: no features built, no ranker run
+
+
+def test_a_served_trainer_version_is_freed_without_the_collector(trained: Trained) -> None:
+    """Fusion freezes the heap after a swap (services/common/heap.py): a swapped-out
+    version must then be freed by reference counting alone (no cycles in it)."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    gc.collect()
+    gc.disable()
+    try:
+        model = ModelVersion.load(trained.path)
+        holder = SimpleNamespace(current=model)
+        core = Recommender(holder, UserStore(), candidates=50)  # type: ignore[arg-type]
+        history = [item_id(int(r)) for r in trained.histories[0][:3]]
+        core.recommend(UserQuery(user_id="u", recent_item_ids=history), 5)
+        version, index = weakref.ref(model), weakref.ref(model.index)
+        del holder, core, model
+        assert version() is None and index() is None
+    finally:
+        gc.enable()

@@ -427,7 +427,7 @@ def main(argv: list[str]) -> int:
     small = cached_catalog(1_000)
     work = Path(tempfile.mkdtemp(prefix="bench-fusion-"))
     topic = f"bench.fusion.{uuid.uuid4().hex[:8]}"
-    broker = LocalKafka(work / "kafka")
+    broker = LocalKafka(work / "kafka", owned=True)
     rows: list[dict[str, Any]] = []
     meta: dict[str, Any] = {
         "catalog_items": CATALOG_ITEMS,

@@ -30,7 +30,7 @@ from services.up import DEV_TOKEN, ensure_models, registry_dirs, start_service, 
 @contextlib.contextmanager
 def system(log_dir: Path) -> Iterator[dict[str, int]]:
     """Broker + encoder + fusion + gateway + echo on free ports."""
-    broker = LocalKafka(log_dir / "kafka")
+    broker = LocalKafka(log_dir / "kafka", owned=True)
     pids: list[int] = []
     try:
         bootstrap = broker.start().bootstrap

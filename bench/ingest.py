@@ -50,7 +50,7 @@ def broker(bootstrap: str, work: Path) -> Iterator[str]:
         return
     from services.common.kafka.local_broker import LocalKafka
 
-    local = LocalKafka(work / "kafka")
+    local = LocalKafka(work / "kafka", owned=True)
     try:
         yield local.start(topics=()).bootstrap
     finally:

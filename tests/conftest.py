@@ -20,7 +20,7 @@ TEST_TOPICS = (
 @pytest.fixture(scope="session")
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Bootstrap address of a real single-node broker on free ports."""
-    broker = LocalKafka(tmp_path_factory.mktemp("kafka"))
+    broker = LocalKafka(tmp_path_factory.mktemp("kafka"), owned=True)
     try:
         state = broker.start(topics=TEST_TOPICS)
         yield state.bootstrap

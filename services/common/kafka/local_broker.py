@@ -18,7 +18,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -131,15 +133,46 @@ def _alive(pid: int) -> bool:
     return status != "Z"
 
 
+def die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` after which the child gets SIGTERM when the thread that
+    started it dies (Linux ``PR_SET_PDEATHSIG``; None elsewhere). A bench or test
+    killed hard then leaves no broker behind; the broker of ``coldstart kafka
+    start`` / ``make up`` is meant to outlive its starter and does not use it.
+
+    ``prctl`` is looked up here, in the parent: between fork and exec the child
+    only makes that one C call (no import, no allocation), which is what makes a
+    ``preexec_fn`` safe in a process with threads."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def set_death_signal() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return set_death_signal
+
+
 class LocalKafka:
-    """One broker whose files live in ``state_dir``."""
+    """One broker whose files live in ``state_dir``.
+
+    ``owned``: the broker belongs to this process and dies with it (benches and
+    tests); otherwise it runs until ``stop()``, whoever started it."""
 
     def __init__(
-        self, state_dir: Path | None = None, port: int = 0, controller_port: int = 0
+        self,
+        state_dir: Path | None = None,
+        port: int = 0,
+        controller_port: int = 0,
+        *,
+        owned: bool = False,
     ) -> None:
         self.state_dir = Path(state_dir) if state_dir else run_dir() / "kafka"
         self.port = port
         self.controller_port = controller_port
+        self.owned = owned
         self.state_file = self.state_dir / "broker.json"
 
     def state(self) -> BrokerState | None:
@@ -226,6 +259,7 @@ class LocalKafka:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # outlives `coldstart kafka start`; stop() ends it
+            preexec_fn=die_with_parent() if self.owned else None,  # noqa: PLW1509 (see there)
         )
         stdout.close()
         state = BrokerState(process.pid, port, controller_port, str(data_dir), str(log_dir))

@@ -40,6 +40,9 @@ DEFAULT_RECALL_TARGET = 0.98
 _IVF_MIN_PER_CELL = 39
 _NPROBE_LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 _EF_FACTORS = (1.0, 1.25, 1.6, 2.0, 2.5, 3.2, 4.0, 6.0, 8.0)
+# Flat (exact) is kept unless an approximate kind is faster by more than this:
+# on small catalogs the measured times are within noise of each other.
+EXACT_MARGIN = 1.2
 
 
 def default_nlist(n: int) -> int:
@@ -180,8 +183,9 @@ def tune(
     """The fastest index (of ``kinds``) whose recall@``k`` on ``queries`` reaches
     ``recall_target``, with its search breadth set in it, and its description
     with the tuning table (every kind tried: smallest breadth reaching the target,
-    its recall and microseconds per query). Flat always reaches the target; a kind
-    whose widest breadth does not is reported and never chosen."""
+    its recall and microseconds per query). Flat always reaches the target and is
+    kept unless another kind is more than ``EXACT_MARGIN`` times faster; a kind
+    whose widest breadth does not reach it is reported and never chosen."""
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     q = np.ascontiguousarray(queries, dtype=np.float32)
     k = max(1, min(k, len(x)))
@@ -189,6 +193,7 @@ def tune(
     previous_threads = faiss.omp_get_max_threads()
     tried: list[dict[str, Any]] = []
     best: tuple[float, Any] | None = None
+    exact: tuple[float, Any] | None = None
     for kind in kinds:
         faiss.omp_set_num_threads(previous_threads)  # building may use every core
         index = build(x, kind)
@@ -212,6 +217,8 @@ def tune(
             row.update(breadth=width, us_per_query=round(seconds * 1e6, 1))
             if best is None or seconds < best[0]:
                 best = (seconds, index)
+            if kind == "flat":
+                exact = (seconds, index)
         else:
             row.update(breadth=width, us_per_query=None, note="target not reached")
         tried.append(row)
@@ -219,6 +226,8 @@ def tune(
     if best is None:  # only when flat was not among the kinds
         raise ValueError(f"no index kind reached recall {recall_target} (tried {tried})")
     chosen = best[1]
+    if exact is not None and exact[0] <= best[0] * EXACT_MARGIN:
+        chosen = exact[1]  # an approximate index has to pay for itself
     desc = describe(chosen)
     desc["recall"] = next(r["recall"] for r in tried if r["kind"] == desc["kind"])
     desc["tuning"] = {

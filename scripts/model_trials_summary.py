@@ -43,7 +43,9 @@ def main() -> None:
             sd = math.sqrt(sum((x - d) ** 2 for x in diffs) / (len(diffs) - 1))
             se = sd / math.sqrt(len(diffs))
             wins = sum(x > 0 for x in diffs)
-            line += f"  vs {ref} ({len(common)} seeds): {d:+.4f} +- {se:.4f}  won {wins}/{len(common)}"
+            line += (
+                f"  vs {ref} ({len(common)} seeds): {d:+.4f} +- {se:.4f}  won {wins}/{len(common)}"
+            )
         rows.append(line)
     print("\n".join(rows))
 

@@ -20,7 +20,8 @@ class ModelConfig:
     use_content: bool = True
     # Project content onto this many top singular directions (0: the full vector),
     # and drop an item's whole content vector with this probability in training.
-    content_dims: int = 8
+    # 32 (was 8): better item cold-start on both catalogs (docs/MODEL.md, run 4).
+    content_dims: int = 32
     content_dropout: float = 0.5
     # The item tower's cold branch (towers.ItemTower): an MLP over the content projected
     # onto this many directions (0: the full vector) added to items without an id

@@ -18,18 +18,25 @@ from services.trainer.model.recommender import ScoringModel
 from services.trainer.model.train import TrainResult
 
 
+def saved_run(trained: TrainResult, root: Path, meta: dict[str, object]) -> Path:
+    """The trained model saved as a training run's bundle under ``root``; its folder."""
+    data = trained.data
+    folder = root / "run" / "model"
+    save_bundle(
+        folder,
+        trained,
+        [f"i{i}" for i in range(data.n_items)],
+        [f"u{u}" for u in range(data.n_users)],
+        meta,
+    )
+    return folder
+
+
 @pytest.fixture(scope="module")
 def version(tiny_trained: TrainResult, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("export")
-    data = tiny_trained.data
-    save_bundle(
-        root / "run" / "model",
-        tiny_trained,
-        [f"i{i}" for i in range(data.n_items)],
-        [f"u{u}" for u in range(data.n_users)],
-        {"metrics": {"recall@20": 0.5}, "data": {"offsets": {"0": 12}}},
-    )
-    _, path = publish(load_bundle(root / "run" / "model"), root / "registry")
+    meta = {"metrics": {"recall@20": 0.5}, "data": {"offsets": {"0": 12}}}
+    _, path = publish(load_bundle(saved_run(tiny_trained, root, meta)), root / "registry")
     return path
 
 
@@ -106,17 +113,9 @@ def test_fixed_index_kind(tiny_trained: TrainResult, tmp_path: Path) -> None:
     """--index hnsw keeps the given graph parameters and reports its measured recall."""
     import faiss
 
-    data = tiny_trained.data
-    save_bundle(
-        tmp_path / "run" / "model",
-        tiny_trained,
-        [f"i{i}" for i in range(data.n_items)],
-        [f"u{u}" for u in range(data.n_users)],
-        {},
-    )
     params = {"m": 16, "ef_construction": 100, "ef_search": 40}
     _, path = publish(
-        load_bundle(tmp_path / "run" / "model"),
+        load_bundle(saved_run(tiny_trained, tmp_path, {})),
         tmp_path / "registry",
         index_kind="hnsw",
         index_params=params,

@@ -20,12 +20,15 @@ from services.fusion.online_state import UserStore
 
 @pytest.fixture()
 def collector_off() -> Iterator[None]:
+    """The collector off for the test; what the test froze is thawed after it (the
+    pytest process lives on, and its objects must be collectable at exit)."""
     was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
         yield
     finally:
+        gc.unfreeze()
         if was_enabled:
             gc.enable()
 

@@ -274,3 +274,15 @@ def test_candidates_setting_zero_means_the_models_and_negative_is_refused() -> N
     assert load_settings(FusionSettings, "fusion", environ={}).candidates == 0
     with pytest.raises(SettingsError, match="candidates: must be >= 0"):
         load_settings(FusionSettings, "fusion", environ={}, overrides=["candidates=-1"])
+
+
+@pytest.mark.parametrize("name", ["ef_search", "nprobe"])
+def test_search_breadth_settings_zero_means_the_versions_and_negative_is_refused(
+    name: str,
+) -> None:
+    from services.common.settings import SettingsError, load_settings
+    from services.fusion.settings import FusionSettings
+
+    assert getattr(load_settings(FusionSettings, "fusion", environ={}), name) == 0
+    with pytest.raises(SettingsError, match=f"{name}: must be >= 0"):
+        load_settings(FusionSettings, "fusion", environ={}, overrides=[f"{name}=-1"])

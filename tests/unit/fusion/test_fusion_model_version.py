@@ -105,3 +105,24 @@ def test_ranker_scores_with_the_search_scores_equal_computed_ones(version_path: 
     computed = model.rank_batch(users, rows, vecs)
     for a, b in zip(given, computed, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_an_index_kind_the_search_cannot_use_is_rebuilt_as_hnsw(
+    tmp_path: Path, version_path: Path
+) -> None:
+    import faiss
+
+    from services.common import ann
+
+    def write_lsh(path: Path) -> None:
+        vectors = np.load(path / "item_vectors.npy")
+        lsh = faiss.IndexLSH(vectors.shape[1], 32)
+        lsh.add(vectors)
+        faiss.write_index(lsh, str(path / "items.faiss"))
+
+    model = ModelVersion.load(_broken(tmp_path, version_path, write_lsh))
+    view = model.index._view
+    assert view.ann is not None and ann.kind_of(view.ann) == "hnsw"
+    assert view.ann.ntotal == len(model.index)
+    # and the version keeps its own kind when it can be searched
+    assert ann.kind_of(ModelVersion.load(version_path).index._view.ann) in ann.KINDS

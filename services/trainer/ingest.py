@@ -51,6 +51,8 @@ BACKOFF_MIN_S = 0.2
 BACKOFF_MAX_S = 5.0
 # Lag is recomputed at most this often (it needs the partitions' end offsets).
 LAG_INTERVAL_S = 0.5
+# The longest a lag check may hold up the consume loop.
+LAG_TIMEOUT_MS = 1000
 MAX_DETAIL_CHARS = 200
 
 
@@ -281,16 +283,27 @@ def commit_offsets(consumer: Any, topic: str, next_offsets: dict[int, int], *, s
 
 
 def consumer_lag(consumer: Any) -> int | None:
-    """Messages behind the end, summed over the assigned partitions; None if none assigned."""
+    """Messages behind the end, summed over the assigned partitions.
+
+    None when nothing is assigned or the broker did not answer within
+    LAG_TIMEOUT_MS: the lag is a gauge, and waiting on it (kafka-python's
+    default is its request timeout, 30 s) would stop consumption meanwhile.
+    """
+    from kafka.errors import KafkaError
+
     assigned = list(consumer.assignment())
     if not assigned:
         return None
-    ends = consumer.end_offsets(assigned)
-    lag = 0
-    for tp in assigned:
-        position = consumer.position(tp, timeout_ms=1000)
-        if position is not None:
-            lag += max(0, int(ends.get(tp, position)) - int(position))
+    try:
+        ends = consumer.end_offsets(assigned, timeout_ms=LAG_TIMEOUT_MS)
+        lag = 0
+        for tp in assigned:
+            position = consumer.position(tp, timeout_ms=LAG_TIMEOUT_MS)
+            if position is not None:
+                lag += max(0, int(ends.get(tp, position)) - int(position))
+    except KafkaError as exc:
+        log.debug("consumer lag unknown", extra={"error": repr(exc)})
+        return None
     return lag
 
 

@@ -22,6 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.metrics import free_port
 from services.common.paths import REPO_ROOT
 
+# How much of a service's log a failing test prints.
+LOG_TAIL_CHARS = 8000
+
 
 @dataclass
 class ServiceProcess:
@@ -122,5 +125,10 @@ def running_service(
         except (RuntimeError, TimeoutError) as exc:
             raise RuntimeError(f"{name} did not start: {exc}\n{service.logs()[-3000:]}") from None
         yield service
+    except BaseException:
+        # A failing test shows what the service logged (pytest prints captured
+        # stdout with the failure): the only trace of a flake on CI.
+        print(f"--- last lines of {service.log_path.name} ---\n{service.logs()[-LOG_TAIL_CHARS:]}")
+        raise
     finally:
         service.kill()

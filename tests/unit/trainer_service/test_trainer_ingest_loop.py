@@ -15,10 +15,12 @@ from services.common.events import encode_event, new_event
 from services.trainer import metrics
 from services.trainer.event_log import EventLog, EventLogError
 from services.trainer.ingest import (
+    LAG_TIMEOUT_MS,
     DeadLetter,
     Ingestor,
     _BatchFailed,
     columns_of,
+    consumer_lag,
     split_batch,
     split_columns,
 )
@@ -163,7 +165,9 @@ class FakeConsumer:
     def seek_to_beginning(self, tp: TopicPartition) -> None:
         self.seeks.append((tp.partition, 0))
 
-    def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    def end_offsets(
+        self, tps: list[TopicPartition], timeout_ms: int | None = None
+    ) -> dict[TopicPartition, int]:
         return dict.fromkeys(tps, 100)
 
     def position(self, tp: TopicPartition, timeout_ms: int) -> int:
@@ -307,3 +311,30 @@ def test_a_failed_write_keeps_the_batches_before_it_and_rereads_from_there(
     assert ingestor.poll_once(consumer) is not None
     assert log.event_count() == 3
     ingestor.stop()
+
+
+class SlowBroker:
+    """A consumer whose broker does not answer offset requests in time."""
+
+    def __init__(self) -> None:
+        self.timeouts: list[int | None] = []
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(TOPIC, 0)}
+
+    def end_offsets(
+        self, tps: list[TopicPartition], timeout_ms: int | None = None
+    ) -> dict[TopicPartition, int]:
+        from kafka.errors import KafkaTimeoutError
+
+        self.timeouts.append(timeout_ms)
+        raise KafkaTimeoutError("offsets not answered")
+
+
+def test_the_lag_check_gives_up_quickly_and_does_not_stop_consumption() -> None:
+    # Without a timeout kafka-python waits its whole request timeout (30 s),
+    # and the consume loop with it; an error here would restart the consumer.
+    broker = SlowBroker()
+    assert consumer_lag(broker) is None
+    assert broker.timeouts == [LAG_TIMEOUT_MS]
+    assert LAG_TIMEOUT_MS <= 2000

@@ -147,7 +147,9 @@ class GroupConsumer:
 
     commit_async = commit
 
-    def end_offsets(self, tps: list[TopicPartition]) -> dict[TopicPartition, int]:
+    def end_offsets(
+        self, tps: list[TopicPartition], timeout_ms: int | None = None
+    ) -> dict[TopicPartition, int]:
         return {tp: len(self.topic.partitions[tp.partition]) for tp in tps}
 
     def position(self, tp: TopicPartition, timeout_ms: int) -> int:

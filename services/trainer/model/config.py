@@ -30,6 +30,18 @@ class ModelConfig:
     # against the detached towers (train.TowerLoss).
     cold_content_dims: int = -1
     cold_joint: bool = False
+    # DropoutNet's placements (docs/MODEL.md, run 5; all off by default):
+    # item_id_inside: the item-id embedding is added to the item MLP's first layer
+    # (hidden-wide, before the non-linearity) instead of to its output.
+    # user_history: "pooled" = the user tower reads the mean of the history's item-tower
+    # outputs (what serving pools from the ANN index rows); "raw" = the mean of the
+    # history's raw content vectors and an item-id embedding of its own (training and
+    # the harness only: export refuses it).
+    # align_weight: an extra loss pulling each candidate's content-only vector (no id)
+    # toward its (detached) vector with its id, for the candidates that kept their id.
+    item_id_inside: bool = False
+    user_history: str = "pooled"
+    align_weight: float = 0.0
     # Choose among option sets on an inner item-cold holdout inside training
     # (select.auto_select): each entry "key=value,key=value" (values JSON; "" = as
     # configured). An auto_select_holdout share of the items with training positives plays
@@ -106,6 +118,10 @@ class ModelConfig:
             raise ValueError("auto_select_holdout: must be in (0, 0.5)")
         if self.auto_select_folds < 1 or self.auto_select_folds * self.auto_select_holdout > 1:
             raise ValueError("auto_select_folds: must be >= 1, with folds x holdout <= 1")
+        if self.user_history not in ("pooled", "raw"):
+            raise ValueError(f"user_history: {self.user_history!r} is not pooled or raw")
+        if self.align_weight < 0:
+            raise ValueError("align_weight: must be >= 0")
         if self.history_mode not in ("prefix", "set"):
             raise ValueError(f"history_mode: {self.history_mode!r} is not prefix or set")
         if self.lr_schedule not in ("cosine", "constant"):

@@ -141,6 +141,12 @@ def export_onnx(bundle: Bundle, folder: Path, seed: int = 0) -> dict[str, Any]:
     """Write the three graphs and check them against torch; returns the parity report."""
     import onnxruntime as ort
 
+    if bundle.config.user_history != "pooled":
+        # Serving pools the ANN index rows (item-tower outputs) into the user tower.
+        raise ExportError(
+            f"user_history={bundle.config.user_history!r}: only 'pooled' can be served"
+        )
+
     t = bundle.tables
     towers = bundle.towers.eval()
     rng = np.random.default_rng(seed)

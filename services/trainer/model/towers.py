@@ -37,6 +37,9 @@ class ItemTower(nn.Module):
     small projection. Training (``train.TowerLoss``) fits the cold branch with its own
     loss against the (detached) user vectors, so the rest of the towers train exactly as
     without it; only a new item is placed from all of its text (measured, docs/MODEL.md).
+
+    ``id_inside`` (DropoutNet's placement): the id embedding is hidden-wide and added to
+    the MLP's first layer before the non-linearity, instead of to the output.
     """
 
     content_proj: torch.Tensor
@@ -53,10 +56,12 @@ class ItemTower(nn.Module):
         use_content: bool = True,
         content_dims: int = 0,
         cold_content_dims: int = -1,
+        id_inside: bool = False,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.scale = 1.0 / temperature
+        self.id_inside = id_inside
         # The "no content vector" ablation multiplies content by 0 instead of changing
         # the graph, so the exported inputs stay the same for every variant.
         self.content_gate = 1.0 if use_content else 0.0
@@ -64,7 +69,7 @@ class ItemTower(nn.Module):
         self.register_buffer("content_proj", torch.eye(text_dim)[:, :k].clone())
         self.mlp = _mlp(k + n_attrs, hidden, dim + 1)
         # Row 0 is "no id" and stays zero; ids start as zero so a fresh id means "content only".
-        self.id_emb = nn.Embedding(n_ids + 1, dim + 1, padding_idx=0)
+        self.id_emb = nn.Embedding(n_ids + 1, hidden if id_inside else dim + 1, padding_idx=0)
         nn.init.zeros_(self.id_emb.weight)
         self.text_dim, self.n_attrs, self.hidden = text_dim, n_attrs, hidden
         self.cold_mlp: nn.Sequential | None = None
@@ -103,6 +108,10 @@ class ItemTower(nn.Module):
     ) -> torch.Tensor:
         """The pre-normalisation output without the cold branch."""
         x = torch.cat([(content * self.content_gate) @ self.content_proj, item_attrs], dim=1)
+        if self.id_inside:
+            first, act, last = self.mlp
+            inner: torch.Tensor = last(act(first(x) + self.id_emb(item_id)))
+            return inner
         out: torch.Tensor = self.mlp(x) + self.id_emb(item_id)
         return out
 
@@ -141,10 +150,14 @@ class UserTower(nn.Module):
         hidden: int,
         temperature: float,
         use_content: bool = True,
+        hist_scale: float | None = None,
     ) -> None:
         super().__init__()
         self.dim = dim
         self.temperature = temperature
+        # What the pooled history is multiplied by: the temperature for item-tower
+        # outputs (they carry the 1/temperature scale), 1 for raw history rows.
+        self.hist_scale = temperature if hist_scale is None else hist_scale
         self.content_gate = 1.0 if use_content else 0.0
         n_in = n_attrs + text_dim + 1 + item_vec_dim + 2
         self.mlp = nn.Sequential(
@@ -164,7 +177,7 @@ class UserTower(nn.Module):
         hist_len: torch.Tensor,
     ) -> torch.Tensor:
         # Item vectors carry the 1/temperature scale; undo it so inputs are O(1).
-        pooled = hist_vec * self.temperature
+        pooled = hist_vec * self.hist_scale
         x = torch.cat(
             [
                 user_attrs,
@@ -198,13 +211,48 @@ class TwoTower(nn.Module):
         use_content: bool = True,
         content_dims: int = 0,
         cold_content_dims: int = -1,
+        item_id_inside: bool = False,
+        user_history: str = "pooled",
     ) -> None:
         super().__init__()
         self.item = ItemTower(
-            text_dim, n_item_attrs, n_items, dim, hidden, temperature, use_content, content_dims
+            text_dim,
+            n_item_attrs,
+            n_items,
+            dim,
+            hidden,
+            temperature,
+            use_content,
+            content_dims,
+            id_inside=item_id_inside,
         )
+        raw = user_history == "raw"
         self.user = UserTower(
-            n_user_attrs, text_dim, dim + 1, n_users, dim, hidden, temperature, use_content
+            n_user_attrs,
+            text_dim,
+            text_dim + dim + 1 if raw else dim + 1,
+            n_users,
+            dim,
+            hidden,
+            temperature,
+            use_content,
+            hist_scale=1.0 if raw else None,
         )
         if cold_content_dims >= 0:
             self.item.add_cold_branch(cold_content_dims)
+        # user_history "raw": the user tower pools [raw content, this id embedding] of the
+        # history items (DropoutNet's user tower) instead of their item-tower outputs.
+        self.hist_id_emb: nn.Embedding | None = None
+        if raw:
+            self.hist_id_emb = nn.Embedding(n_items + 1, dim + 1, padding_idx=0)
+            nn.init.zeros_(self.hist_id_emb.weight)
+            self.hist_content_gate = 1.0 if use_content else 0.0
+
+    def history_rows(
+        self, content: torch.Tensor, item_id: torch.Tensor, item_vecs: torch.Tensor
+    ) -> torch.Tensor:
+        """The per-item rows the user tower pools over a history: the item vectors, or
+        with user_history "raw" the raw content and the history id embedding."""
+        if self.hist_id_emb is None:
+            return item_vecs
+        return torch.cat([content * self.hist_content_gate, self.hist_id_emb(item_id)], dim=1)

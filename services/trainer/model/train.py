@@ -174,7 +174,15 @@ class TowerBatcher:
         sub[np.arange(len(local)), target] = False
         interest = data.interest[users] * keep_interest[local][:, None]
         content = self.augmented_content(items, step_rng) * keep_content[items, None]
+        extra: Batch = {}
+        if cfg.user_history == "raw":
+            # History rows read every item's own text and id (no dropout, as serving).
+            extra = {
+                "hist_content": data.content[items].astype(np.float32),
+                "hist_item_id": data.item_codes[items].astype(np.int64),
+            }
         return {
+            **extra,
             "item_rows": items,  # not a model input; lets tests map the batch back
             "item_content": content,
             "item_attrs": data.item_attrs[items],
@@ -232,16 +240,25 @@ class TowerLoss(nn.Module):
     a loss of its own: the same one over the step's candidates, every candidate scored
     from content alone (no id, the branch added; the branch-free part detached) against
     the detached user vectors, i.e. the ranking among new items that item cold-start is.
-    ``cold_joint``: the branch is part of the id-dropped items' vectors in the one loss."""
+    ``cold_joint``: the branch is part of the id-dropped items' vectors in the one loss.
+    ``align_weight`` > 0: plus that weight times the mean squared distance between each
+    candidate's content-only vector (id code 0; direction unscaled, and the bias) and its
+    detached vector with its id, over the candidates that kept both id and content."""
 
     def __init__(
-        self, towers: TwoTower, loss: str, logq_weight: float, cold_joint: bool = False
+        self,
+        towers: TwoTower,
+        loss: str,
+        logq_weight: float,
+        cold_joint: bool = False,
+        align_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.towers = towers
         self.loss = loss
         self.logq_weight = logq_weight
         self.cold_joint = cold_joint
+        self.align_weight = align_weight
 
     def _loss(self, logits: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = logits.masked_fill(b["exclude"], float("-inf"))
@@ -265,7 +282,12 @@ class TowerLoss(nn.Module):
         else:
             item_vecs = item(content, attrs, ids)
         # The mean over the last max_history items, as recsys_features.pool_history does.
-        hist = b["hist_pool"] @ item_vecs
+        if self.towers.hist_id_emb is not None:
+            hist = b["hist_pool"] @ self.towers.history_rows(
+                b["hist_content"], b["hist_item_id"], item_vecs
+            )
+        else:
+            hist = b["hist_pool"] @ item_vecs
         user_vecs = self.towers.user(
             b["user_attrs"], b["user_id"], b["interest"], b["has_interest"], hist, b["hist_len"]
         )
@@ -276,7 +298,24 @@ class TowerLoss(nn.Module):
             no_id = torch.zeros_like(ids[cand])
             cold_vecs = item.finish(item.base(c, a, no_id).detach() + item.cold(c, a))
             loss = loss + self._loss(user_vecs.detach() @ cold_vecs.T, b)
+        if self.align_weight > 0:
+            loss = loss + self.align_weight * self._align(item_vecs[cand], b)
         return loss
+
+    def _align(self, warm: torch.Tensor, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        item = self.towers.item
+        cand = b["cand_index"]
+        content, ids = b["item_content"][cand], b["item_id"][cand]
+        keep = (ids > 0) & (content.abs().sum(dim=1) > 0)
+        if not bool(keep.any()):
+            return warm.sum() * 0.0
+        c, a = content[keep], b["item_attrs"][cand][keep]
+        cold = item(c, a, torch.zeros_like(ids[keep]))
+        diff = cold - warm[keep].detach()
+        d = item.dim
+        # Directions are unit vectors times 1/temperature: compare them at unit scale.
+        sq = (diff[:, :d] / item.scale).pow(2).sum(dim=1) + diff[:, d:].pow(2).sum(dim=1)
+        return sq.mean()
 
 
 # --------------------------------------------------------------------------- ranker
@@ -402,6 +441,21 @@ def item_vectors(towers: TwoTower, data: ModelData, codes: np.ndarray | None = N
 
 
 @torch.no_grad()
+def history_table(towers: TwoTower, data: ModelData, item_vecs: np.ndarray) -> np.ndarray:
+    """The rows the user tower pools over a history: ``item_vecs`` (the item-tower
+    outputs), or with user_history "raw" each item's raw content and history id embedding."""
+    if towers.hist_id_emb is None:
+        return item_vecs
+    towers.eval()
+    out = towers.history_rows(
+        torch.from_numpy(np.asarray(data.content, dtype=np.float32)),
+        torch.from_numpy(data.item_codes.astype(np.int64)),
+        torch.from_numpy(item_vecs),
+    )
+    return out.numpy().astype(np.float32)
+
+
+@torch.no_grad()
 def user_vectors(
     towers: TwoTower,
     data: ModelData,
@@ -414,7 +468,8 @@ def user_vectors(
     from services.common.recsys_features import user_tower_inputs
 
     towers.eval()
-    inputs = user_tower_inputs(data.spec, user_attrs, user_codes, histories, item_vecs, interest)
+    table = history_table(towers, data, item_vecs)
+    inputs = user_tower_inputs(data.spec, user_attrs, user_codes, histories, table, interest)
     out = towers.user(**{k: torch.from_numpy(v) for k, v in inputs.items()})
     return out.numpy().astype(np.float32)
 
@@ -694,6 +749,8 @@ def make_towers(data: ModelData, cfg: ModelConfig) -> TwoTower:
         use_content=cfg.use_content,
         content_dims=cfg.content_dims,
         cold_content_dims=cfg.cold_content_dims,
+        item_id_inside=cfg.item_id_inside,
+        user_history=cfg.user_history,
     )
     towers.item.set_content_projection(torch.from_numpy(np.asarray(data.content)))
     return towers
@@ -741,7 +798,7 @@ def train(
     ckpt_path = opts.run_dir / CHECKPOINT if opts.run_dir else None
     towers = make_towers(data, cfg).to(ctx.device)
     ranker = make_ranker(data, cfg).to(ctx.device) if cfg.use_ranker else None
-    tower_loss = TowerLoss(towers, cfg.loss, cfg.logq_weight, cfg.cold_joint)
+    tower_loss = TowerLoss(towers, cfg.loss, cfg.logq_weight, cfg.cold_joint, cfg.align_weight)
     tower_opt = _optimizer(towers, cfg.lr, cfg.weight_decay)
     tower_state, ranker_state = StageState(), StageState()
     ranker_opt_state: dict[str, Any] | None = None

@@ -134,6 +134,14 @@ class ConsumerProcess:
         self.first_records_at: float | None = None
         self.lag_checked = 0.0
         self.lag = -1
+        # kafka-python (3.x) runs the rebalance listener on its IO thread, and a
+        # join can complete after poll() has returned: the listener's _drain and
+        # _seek then run while this process's main thread polls on. Two threads
+        # reading one pipe interleave its frames (a hang: measured, the member's
+        # heartbeats stopped and the broker expired it), so whatever reads the
+        # pipe or the hand-over state (seq, in_flight, uncommitted) holds this.
+        # Never held across a consumer call: the IO thread may be waiting for it.
+        self._state = threading.RLock()
         self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._send_error: BaseException | None = None
         self._sender = threading.Thread(target=self._send_loop, name="to-writer", daemon=True)
@@ -178,6 +186,10 @@ class ConsumerProcess:
 
     def _pump(self, wait_s: float) -> None:
         """Handle the writer's replies; wait up to ``wait_s`` for the first one."""
+        with self._state:
+            self._pump_locked(wait_s)
+
+    def _pump_locked(self, wait_s: float) -> None:
         while self.conn.poll(wait_s):
             wait_s = 0
             message = self.conn.recv()
@@ -201,12 +213,13 @@ class ConsumerProcess:
 
     def _log_offsets(self) -> dict[int, int]:
         """The log's offsets, once every batch sent before the question is applied."""
-        self.seq += 1
-        self.offsets_reply = None
-        self._send(("offsets", self.seq, self.epoch))
-        while self.offsets_reply is None:
-            self._pump(REPLY_WAIT_S)
-        return self.offsets_reply
+        with self._state:
+            self.seq += 1
+            self.offsets_reply = None
+            self._send(("offsets", self.seq, self.epoch))
+            while self.offsets_reply is None:
+                self._pump_locked(REPLY_WAIT_S)
+            return self.offsets_reply
 
     def _drain(self, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
@@ -322,10 +335,11 @@ class ConsumerProcess:
             self.first_records_at = time.perf_counter()
         columns = columns_of(batches)
         self._update_lag(consumer, force_send=False)
-        self.seq += 1
-        # partition -> the offset after its last record (dead letters included)
-        self.in_flight[self.seq] = {c[0]: c[1][-1] + 1 for c in columns}
-        self._send(("batch", self.seq, self.epoch, columns, self.lag, self.first_records_at))
+        with self._state:
+            self.seq += 1
+            # partition -> the offset after its last record (dead letters included)
+            self.in_flight[self.seq] = {c[0]: c[1][-1] + 1 for c in columns}
+            self._send(("batch", self.seq, self.epoch, columns, self.lag, self.first_records_at))
         return True
 
     def _check_failure(self) -> None:
@@ -336,11 +350,16 @@ class ConsumerProcess:
     def _commit(self, consumer: Any, *, sync: bool) -> None:
         from services.trainer.ingest import commit_offsets
 
-        if not self.uncommitted or not (sync or self.dirty):
-            return
-        self.dirty = False
-        if commit_offsets(consumer, self.config.topic, self.uncommitted, sync=sync):
-            self.uncommitted.clear()
+        with self._state:
+            if not self.uncommitted or not (sync or self.dirty):
+                return
+            self.dirty = False
+            offsets = dict(self.uncommitted)
+        if commit_offsets(consumer, self.config.topic, offsets, sync=sync):
+            with self._state:
+                for partition, offset in offsets.items():
+                    if self.uncommitted.get(partition) == offset:
+                        del self.uncommitted[partition]
 
     def _update_lag(self, consumer: Any, *, force_send: bool) -> None:
         from services.trainer.ingest import LAG_INTERVAL_S, consumer_lag

@@ -473,3 +473,56 @@ def test_a_consumer_hands_over_raw_columns_and_next_offsets(tmp_path: Path) -> N
         worker._outbox.put(None)
         parent.close()
         child.close()
+
+
+class IoThreadRebalances(GroupConsumer):
+    """kafka-python 3.x finishes a join on its IO thread, and a poll that timed
+    out waiting for it has returned: the listener then runs beside the
+    consumer's main thread. Here every few polls a rebalance (revoke, then
+    assign the same partitions) starts on another thread while poll returns."""
+
+    def __init__(self, topic: Topic, owned: Sequence[int], every: int) -> None:
+        super().__init__(topic, owned, batch=2)
+        self.every = every
+        self.polls = 0
+        self.rebalances: list[threading.Thread] = []
+        self.listener_errors: list[BaseException] = []
+        self.moves = threading.RLock()  # the fake's own positions, seeked from both threads
+
+    def _rebalance(self) -> None:
+        try:
+            self.listener.on_partitions_revoked(self.assignment())
+            self.listener.on_partitions_assigned(self.assignment())
+        except BaseException as exc:  # kafka-python logs and swallows listener errors
+            self.listener_errors.append(exc)
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
+        self.polls += 1
+        if self.assigned and self.polls % self.every == 0:
+            thread = threading.Thread(target=self._rebalance, daemon=True)
+            self.rebalances.append(thread)
+            thread.start()
+        with self.moves:
+            return super().poll(timeout_ms, max_records)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        with self.moves:
+            super().seek(tp, offset)
+
+
+def test_rebalance_listeners_on_kafkas_io_thread_do_not_hang_the_hand_over(
+    tmp_path: Path,
+) -> None:
+    values = {0: [view(f"a{i}") for i in range(300)], 1: [view(f"b{i}") for i in range(300)]}
+    log, topic, ingestor, sink = setup(tmp_path, values)
+    consumer = IoThreadRebalances(topic, [0, 1], every=3)
+    ingest = ThreadIngest(ingestor, [[consumer]], sink)
+    run_until(ingest, caught_up(log, topic), timeout_s=30)
+    for thread in consumer.rebalances:
+        thread.join(timeout=5)
+    assert len(consumer.rebalances) > 20
+    assert consumer.listener_errors == []
+    assert len(ingest.started) == 1  # never restarted
+    # Re-reads after a seek back to the log are duplicates, never second rows.
+    assert sorted(ids(log)) == sorted([f"a{i}" for i in range(300)] + [f"b{i}" for i in range(300)])
+    assert topic.commits_ahead_of_log == []

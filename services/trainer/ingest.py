@@ -420,8 +420,10 @@ class Ingestor:
             """Resume every assigned partition where the event log says."""
 
             def on_partitions_revoked(self, revoked: Any) -> None:
-                # Nothing in flight: every polled batch is in the log before the
-                # next poll (where kafka-python runs this callback).
+                # Nothing to hand back: every polled batch is in the log before
+                # the next poll. (kafka-python 3.x may run this on its IO thread
+                # while a batch is being applied; the seek below then re-reads
+                # that batch, and the log counts its events as duplicates.)
                 pass
 
             def on_partitions_assigned(self, assigned: Any) -> None:

@@ -23,7 +23,7 @@ from services.common.errors import InvalidArgument, NotFound
 from services.common.heap import freeze_long_lived
 from services.common.registry import ModelRegistry, RegistryError
 from services.fusion.batcher import MicroBatcher
-from services.fusion.index import ItemMeta
+from services.fusion.index import ItemMeta, contained
 from services.fusion.model_version import ModelLoadError, ModelVersion, UserInputs
 from services.fusion.online_state import ItemEvent, UserState, UserStore
 
@@ -364,31 +364,64 @@ class Recommender:
     @staticmethod
     def _reasons(model: ModelVersion, user: UserInputs, rows: np.ndarray) -> list[str]:
         """One short reason per returned row (only the final k: cheap)."""
-        content = model.index.content(rows)
-        history_rows, attributes = user.history_rows, user.attributes
-        if user.interest is not None:
-            interest_sim = content @ user.interest
-        else:
-            interest_sim = np.zeros(len(rows), dtype=np.float32)
-        segment = ", ".join(attributes[k] for k in sorted(attributes)) or "new users"
-        popular = f"popular with {segment}"
-        best_sim = np.full(len(content), -1.0, dtype=np.float32)
-        best_row = np.zeros(len(content), dtype=np.int64)
-        if len(history_rows):
-            sims = content @ model.index.content(history_rows).T
-            best = sims.argmax(axis=1)
-            best_sim = sims[np.arange(len(content)), best]
-            best_row = history_rows[best]
-        reasons = []
-        for i in range(len(content)):
-            if best_sim[i] >= SIMILAR_THRESHOLD and best_sim[i] >= interest_sim[i]:
-                liked = model.index.meta(int(best_row[i]))
-                reasons.append(f"similar to {liked.text or liked.item_id}")
-            elif interest_sim[i] >= INTEREST_THRESHOLD:
-                reasons.append("matches your interests")
-            else:
-                reasons.append(popular)
-        return reasons
+        return Recommender._reasons_batch(model, [user], [rows])[0]
+
+    @staticmethod
+    def _reasons_batch(
+        model: ModelVersion, users: Sequence[UserInputs], tops: Sequence[np.ndarray]
+    ) -> list[list[str]]:
+        """``_reasons`` of several users' returned rows: two faiss calls in all."""
+        index = model.index
+        count = len(users)
+        width = max((len(t) for t in tops), default=0)
+        if width == 0:
+            return [[] for _ in users]
+        sizes = np.asarray([len(t) for t in tops])
+        filled = np.arange(width)[None, :] < sizes[:, None]
+        top_rows = np.full((count, width), -1, dtype=np.int64)
+        top_rows[filled] = np.concatenate(tops)
+        # Interest: each user's vector against its rows (0 without one).
+        interest = np.zeros((count, index.content_dimension), dtype=np.float32)
+        for u, user in enumerate(users):
+            if user.interest is not None:
+                interest[u] = user.interest
+        interest_sim = index.content_products(interest, top_rows)
+        # History: every history item's content against its user's rows, best item per row.
+        depth = max(len(u.history_rows) for u in users)
+        best_sim = np.full((count, width), -1.0, dtype=np.float32)
+        best_row = np.zeros((count, width), dtype=np.int64)
+        if depth:
+            lengths = np.asarray([len(u.history_rows) for u in users])
+            known = np.arange(depth)[None, :] < lengths[:, None]
+            history = np.zeros((count, depth), dtype=np.int64)
+            history[known] = np.concatenate([u.history_rows for u in users])
+            sims = index.content_products(
+                index.content(history.reshape(-1)), np.repeat(top_rows, depth, axis=0)
+            ).reshape(count, depth, width)
+            sims[~known] = -np.inf
+            best = sims.argmax(axis=1)  # [count, width]
+            best_sim = np.maximum(np.take_along_axis(sims, best[:, None, :], axis=1)[:, 0], -1.0)
+            best_row = np.take_along_axis(history, best, axis=1)
+        similar = (best_sim >= SIMILAR_THRESHOLD) & (best_sim >= interest_sim)
+        matches = interest_sim >= INTEREST_THRESHOLD
+        out: list[list[str]] = []
+        for u, (user, size) in enumerate(zip(users, sizes.tolist(), strict=True)):
+            attributes = user.attributes
+            segment = ", ".join(attributes[k] for k in sorted(attributes)) or "new users"
+            popular = f"popular with {segment}"
+            reasons = []
+            for i, (is_similar, is_match) in enumerate(
+                zip(similar[u, :size].tolist(), matches[u, :size].tolist(), strict=True)
+            ):
+                if is_similar:
+                    liked = index.meta(int(best_row[u, i]))
+                    reasons.append(f"similar to {liked.text or liked.item_id}")
+                elif is_match:
+                    reasons.append("matches your interests")
+                else:
+                    reasons.append(popular)
+            out.append(reasons)
+        return out
 
     # -- the calls --------------------------------------------------------------
     def recommend(
@@ -450,6 +483,8 @@ class Recommender:
         return out
 
     def _serve_version(self, requests: Sequence[_Request]) -> list[Result]:
+        """One version's batch. Per-call numpy steps are few on purpose: each costs
+        ~1 us of GIL, and under load the GIL, not the cores, bounds the service."""
         model = requests[0].model
         index = model.index
         users = [r.user for r in requests]
@@ -460,48 +495,81 @@ class Recommender:
             eligibles=[r.eligible for r in requests],
             excludeds=[r.excluded for r in requests],
         )
-        # popular(n) is a prefix of popular(m) for n < m: one look-up for the batch.
-        head = index.popular(POPULAR_CANDIDATES * 4 + max(len(r.excluded) for r in requests))
-        # Scratch mask for the exclusions: set, test, reset per request (cheaper than isin).
-        blocked = np.zeros(max(index.row_count, 1), dtype=bool)
-        candidates: list[np.ndarray] = []
-        # The tower score (user . item) of each candidate: the search's own score for
-        # the rows it found (the same inner product), computed for the popular ones;
-        # the ranker then needs no gather of every candidate's item vector.
-        dots: list[np.ndarray] = []
-        for request, user_vec, (rows, row_dots) in zip(requests, user_vecs, found, strict=True):
-            popular = head[: POPULAR_CANDIDATES * 4 + len(request.excluded)]
-            if request.eligible is not None:
-                popular = popular[np.isin(popular, request.eligible)]
-            if len(request.excluded):
-                blocked[request.excluded] = True
-                popular = popular[~blocked[popular]]
-                blocked[request.excluded] = False
-            popular = popular[:POPULAR_CANDIDATES]
-            merged, first = np.unique(np.concatenate([rows, popular]), return_index=True)
-            candidates.append(merged)
-            dots.append(
-                np.concatenate([row_dots, index.vectors(popular) @ user_vec])[first].astype(
-                    np.float32, copy=False
-                )
-            )
+        popular, popular_dots = self._popular_candidates(index, requests, found, user_vecs)
+        # Candidates: the search's rows (its scores are the tower scores, user .
+        # item), then the popular rows it did not find.
+        candidates = [
+            np.concatenate([rows, extra]) for (rows, _s), extra in zip(found, popular, strict=True)
+        ]
+        dots = [
+            np.concatenate([row_dots, extra]).astype(np.float32, copy=False)
+            for (_r, row_dots), extra in zip(found, popular_dots, strict=True)
+        ]
         scores = model.rank_batch(users, candidates, user_vecs, dots)
-        results: list[Result] = []
-        for request, rows, row_scores in zip(requests, candidates, scores, strict=True):
-            if len(rows) == 0:
-                results.append(Result([], model.version, request.new_user))
-                continue
-            order = np.argsort(-row_scores, kind="stable")[: request.k]
-            top = rows[order]
-            reasons = self._reasons(model, request.user, top)
-            items = [
-                Scored(index.meta(row).item_id, score, reason)
-                for row, score, reason in zip(
-                    top.tolist(), row_scores[order].tolist(), reasons, strict=True
-                )
-            ]
-            results.append(Result(items, model.version, request.new_user))
-        return results
+        # Every call's top k in one sort: scores padded with -inf to one width.
+        sizes = np.asarray([len(c) for c in candidates])
+        width = int(sizes.max(initial=0))
+        filled = np.arange(width)[None, :] < sizes[:, None]
+        padded = np.full(filled.shape, -np.inf, dtype=np.float32)
+        if width:
+            padded[filled] = np.concatenate(scores)
+        order = np.argsort(-padded, axis=1, kind="stable")
+        tops: list[np.ndarray] = []
+        top_scores: list[list[float]] = []
+        for request, rows, row_scores, size in zip(
+            requests, candidates, scores, sizes.tolist(), strict=True
+        ):
+            picked = order[len(tops), : min(request.k, size)]
+            tops.append(rows[picked])
+            top_scores.append(row_scores[picked].tolist())
+        reasons = self._reasons_batch(model, users, tops)
+        meta = index.meta
+        return [
+            Result(
+                [
+                    Scored(meta(row).item_id, score, reason)
+                    for row, score, reason in zip(top.tolist(), values, why, strict=True)
+                ],
+                model.version,
+                request.new_user,
+            )
+            for request, top, values, why in zip(requests, tops, top_scores, reasons, strict=True)
+        ]
+
+    @staticmethod
+    def _popular_candidates(
+        index: Any,
+        requests: Sequence[_Request],
+        found: Sequence[tuple[np.ndarray, np.ndarray]],
+        user_vecs: np.ndarray,
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Each call's POPULAR_CANDIDATES most popular rows that pass its filter and
+        exclusions, less those its search found, with their tower scores."""
+        count = len(requests)
+        excluded_counts = np.asarray([len(r.excluded) for r in requests])
+        # popular(n) is a prefix of popular(m) for n < m: one look-up for the batch.
+        head = index.popular(POPULAR_CANDIDATES * 4 + int(excluded_counts.max()))
+        # A call looks at the first POPULAR_CANDIDATES * 4 + (its exclusions) of them.
+        allowed = (
+            np.arange(len(head))[None, :] < (POPULAR_CANDIDATES * 4 + excluded_counts)[:, None]
+        )
+        for n, request in enumerate(requests):
+            if request.eligible is not None:
+                allowed[n] &= np.isin(head, request.eligible)
+        # (call, row) pairs as one key each: one look-up per question for the batch.
+        stride = np.int64(max(index.row_count, 1))
+        keys = head[None, :].astype(np.int64) + np.arange(count, dtype=np.int64)[:, None] * stride
+        blocked = [(n, r.excluded) for n, r in enumerate(requests) if len(r.excluded)]
+        if blocked:
+            allowed &= ~contained(keys, np.concatenate([e + n * stride for n, e in blocked]))
+        allowed &= np.cumsum(allowed, axis=1) <= POPULAR_CANDIDATES
+        searched = [rows + n * stride for n, (rows, _s) in enumerate(found) if len(rows)]
+        if searched:
+            allowed &= ~contained(keys, np.concatenate(searched))
+        head_dots = user_vecs @ index.vectors(head).T  # [count, len(head)]
+        rows = [head[a] for a in allowed]
+        dots = [d[a] for d, a in zip(head_dots, allowed, strict=True)]
+        return rows, dots
 
     def rank(self, query: UserQuery, candidate_item_ids: Sequence[str]) -> Result:
         check_list("candidate_item_ids", candidate_item_ids)

@@ -53,6 +53,21 @@ def one_omp_thread() -> None:
         _omp.done = True
 
 
+def contained(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``np.isin(keys, values)`` for a few values among many keys, by binary search.
+
+    The batch code asks it of (query, row) keys spread over millions: there
+    ``np.isin`` picks its lookup-table method and clears a table of that size
+    per call (~2 ms; this is ~50 us).
+    """
+    if len(values) == 0:
+        return np.zeros(np.shape(keys), dtype=bool)
+    values = np.sort(values)
+    at = np.minimum(np.searchsorted(values, keys), len(values) - 1)
+    found: np.ndarray = values[at] == keys
+    return found
+
+
 def build_hnsw(vectors: np.ndarray, m: int = 32, ef_construction: int = 80) -> Any:
     """The index built here when a version ships none (graph build kept cheap: it
     runs at load); its efSearch is ``DEFAULT_EF_SEARCH``."""
@@ -77,6 +92,8 @@ class _View:
     log_popularity: np.ndarray  # [capacity]
     ann: faiss.Index | None
     ann_count: int  # rows 0..ann_count-1 are in ann
+    # fetch -> search breadth for this view's ann (asking faiss costs ~3 us a query)
+    breadths: dict[int, int] = field(default_factory=dict, compare=False)
 
 
 def _grow(array: np.ndarray, needed: int) -> np.ndarray:
@@ -167,6 +184,35 @@ class ItemIndex:
 
     def content(self, rows: np.ndarray) -> np.ndarray:
         return self._view.content[rows]
+
+    def content_products(self, queries: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """[Q, W]: ``queries[q] . content(rows[q, w])``; -inf where ``rows[q, w] < 0``.
+
+        One faiss call reads the rows where they are: no gathered copy of
+        [Q, W, C] floats, and the GIL is released meanwhile (it is what a busy
+        server runs short of, not cores).
+        """
+        one_omp_thread()
+        view = self._view
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        out = np.empty(rows.shape, dtype=np.float32)
+        if rows.size == 0:
+            return out
+        if rows.ndim != 2 or queries.shape != (rows.shape[0], view.content.shape[1]):
+            raise ValueError(f"queries {queries.shape} do not fit rows {rows.shape}")
+        if int(rows.max()) >= view.count:  # faiss would read past the table
+            raise IndexError(f"row {int(rows.max())} of {view.count}")
+        faiss.fvec_inner_products_by_idx(  # type: ignore[attr-defined]
+            faiss.swig_ptr(out),
+            faiss.swig_ptr(queries),
+            faiss.swig_ptr(view.content),
+            faiss.swig_ptr(rows),
+            view.content.shape[1],
+            rows.shape[0],
+            rows.shape[1],
+        )
+        return out
 
     def log_popularity(self, rows: np.ndarray) -> np.ndarray:
         return self._view.log_popularity[rows]
@@ -262,8 +308,14 @@ class ItemIndex:
             self._folding = False
 
     # -- searching ----------------------------------------------------------
-    def _breadth(self, ann: faiss.Index, fetch: int) -> int:
-        return ann_kinds.breadth(ann, fetch, ef_search=self.ef_search, nprobe=self.nprobe)
+    def _breadth(self, view: _View, fetch: int) -> int:
+        breadth = view.breadths.get(fetch)
+        if breadth is None:
+            breadth = ann_kinds.breadth(
+                view.ann, fetch, ef_search=self.ef_search, nprobe=self.nprobe
+            )
+            view.breadths[fetch] = breadth
+        return breadth
 
     def _fetch(self, k: int, excluded: int, filtered: bool, fraction: float) -> int:
         """Rows to ask the ANN index for so that ``k`` are left after dropping the
@@ -306,7 +358,7 @@ class ItemIndex:
         fetch = self._fetch(k, len(excluded), mask is not None, fraction)
         for _attempt in range(3):
             fetch = min(fetch, view.ann_count)
-            params = ann_kinds.search_params(view.ann, self._breadth(view.ann, fetch))
+            params = ann_kinds.search_params(view.ann, self._breadth(view, fetch))
             scores, rows = view.ann.search(query, fetch, params=params)
             rows, scores = rows[0], scores[0]
             keep = rows >= 0
@@ -366,48 +418,79 @@ class ItemIndex:
                 mask[eligible] = True
                 fraction = max(len(eligible) / max(view.count, 1), 1e-3)
             fetch = min(self._fetch(k, len(excluded), mask is not None, fraction), view.ann_count)
-            groups.setdefault(self._breadth(view.ann, fetch), []).append((i, fetch, mask))
-        # Scratch mask for the exclusions: set, test, reset per query (cheaper than isin).
-        blocked = np.zeros(view.count, dtype=bool) if groups else None
+            groups.setdefault(self._breadth(view, fetch), []).append((i, fetch, mask))
+        side = view.ann_count < view.count
         for breadth, jobs in groups.items():
-            assert view.ann is not None and blocked is not None
+            assert view.ann is not None
             width = max(fetch for _i, fetch, _m in jobs)
             params = ann_kinds.search_params(view.ann, breadth)
-            all_scores, all_rows = view.ann.search(
-                queries[[i for i, _f, _m in jobs]], width, params=params
+            numbers = [i for i, _f, _m in jobs]
+            all_scores, all_rows = view.ann.search(queries[numbers], width, params=params)
+            keep = self._keep(
+                view,
+                all_rows,
+                [fetch for _i, fetch, _m in jobs],
+                [mask for _i, _f, mask in jobs],
+                [excludeds[i] for i in numbers],
             )
-            for j, (i, fetch, mask) in enumerate(jobs):
-                rows, scores = all_rows[j, :fetch], all_scores[j, :fetch]
-                keep = rows >= 0
-                keep &= ~self._deleted[np.maximum(rows, 0)]
-                if mask is not None:
-                    keep &= mask[np.maximum(rows, 0)]
-                excluded = excludeds[i]
-                if len(excluded):
-                    blocked[excluded] = True
-                    keep &= ~blocked[np.maximum(rows, 0)]
-                    blocked[excluded] = False
-                rows, scores = rows[keep], scores[keep]
+            # The kept rows of every query, in order, and where each query's start.
+            counts = keep.sum(axis=1).tolist()
+            kept_rows, kept_scores = all_rows[keep], all_scores[keep]
+            start = 0
+            for (i, fetch, mask), count in zip(jobs, counts, strict=True):
+                rows = kept_rows[start : start + count]
+                scores = kept_scores[start : start + count]
+                start += count
                 k = ks[i]
-                if len(rows) < k and fetch < view.ann_count:
+                if count < k and fetch < view.ann_count:
                     # Too much was dropped: the one-query path retries wider.
                     results[i] = self.search(
-                        queries[i], k, eligible=eligibles[i], excluded=excluded
+                        queries[i], k, eligible=eligibles[i], excluded=excludeds[i]
                     )
                     continue
-                rows = rows.astype(np.int64)
-                if view.ann_count < view.count:  # merge the side buffer's exact top k
-                    side_rows = np.arange(view.ann_count, view.count)
-                    if mask is not None:
-                        side_rows = side_rows[mask[side_rows]]
-                    side = self._exact(view, queries[i : i + 1], side_rows, k, excluded)
-                    rows = np.concatenate([rows, side[0]])
-                    scores = np.concatenate([scores, side[1]])
+                if not side:
+                    # faiss returns each query's rows best first: the top k are a prefix.
+                    results[i] = (rows[:k], scores[:k])
+                    continue
+                side_rows = np.arange(view.ann_count, view.count)
+                if mask is not None:
+                    side_rows = side_rows[mask[side_rows]]
+                extra = self._exact(view, queries[i : i + 1], side_rows, k, excludeds[i])
+                rows = np.concatenate([rows, extra[0]])
+                scores = np.concatenate([scores, extra[1]])
                 order = np.argsort(-scores, kind="stable")[:k]
                 results[i] = (rows[order], scores[order])
         done = [r for r in results if r is not None]
         assert len(done) == len(results)
         return done
+
+    def _keep(
+        self,
+        view: _View,
+        rows: np.ndarray,
+        fetches: Sequence[int],
+        masks: Sequence[np.ndarray | None],
+        excludeds: Sequence[np.ndarray],
+    ) -> np.ndarray:
+        """[Q, width] which of a batched search's rows each query keeps: within
+        its own fetch, found, not deleted, passing its filter, not excluded.
+        Whole-batch array operations: per-query ones cost ~1 us of GIL each."""
+        safe = np.maximum(rows, 0)
+        keep = rows >= 0
+        keep &= np.arange(rows.shape[1])[None, :] < np.asarray(fetches)[:, None]
+        if self._deleted_count:
+            keep &= ~self._deleted[safe]
+        for j, mask in enumerate(masks):
+            if mask is not None:
+                keep[j] &= mask[safe[j]]
+        blocked = [(j, e) for j, e in enumerate(excludeds) if len(e)]
+        if blocked:
+            # (query, row) pairs as one key each: one isin for the whole batch.
+            stride = np.int64(view.count)
+            keys = safe + np.arange(len(rows), dtype=np.int64)[:, None] * stride
+            excluded_keys = np.concatenate([e.astype(np.int64) + j * stride for j, e in blocked])
+            keep &= ~contained(keys, excluded_keys)
+        return keep
 
     def _exact(
         self,

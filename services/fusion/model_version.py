@@ -382,19 +382,20 @@ class ModelVersion:
         else:
             dot = np.einsum("ij,ij->i", self.index.vectors(all_rows), user_vecs[segment])
         interest, history = self._content_inputs(users)
-        sims = np.zeros((len(all_rows), 2), dtype=np.float32)  # interest_sim, history_sim
-        start = 0
-        for i, (user, size) in enumerate(zip(users, sizes.tolist(), strict=True)):
-            if size and (user.interest is not None or len(user.history_rows)):
-                both = np.stack([interest[i], history[i]], axis=1)  # [C, 2]
-                sims[start : start + size] = self.index.content(rows[i]) @ both
-            start += size
+        # Each user's candidates padded to one width (-1), against its two query
+        # rows (interest, history mean; zeros when absent): one faiss call.
+        filled = np.arange(int(sizes.max()))[None, :] < sizes[:, None]
+        padded = np.full(filled.shape, -1, dtype=np.int64)
+        padded[filled] = all_rows
+        queries = np.stack([interest, history], axis=1).reshape(2 * len(users), -1)
+        products = self.index.content_products(queries, np.repeat(padded, 2, axis=0))
+        products = products.reshape(len(users), 2, -1)
         history_count = np.log1p(np.asarray([len(u.history_rows) for u in users], np.float64))
         feature_rows = features.ranker_features(
             self.ranker_features,
             dot=dot,
-            interest_sim=sims[:, 0],
-            history_sim=sims[:, 1],
+            interest_sim=products[:, 0][filled],
+            history_sim=products[:, 1][filled],
             log_popularity=self.index.log_popularity(all_rows),
             history_count=history_count[segment],
         )

@@ -152,11 +152,20 @@ def test_search_breadth_comes_from_the_index_unless_overridden() -> None:
     metas = [ItemMeta(f"i{r}") for r in range(500)]
     pop = np.ones(500, np.float32)
     own = ItemIndex(metas, vectors, vectors, pop, hnsw)
-    assert own._breadth(hnsw, 20) == 70 and own._breadth(hnsw, 90) == 90
-    assert ItemIndex(metas, vectors, vectors, pop, hnsw, ef_search=30)._breadth(hnsw, 20) == 30
+
+    def breadth(index: ItemIndex, fetch: int) -> int:
+        return index._breadth(index._view, fetch)
+
+    assert breadth(own, 20) == 70 and breadth(own, 90) == 90
+    assert breadth(ItemIndex(metas, vectors, vectors, pop, hnsw, ef_search=30), 20) == 30
     ivf = make_ann(vectors, "ivf")
-    assert ItemIndex(metas, vectors, vectors, pop, ivf)._breadth(ivf, 20) == 8
-    assert ItemIndex(metas, vectors, vectors, pop, ivf, nprobe=2)._breadth(ivf, 20) == 2
+    assert breadth(ItemIndex(metas, vectors, vectors, pop, ivf), 20) == 8
+    assert breadth(ItemIndex(metas, vectors, vectors, pop, ivf, nprobe=2), 20) == 2
+    # Remembered per view (asking faiss costs microseconds a query); a new
+    # view (an upsert, a fold) asks again.
+    assert own._view.breadths == {20: 70, 90: 90}
+    own.upsert([ItemMeta("new")], vectors[:1], vectors[:1])
+    assert own._view.breadths == {}
 
 
 def test_an_index_kind_it_cannot_search_is_refused() -> None:

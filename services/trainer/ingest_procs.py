@@ -71,6 +71,14 @@ DRAIN_TIMEOUT_S = 10.0
 # A consumer process that exits is restarted after this back-off (doubling).
 RESTART_MIN_S = 0.5
 RESTART_MAX_S = 10.0
+# A consumer's main loop says it is alive at least this often (a poll returns
+# within ~0.2 s, a rebalance gives up after its poll timeout too) ...
+ALIVE_EVERY_S = 2.0
+# ... and one the writer has not heard from for this long is stuck: killed and
+# restarted (a restart is the SIGKILL the tests prove safe). kafka-python
+# 3.0.12 has been seen to block a poll forever: its main thread waiting in
+# send_fetches for an IO-thread task that never ran.
+STALLED_AFTER_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +142,7 @@ class ConsumerProcess:
         self.first_records_at: float | None = None
         self.lag_checked = 0.0
         self.lag = -1
+        self.alive_sent = 0.0
         # kafka-python (3.x) runs the rebalance listener on its IO thread, and a
         # join can complete after poll() has returned: the listener's _drain and
         # _seek then run while this process's main thread polls on. Two threads
@@ -323,6 +332,10 @@ class ConsumerProcess:
         self._pump(0)
         while len(self.in_flight) >= MAX_IN_FLIGHT and not self.stopping:
             self._pump(REPLY_WAIT_S)
+        now = time.monotonic()
+        if now - self.alive_sent >= ALIVE_EVERY_S:
+            self.alive_sent = now
+            self._send(("alive",))
         self._check_failure()
         self._commit(consumer, sync=False)
         if self.stopping:
@@ -436,6 +449,7 @@ class _Member:
     restart_at: float = 0.0
     backoff: float = RESTART_MIN_S
     said_bye: bool = False
+    heard_at: float = 0.0  # monotonic time of its last message
     started_at: float = 0.0
 
 
@@ -478,13 +492,13 @@ class ProcessIngest:
     def _start(self, member: _Member) -> None:
         member.process, member.conn = self._spawn(member.index)
         member.said_bye, member.lag, member.discard_epoch = False, -1, -1
-        member.started_at = time.monotonic()
+        member.started_at = member.heard_at = time.monotonic()
         log.info(
             "consumer process started",
             extra={"consumer": member.index, "pid": member.process.pid},
         )
 
-    def _gone(self, member: _Member, stopping: bool) -> None:
+    def _gone(self, member: _Member, stopping: bool, reason: str = "exited") -> None:
         if member.conn is not None:
             with contextlib.suppress(OSError):
                 member.conn.close()
@@ -493,10 +507,13 @@ class ProcessIngest:
             code = member.process.exitcode
             if not stopping:
                 log.error(
-                    "consumer process exited; restarting",
+                    f"consumer process {reason}; restarting",
                     extra={"consumer": member.index, "exitcode": code},
                 )
-                self.ingestor.status.last_error = f"consumer process {member.index} exited ({code})"
+                metrics.CONSUMER_RESTARTS.labels(reason).inc()
+                self.ingestor.status.last_error = (
+                    f"consumer process {member.index} {reason} ({code})"
+                )
                 if time.monotonic() - member.started_at > 60:
                     member.backoff = RESTART_MIN_S
                 member.restart_at = time.monotonic() + member.backoff
@@ -540,8 +557,17 @@ class ProcessIngest:
             time.sleep(timeout_s)
             return
         group: list[_Pending] = []
-        for ready in wait(list(by_conn), timeout=timeout_s):
+        ready_conns = wait(list(by_conn), timeout=timeout_s)
+        now = time.monotonic()
+        for conn, member in by_conn.items():
+            if conn in ready_conns:
+                member.heard_at = now
+            elif not stopping and now - member.heard_at > STALLED_AFTER_S:
+                self._stalled(member, now)
+        for ready in ready_conns:
             member = by_conn[ready]
+            if member.conn is None:  # just restarted as stalled
+                continue
             # Bounded, so that a busy consumer cannot starve the others or stop().
             for _ in range(2 * MAX_IN_FLIGHT + 2):
                 if member.conn is None:
@@ -580,6 +606,16 @@ class ProcessIngest:
                 if member.conn is None or not member.conn.poll(0):
                     break
         self._flush(group)
+
+    def _stalled(self, member: _Member, now: float) -> None:
+        """Kill a consumer that stopped talking; ``run`` starts a new one."""
+        log.warning(
+            "consumer process silent; killing it",
+            extra={"consumer": member.index, "silent_s": round(now - member.heard_at, 1)},
+        )
+        if member.process is not None:
+            member.process.kill()
+        self._gone(member, stopping=False, reason="stalled")
 
     def _handle(self, member: _Member, message: tuple[Any, ...]) -> None:
         """A message other than a batch."""

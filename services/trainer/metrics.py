@@ -34,6 +34,11 @@ APPLY_BATCH_SECONDS = Histogram(
     "Time to write one poll batch to the event log (one transaction).",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+CONSUMER_RESTARTS = Counter(
+    "coldstart_trainer_consumer_restarts_total",
+    "Consumer processes restarted: exited (crash, kill) or stalled (silent, killed).",
+    ["reason"],
+)
 LOG_WRITE_FAILURES = Counter(
     "coldstart_trainer_log_write_failures_total",
     "Batches that could not be written (disk full, read-only); re-read after a back-off.",

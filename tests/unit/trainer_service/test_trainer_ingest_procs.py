@@ -19,7 +19,7 @@ from coldstart.v1 import events_pb2
 from kafka import TopicPartition
 
 from services.common.events import encode_event, new_event
-from services.trainer import ingest_procs
+from services.trainer import ingest_procs, metrics
 from services.trainer.event_log import EventLog, EventLogError
 from services.trainer.ingest import DeadLetter, Ingestor
 from services.trainer.ingest_procs import ConsumerProcess, ProcessIngest
@@ -526,3 +526,65 @@ def test_rebalance_listeners_on_kafkas_io_thread_do_not_hang_the_hand_over(
     # Re-reads after a seek back to the log are duplicates, never second rows.
     assert sorted(ids(log)) == sorted([f"a{i}" for i in range(300)] + [f"b{i}" for i in range(300)])
     assert topic.commits_ahead_of_log == []
+
+
+class HangsInPoll(GroupConsumer):
+    """After ``polls`` polls with records, poll blocks until the process is killed
+    (kafka-python 3.0.12 was seen to: a task its IO thread never ran)."""
+
+    def __init__(self, topic: Topic, owned: Sequence[int], polls: int) -> None:
+        super().__init__(topic, owned, batch=5)
+        self.polls = polls
+        self.hung = threading.Event()
+        self.released = threading.Event()
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
+        if self.polls_with_records >= self.polls:
+            self.hung.set()
+            self.released.wait(30)
+            raise Killed
+        return super().poll(timeout_ms, max_records)
+
+
+class KillableThreadIngest(ThreadIngest):
+    """ThreadIngest whose kill() releases a hung fake consumer (as SIGKILL ends it)."""
+
+    def _spawn(self, index: int) -> tuple[Any, Any]:
+        process, conn = super()._spawn(index)
+        consumer = self.started[-1]
+        if isinstance(consumer, HangsInPoll):
+            process.kill = consumer.released.set
+        return process, conn
+
+
+def test_a_consumer_that_stops_talking_is_killed_and_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(ingest_procs, "ALIVE_EVERY_S", 0.05)
+    monkeypatch.setattr(ingest_procs, "STALLED_AFTER_S", 0.5)
+    values = {0: [view(f"a{i}") for i in range(60)]}
+    log, topic, ingestor, sink = setup(tmp_path, values)
+    hung = HangsInPoll(topic, [0], polls=4)
+    ingest = KillableThreadIngest(ingestor, [[hung, GroupConsumer(topic, [0])]], sink)
+    before = metrics.CONSUMER_RESTARTS.labels("stalled")._value.get()
+    run_until(ingest, caught_up(log, topic))
+    assert hung.hung.is_set() and hung.released.is_set()
+    assert len(ingest.started) == 2
+    assert metrics.CONSUMER_RESTARTS.labels("stalled")._value.get() == before + 1
+    assert sorted(ids(log)) == sorted(f"a{i}" for i in range(60))
+    assert topic.commits_ahead_of_log == []
+
+
+def test_a_quiet_topic_is_not_a_stalled_consumer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing to read for many stall periods: the consumer still says it is alive."""
+    monkeypatch.setattr(ingest_procs, "ALIVE_EVERY_S", 0.05)
+    monkeypatch.setattr(ingest_procs, "STALLED_AFTER_S", 0.3)
+    values: dict[int, list[bytes | None]] = {0: [view("a0")]}
+    log, topic, ingestor, sink = setup(tmp_path, values)
+    ingest = ThreadIngest(ingestor, [[GroupConsumer(topic, [0])]], sink)
+    started = time.monotonic()
+    run_until(ingest, lambda: time.monotonic() - started > 2.0, timeout_s=5)
+    assert len(ingest.started) == 1
+    assert ids(log) == ["a0"]

@@ -79,6 +79,10 @@ ALIVE_EVERY_S = 2.0
 # 3.0.12 has been seen to block a poll forever: its main thread waiting in
 # send_fetches for an IO-thread task that never ran.
 STALLED_AFTER_S = 30.0
+# Polls that return nothing for this long while the partitions have a backlog
+# (lag > 0) mean a consumer that no longer fetches: it is closed and a new one
+# joins and seeks to the log (the path of any consumer error).
+NOT_FETCHING_AFTER_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,10 @@ class _Rewind(RuntimeError):
     """The batch was not handed over; re-read from the log's offsets."""
 
 
+class NotFetching(RuntimeError):
+    """The consumer returns nothing while its partitions have a backlog."""
+
+
 class ConsumerProcess:
     """The loop of one consumer process: poll, hand over, commit.
 
@@ -143,6 +151,8 @@ class ConsumerProcess:
         self.lag_checked = 0.0
         self.lag = -1
         self.alive_sent = 0.0
+        self.fetched_at = time.monotonic()  # last poll with records (or consumer start)
+        self.backlog = 0  # records behind the end at the last lag check (0: none known)
         # kafka-python (3.x) runs the rebalance listener on its IO thread, and a
         # join can complete after poll() has returned: the listener's _drain and
         # _seek then run while this process's main thread polls on. Two threads
@@ -246,6 +256,7 @@ class ConsumerProcess:
                 try:
                     if consumer is None:
                         consumer = self.consumer_factory()
+                        self.fetched_at = time.monotonic()
                         self._subscribe(consumer)
                     self.poll_once(consumer)
                     backoff = BACKOFF_MIN_S
@@ -343,7 +354,11 @@ class ConsumerProcess:
         batches = consumer.poll(timeout_ms=200, max_records=self.config.max_poll_records)
         if not batches:
             self._update_lag(consumer, force_send=True)
+            idle = time.monotonic() - self.fetched_at
+            if self.backlog > 0 and idle > NOT_FETCHING_AFTER_S:
+                raise NotFetching(f"no records for {idle:.0f} s with a lag of {self.backlog}")
             return False
+        self.fetched_at = time.monotonic()
         if self.first_records_at is None:
             self.first_records_at = time.perf_counter()
         columns = columns_of(batches)
@@ -382,6 +397,8 @@ class ConsumerProcess:
             return
         self.lag_checked = now
         lag = consumer_lag(consumer)
+        # No assignment or no answer: no backlog known (the gauge keeps its value).
+        self.backlog = lag or 0
         if lag is None:
             return
         changed = lag != self.lag

@@ -588,3 +588,40 @@ def test_a_quiet_topic_is_not_a_stalled_consumer(
     run_until(ingest, lambda: time.monotonic() - started > 2.0, timeout_s=5)
     assert len(ingest.started) == 1
     assert ids(log) == ["a0"]
+
+
+class StopsFetching(GroupConsumer):
+    """After ``polls`` polls with records it returns nothing though records are
+    left (lag > 0), until it is closed: a consumer that no longer fetches."""
+
+    def __init__(self, topic: Topic, owned: Sequence[int], polls: int) -> None:
+        super().__init__(topic, owned, batch=5)
+        self.polls = polls
+        self.closed = 0
+
+    def poll(self, timeout_ms: int, max_records: int) -> dict[TopicPartition, list[Record]]:
+        if self.polls_with_records >= self.polls and not self.closed:
+            time.sleep(0.01)
+            return {}
+        return super().poll(timeout_ms, max_records)
+
+    def close(self, autocommit: bool, timeout_ms: int) -> None:
+        self.closed += 1
+
+
+def test_a_consumer_that_stops_fetching_with_a_backlog_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import services.trainer.ingest as ingest_module
+
+    monkeypatch.setattr(ingest_procs, "NOT_FETCHING_AFTER_S", 0.3)
+    monkeypatch.setattr(ingest_module, "LAG_INTERVAL_S", 0.01)
+    values = {0: [view(f"a{i}") for i in range(60)]}
+    log, topic, ingestor, sink = setup(tmp_path, values)
+    stuck = StopsFetching(topic, [0], polls=3)
+    ingest = ThreadIngest(ingestor, [[stuck]], sink)
+    run_until(ingest, caught_up(log, topic))
+    assert stuck.closed >= 2  # replaced in the same process, then closed at the stop
+    assert len(ingest.started) == 1
+    assert sorted(ids(log)) == sorted(f"a{i}" for i in range(60))
+    assert topic.commits_ahead_of_log == []

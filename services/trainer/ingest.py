@@ -53,7 +53,27 @@ BACKOFF_MAX_S = 5.0
 LAG_INTERVAL_S = 0.5
 # The longest a lag check may hold up the consume loop.
 LAG_TIMEOUT_MS = 1000
+# Polls that return nothing for this long while the partitions have a backlog
+# (lag > 0) mean a consumer that no longer fetches (kafka-python 3.0.12 was seen
+# to): it is closed, and a new one joins and seeks to the log (the path of any
+# consumer error).
+NOT_FETCHING_AFTER_S = 20.0
 MAX_DETAIL_CHARS = 200
+
+
+class NotFetching(RuntimeError):
+    """The consumer returns nothing while its partitions have a backlog."""
+
+
+def check_fetching(fetched_at: float, backlog: int) -> None:
+    """Raise NotFetching after NOT_FETCHING_AFTER_S without records and a backlog.
+
+    ``fetched_at``: monotonic time of the last poll with records (or of the
+    consumer's start); ``backlog``: the lag at the last check (0: none known).
+    """
+    idle = time.monotonic() - fetched_at
+    if backlog > 0 and idle > NOT_FETCHING_AFTER_S:
+        raise NotFetching(f"no records for {idle:.0f} s with a lag of {backlog}")
 
 
 class RecordLike(Protocol):
@@ -347,6 +367,8 @@ class Ingestor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lag_checked = 0.0
+        self._fetched_at = time.monotonic()  # last poll with records (or consumer start)
+        self._backlog = 0  # records behind the end at the last lag check (0: none known)
         # Every partition's next offset as last applied: each commit sends them
         # all, and the synchronous one on the way out clears them.
         self._uncommitted: dict[int, int] = {}
@@ -386,6 +408,7 @@ class Ingestor:
                 try:
                     if consumer is None:
                         consumer = self.consumer_factory()
+                        self._fetched_at = time.monotonic()
                         self._subscribe(consumer)
                     self.poll_once(consumer)
                     backoff = BACKOFF_MIN_S
@@ -458,7 +481,9 @@ class Ingestor:
         batches = consumer.poll(timeout_ms=200, max_records=self.max_poll_records)
         if not batches:
             self._update_lag(consumer)
+            check_fetching(self._fetched_at, self._backlog)
             return None
+        self._fetched_at = time.monotonic()
         if self.status.first_records_at is None:
             self.status.first_records_at = time.perf_counter()
         split = split_columns(columns_of(batches))
@@ -527,6 +552,7 @@ class Ingestor:
             return
         self._lag_checked = now
         lag = consumer_lag(consumer)
+        self._backlog = lag or 0
         if lag is None:
             return
         self.status.consumer_lag = lag

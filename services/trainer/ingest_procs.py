@@ -51,7 +51,13 @@ from typing import TYPE_CHECKING, Any
 
 from services.trainer import metrics
 from services.trainer.event_log import EventLogError
-from services.trainer.ingest import DeadLetter, columns_of, note_dead_letters, split_columns
+from services.trainer.ingest import (
+    DeadLetter,
+    check_fetching,
+    columns_of,
+    note_dead_letters,
+    split_columns,
+)
 
 if TYPE_CHECKING:
     from services.trainer.ingest import Ingestor
@@ -79,10 +85,6 @@ ALIVE_EVERY_S = 2.0
 # 3.0.12 has been seen to block a poll forever: its main thread waiting in
 # send_fetches for an IO-thread task that never ran.
 STALLED_AFTER_S = 30.0
-# Polls that return nothing for this long while the partitions have a backlog
-# (lag > 0) mean a consumer that no longer fetches: it is closed and a new one
-# joins and seeks to the log (the path of any consumer error).
-NOT_FETCHING_AFTER_S = 20.0
 
 
 @dataclass(frozen=True)
@@ -116,10 +118,6 @@ _PIPE_GONE = (EOFError, BrokenPipeError, ConnectionResetError)
 
 class _Rewind(RuntimeError):
     """The batch was not handed over; re-read from the log's offsets."""
-
-
-class NotFetching(RuntimeError):
-    """The consumer returns nothing while its partitions have a backlog."""
 
 
 class ConsumerProcess:
@@ -354,9 +352,7 @@ class ConsumerProcess:
         batches = consumer.poll(timeout_ms=200, max_records=self.config.max_poll_records)
         if not batches:
             self._update_lag(consumer, force_send=True)
-            idle = time.monotonic() - self.fetched_at
-            if self.backlog > 0 and idle > NOT_FETCHING_AFTER_S:
-                raise NotFetching(f"no records for {idle:.0f} s with a lag of {self.backlog}")
+            check_fetching(self.fetched_at, self.backlog)
             return False
         self.fetched_at = time.monotonic()
         if self.first_records_at is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,3 +339,41 @@ def test_the_lag_check_gives_up_quickly_and_does_not_stop_consumption() -> None:
     assert consumer_lag(broker) is None
     assert broker.timeouts == [LAG_TIMEOUT_MS]
     assert LAG_TIMEOUT_MS <= 2000
+
+
+def test_the_in_process_loop_replaces_a_consumer_that_stops_fetching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first consumer returns one batch, then nothing while its lag says 60
+    records wait; the loop closes it and the next one reads on."""
+    import services.trainer.ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "NOT_FETCHING_AFTER_S", 0.2)
+    monkeypatch.setattr(ingest_module, "LAG_INTERVAL_S", 0.01)
+    monkeypatch.setattr(ingest_module, "BACKOFF_MIN_S", 0.01)
+    log = EventLog(tmp_path / "log.sqlite")
+    stuck = FakeConsumer([[Record(0, 0, b"u", good(1))]])
+    fresh = FakeConsumer([[Record(0, 1, b"u", good(2))]])
+    made: list[FakeConsumer] = []
+    closed: list[FakeConsumer] = []
+
+    def factory() -> Any:
+        consumer = [stuck, fresh][len(made)]
+        made.append(consumer)
+        consumer.subscribe = lambda topics, listener: None  # type: ignore[attr-defined]
+        consumer.close = lambda autocommit, timeout_ms: closed.append(consumer)  # type: ignore[attr-defined]
+        return consumer
+
+    ingestor = Ingestor(
+        log, bootstrap="unused", topic=TOPIC, group_id="g", dead_letters=Sink(log),
+        consumer_factory=factory,
+    )  # fmt: skip
+    ingestor.start()
+    try:
+        deadline = time.monotonic() + 10
+        while log.event_count() < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        ingestor.stop()
+    assert log.event_count() == 2
+    assert made == [stuck, fresh] and closed[0] is stuck

@@ -614,7 +614,7 @@ def test_a_consumer_that_stops_fetching_with_a_backlog_is_replaced(
 ) -> None:
     import services.trainer.ingest as ingest_module
 
-    monkeypatch.setattr(ingest_procs, "NOT_FETCHING_AFTER_S", 0.3)
+    monkeypatch.setattr(ingest_module, "NOT_FETCHING_AFTER_S", 0.3)
     monkeypatch.setattr(ingest_module, "LAG_INTERVAL_S", 0.01)
     values = {0: [view(f"a{i}") for i in range(60)]}
     log, topic, ingestor, sink = setup(tmp_path, values)

@@ -421,7 +421,12 @@ class Ingestor:
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
                 except Exception as exc:  # never a crash loop: log, back off, go on
-                    log.exception("consumer loop error; retrying", extra={"error": repr(exc)})
+                    if isinstance(exc, NotFetching):
+                        log.warning(
+                            "consumer stopped fetching; replacing it", extra={"error": str(exc)}
+                        )
+                    else:
+                        log.exception("consumer loop error; retrying", extra={"error": repr(exc)})
                     self.status.last_error = repr(exc)
                     if consumer is not None:
                         self._close(consumer)

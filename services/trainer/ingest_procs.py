@@ -53,6 +53,7 @@ from services.trainer import metrics
 from services.trainer.event_log import EventLogError
 from services.trainer.ingest import (
     DeadLetter,
+    NotFetching,
     check_fetching,
     columns_of,
     note_dead_letters,
@@ -273,7 +274,12 @@ class ConsumerProcess:
                 except _PIPE_GONE:
                     raise
                 except Exception as exc:  # never a crash loop: log, back off, go on
-                    log.exception("consumer loop error; retrying", extra={"error": repr(exc)})
+                    if isinstance(exc, NotFetching):
+                        log.warning(
+                            "consumer stopped fetching; replacing it", extra={"error": str(exc)}
+                        )
+                    else:
+                        log.exception("consumer loop error; retrying", extra={"error": repr(exc)})
                     if consumer is not None:
                         _close(consumer)
                         consumer = None

@@ -516,10 +516,10 @@ class Recommender:
         order = np.argsort(-padded, axis=1, kind="stable")
         tops: list[np.ndarray] = []
         top_scores: list[list[float]] = []
-        for request, rows, row_scores, size in zip(
-            requests, candidates, scores, sizes.tolist(), strict=True
+        for n, (request, rows, row_scores, size) in enumerate(
+            zip(requests, candidates, scores, sizes.tolist(), strict=True)
         ):
-            picked = order[len(tops), : min(request.k, size)]
+            picked = order[n, : min(request.k, size)]
             tops.append(rows[picked])
             top_scores.append(row_scores[picked].tolist())
         reasons = self._reasons_batch(model, users, tops)

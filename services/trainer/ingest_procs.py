@@ -583,10 +583,8 @@ class ProcessIngest:
                 member.heard_at = now
             elif not stopping and now - member.heard_at > STALLED_AFTER_S:
                 self._stalled(member, now)
-        for ready in ready_conns:
+        for ready in ready_conns:  # (a stalled member is one that was not ready)
             member = by_conn[ready]
-            if member.conn is None:  # just restarted as stalled
-                continue
             # Bounded, so that a busy consumer cannot starve the others or stop().
             for _ in range(2 * MAX_IN_FLIGHT + 2):
                 if member.conn is None:

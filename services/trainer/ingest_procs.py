@@ -155,9 +155,10 @@ class ConsumerProcess:
         # kafka-python (3.x) runs the rebalance listener on its IO thread, and a
         # join can complete after poll() has returned: the listener's _drain and
         # _seek then run while this process's main thread polls on. Two threads
-        # reading one pipe interleave its frames (a hang: measured, the member's
-        # heartbeats stopped and the broker expired it), so whatever reads the
-        # pipe or the hand-over state (seq, in_flight, uncommitted) holds this.
+        # reading one pipe split each other's frames (EOFError or a hang, in
+        # test_rebalance_listeners_on_kafkas_io_thread_do_not_hang_the_hand_over),
+        # so whatever reads the pipe or the hand-over state (seq, in_flight,
+        # uncommitted) holds this.
         # Never held across a consumer call: the IO thread may be waiting for it.
         self._state = threading.RLock()
         self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()

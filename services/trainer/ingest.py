@@ -76,6 +76,14 @@ def check_fetching(fetched_at: float, backlog: int) -> None:
         raise NotFetching(f"no records for {idle:.0f} s with a lag of {backlog}")
 
 
+def log_loop_error(exc: Exception) -> None:
+    """Log an error a consume loop recovers from by replacing its consumer."""
+    if isinstance(exc, NotFetching):  # expected recovery, not a bug: no traceback
+        log.warning("consumer stopped fetching; replacing it", extra={"error": str(exc)})
+    else:
+        log.exception("consumer loop error; retrying", extra={"error": repr(exc)})
+
+
 class RecordLike(Protocol):
     """What the loop needs of a kafka-python ConsumerRecord."""
 
@@ -421,12 +429,7 @@ class Ingestor:
                     self._stop.wait(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
                 except Exception as exc:  # never a crash loop: log, back off, go on
-                    if isinstance(exc, NotFetching):
-                        log.warning(
-                            "consumer stopped fetching; replacing it", extra={"error": str(exc)}
-                        )
-                    else:
-                        log.exception("consumer loop error; retrying", extra={"error": repr(exc)})
+                    log_loop_error(exc)
                     self.status.last_error = repr(exc)
                     if consumer is not None:
                         self._close(consumer)

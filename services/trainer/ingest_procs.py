@@ -53,9 +53,9 @@ from services.trainer import metrics
 from services.trainer.event_log import EventLogError
 from services.trainer.ingest import (
     DeadLetter,
-    NotFetching,
     check_fetching,
     columns_of,
+    log_loop_error,
     note_dead_letters,
     split_columns,
 )
@@ -275,12 +275,7 @@ class ConsumerProcess:
                 except _PIPE_GONE:
                     raise
                 except Exception as exc:  # never a crash loop: log, back off, go on
-                    if isinstance(exc, NotFetching):
-                        log.warning(
-                            "consumer stopped fetching; replacing it", extra={"error": str(exc)}
-                        )
-                    else:
-                        log.exception("consumer loop error; retrying", extra={"error": repr(exc)})
+                    log_loop_error(exc)
                     if consumer is not None:
                         _close(consumer)
                         consumer = None

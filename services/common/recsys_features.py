@@ -297,6 +297,85 @@ def ranker_applies(
     return bool(len(head_pop) == 0 or np.mean(head_pop <= 0) < max_new_share)
 
 
+def new_item_head(head_pop: np.ndarray, max_new_share: float) -> bool:
+    """Whether a head counts as new items (``ranker_applies`` leaves such heads alone)."""
+    return bool(len(head_pop)) and float(np.mean(head_pop <= 0)) >= max_new_share
+
+
+# How many content neighbours each item keeps (content_thresholds): the content-knn
+# baseline's tuned value, whose score the new-item blend reuses.
+CONTENT_NEIGHBORS = 100
+
+
+def content_thresholds(
+    content: np.ndarray, neighbors: int = CONTENT_NEIGHBORS, sample: int = 20_000, seed: int = 0
+) -> np.ndarray:
+    """(n_items,) float32: each item's cosine to its ``neighbors``-th most similar other
+    item, i.e. the least similarity at which another item is among its neighbours.
+
+    Exact up to ``sample`` items; above, the rank is scaled onto a seeded sample of
+    ``sample`` columns (the same quantile), so a 100k catalog costs 100k x 20k products.
+    """
+    vecs = np.asarray(content, dtype=np.float32)
+    n = vecs.shape[0]
+    if n < 2:
+        return np.full(n, np.inf, dtype=np.float32)
+    cols = np.arange(n)
+    if n > sample:
+        cols = np.sort(np.random.default_rng(seed).choice(n, size=sample, replace=False))
+    k = max(1, min(len(cols) - 1, round(neighbors * len(cols) / n)))
+    out = np.empty(n, dtype=np.float32)
+    block = 1024
+    for start in range(0, n, block):
+        sims = vecs[start : start + block] @ vecs[cols].T
+        own = np.flatnonzero((cols >= start) & (cols < start + block))
+        sims[cols[own] - start, own] = -np.inf  # not its own neighbour
+        out[start : start + block] = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
+    return out
+
+
+def content_knn_scores(
+    content: np.ndarray,
+    history: np.ndarray,
+    candidates: np.ndarray,
+    candidate_thresholds: np.ndarray,
+) -> np.ndarray:
+    """(n_candidates,) content-knn score of each candidate for one user: the sum of its
+    cosines to the history items that are among its own nearest items by text (cosine
+    >= the candidate's threshold, ``candidate_thresholds`` in candidate order; negative
+    cosines count 0). The content-knn baseline's score (item-kNN: a candidate scores by
+    how much of its neighbourhood the user liked), computed from the content vectors and
+    one threshold per item (``content_thresholds``), so serving needs no neighbour lists."""
+    hist = np.asarray(history, dtype=np.int64)
+    if len(hist) == 0:
+        return np.zeros(len(candidates), dtype=np.float32)
+    sims = content[np.asarray(candidates, dtype=np.int64)] @ content[hist].T  # (c, h)
+    keep = sims >= np.asarray(candidate_thresholds, dtype=np.float32)[:, None]
+    out: np.ndarray = np.where(keep, np.maximum(sims, 0.0), 0.0).sum(axis=1)
+    return out.astype(np.float32)
+
+
+def _standardised(x: np.ndarray) -> np.ndarray:
+    sd = float(x.std())
+    return (x - x.mean()) / sd if sd > 1e-9 else np.zeros_like(x)
+
+
+def blend_new_items(tower_scores: np.ndarray, knn_scores: np.ndarray, weight: float) -> np.ndarray:
+    """One user's head of new items re-scored: standardised tower score + ``weight`` x
+    standardised content-knn score (both standardised over the head).
+
+    The towers see an item's text only through its top singular directions (which keeps
+    them from memorising titles); the content-knn score brings back the whole text's
+    similarity to what the user liked, for items that have nothing else (docs/MODEL.md,
+    run 6). With no history the knn scores are all 0 and the tower order stands.
+    """
+    tower = np.asarray(tower_scores, dtype=np.float64)
+    out: np.ndarray = _standardised(tower) + weight * _standardised(
+        np.asarray(knn_scores, dtype=np.float64)
+    )
+    return out.astype(np.float32)
+
+
 def _content_sims(
     hist_content: list[np.ndarray], cand_content: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:

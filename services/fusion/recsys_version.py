@@ -43,8 +43,11 @@ from services.common import ann as ann_kinds
 from services.common.recsys_features import (
     FeatureSpec,
     RankerTables,
+    blend_new_items,
+    content_knn_scores,
     derived_item_attributes,
     item_tower_inputs,
+    new_item_head,
     ranker_applies,
     ranker_features,
     user_tower_inputs,
@@ -71,6 +74,7 @@ DEFAULT_FILES = {
     "item_codes": "item_codes.npy",
     "item_vectors": "item_vectors.npy",
     "content_vectors": "content_vectors.npy",
+    "content_thresholds": "content_thresholds.npy",
     "item_attributes": "item_attributes.npy",
     "popularity": "popularity.npy",
     "segment_counts": "segment_counts.npy",
@@ -94,6 +98,7 @@ class RecsysModelVersion(ModelVersion):
         index: ItemIndex,
         tables: RankerTables,
         user_codes: Mapping[str, int],
+        thresholds: np.ndarray | None = None,
     ) -> None:
         # Not ModelVersion.__init__: that one reads the provisional manifest's sections.
         self.version = version
@@ -114,6 +119,15 @@ class RecsysModelVersion(ModelVersion):
         self.index = index
         self.tables = tables
         self.user_codes = dict(user_codes)
+        # The new-item blend: weight 0 (and no thresholds) in versions before it.
+        self.new_item_weight = float(ranker.get("new_items", {}).get("content_weight", 0.0))
+        self.max_new_share = float(ranker.get("gate", {}).get("max_new_share", 0.5))
+        self.thresholds = np.zeros(0, dtype=np.float32) if thresholds is None else thresholds
+        # An upserted item has no threshold of its own (until a retrain exports one): it
+        # gets the catalog's median, a typical neighbourhood's size.
+        self.upserted_threshold = (
+            float(np.median(self.thresholds)) if len(self.thresholds) else float("inf")
+        )
 
     # -- loading ----------------------------------------------------------------
     @classmethod
@@ -223,6 +237,14 @@ class RecsysModelVersion(ModelVersion):
             seg_sizes=seg_sizes,
             n_users=int(manifest.get("ranker", {}).get("popularity_users", 0)),
         )
+        thresholds = None
+        if float(manifest.get("ranker", {}).get("new_items", {}).get("content_weight", 0)) > 0:
+            thresholds = array("content_thresholds").astype(np.float32, copy=False)
+            if thresholds.shape != (n,):
+                raise ModelLoadError(
+                    f"{path / files['content_thresholds']}: shape {thresholds.shape}, "
+                    f"expected {(n,)}"
+                )
         version = str(manifest.get("version") or path.name)
         model = cls(
             version,
@@ -234,6 +256,7 @@ class RecsysModelVersion(ModelVersion):
             index,
             tables,
             user_codes,
+            thresholds,
         )
         model.check()
         return model
@@ -335,6 +358,28 @@ class RecsysModelVersion(ModelVersion):
             )
             scores = np.array(tower, dtype=np.float32)
             scores[ranked] = np.asarray(out, dtype=np.float32).reshape(count, cands)
+        blended = (
+            [
+                j
+                for j, n in enumerate(live)
+                if len(users[n].history_rows)
+                and new_item_head(self._head_pop(padded[j, : sizes[n]]), self.max_new_share)
+            ]
+            if self.new_item_weight > 0
+            else []
+        )
+        if blended:
+            histories = [users[live[j]].history_rows for j in blended]
+            tables, local = self._local_tables(padded[blended], histories)
+            scores = np.array(scores, dtype=np.float32)
+            for j, history in zip(blended, histories, strict=True):
+                rows_j = padded[j, : sizes[live[j]]]
+                knn = content_knn_scores(
+                    tables.content, local(history), local(rows_j), self._thresholds_of(rows_j)
+                )
+                scores[j, : len(rows_j)] = blend_new_items(
+                    tower[j, : len(rows_j)], knn, self.new_item_weight
+                )
         result = [np.empty(0, dtype=np.float32) for _ in rows]
         for j, n in enumerate(live):
             result[n] = np.ascontiguousarray(scores[j, : sizes[n]], dtype=np.float32)
@@ -346,18 +391,28 @@ class RecsysModelVersion(ModelVersion):
         gate = self.manifest.get("ranker", {}).get("gate")
         if not gate:
             return True
-        base = self.index.base_count
-        rows = np.asarray(candidate_rows, dtype=np.int64)
-        pop = np.zeros(len(rows), dtype=np.float32)
-        old = rows < base
-        pop[old] = self.tables.pop[rows[old]]
         return ranker_applies(
             history_len,
-            pop,
+            self._head_pop(candidate_rows),
             int(gate.get("min_history", 0)),
             float(gate.get("max_new_share", 1.0)),
             int(gate.get("max_history", -1)),
         )
+
+    def _head_pop(self, candidate_rows: np.ndarray) -> np.ndarray:
+        """Training positives of each candidate row; 0 for upserted rows (new items)."""
+        rows = np.asarray(candidate_rows, dtype=np.int64)
+        pop = np.zeros(len(rows), dtype=np.float32)
+        old = rows < self.index.base_count
+        pop[old] = self.tables.pop[rows[old]]
+        return pop
+
+    def _thresholds_of(self, history_rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(history_rows, dtype=np.int64)
+        out = np.full(len(rows), self.upserted_threshold, dtype=np.float32)
+        old = rows < self.index.base_count
+        out[old] = self.thresholds[rows[old]]
+        return out
 
     def _local_tables(
         self, candidates: np.ndarray, histories: Sequence[np.ndarray]

@@ -360,3 +360,45 @@ def test_a_served_trainer_version_is_freed_without_the_collector(trained: Traine
         assert version() is None and index() is None
     finally:
         gc.enable()
+
+
+def test_a_head_of_new_items_is_blended_with_content_like_the_trainer(trained: Trained) -> None:
+    from services.common.recsys_features import blend_new_items, content_knn_scores
+
+    # Its own copy of the version: the test empties the counts (every item is new).
+    holder = ModelHolder(trained.registry, ModelVersion.load)
+    core = Recommender(holder, UserStore())
+    holder.load_initial()
+    model = holder.current
+    assert isinstance(model, RecsysModelVersion)
+    weight = trained.bundle.config.new_item_content_weight  # type: ignore[attr-defined]
+    assert weight > 0 and model.new_item_weight == weight
+    model.tables.pop[:] = 0
+    lengths = (0, 3)
+    users = [
+        core._prepare(UserQuery(recent_item_ids=[item_id(i) for i in range(n)]), 10).user
+        for n in lengths
+    ]
+    vecs = model.user_vector_batch(users)
+    rows = np.arange(10, len(model.index), 3)
+    batch = model.rank_batch(users, [rows, rows], vecs)
+    content = model.index.content(np.arange(len(model.index)))
+    thresholds = np.load(trained.path / "content_thresholds.npy")
+    for n, (user, vec) in enumerate(zip(users, vecs, strict=True)):
+        tower = model.index.vectors(rows) @ vec
+        hist = user.history_rows
+        if lengths[n]:
+            knn = content_knn_scores(content, hist, rows, thresholds[rows])
+            want = blend_new_items(tower, knn, weight)
+            assert np.argsort(-want).tolist() != np.argsort(-tower).tolist()  # content moved it
+        else:
+            want = tower  # no history: the tower scores stand
+        np.testing.assert_allclose(batch[n], want, atol=1e-5)
+        np.testing.assert_allclose(model.rank(user, rows, vec), want, atol=1e-5)
+
+    # An upserted item (no threshold of its own) gets the catalog's median one.
+    upserted = model.index.base_count
+    assert model._thresholds_of(np.array([0, upserted])).tolist() == [
+        thresholds[0],
+        np.float32(np.median(thresholds)),
+    ]

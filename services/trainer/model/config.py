@@ -94,6 +94,11 @@ class ModelConfig:
     ranker_min_history: int = 1
     ranker_max_new_share: float = 0.5
     ranker_max_history: int = -1  # < 0: no upper bound
+    # A head of new items (recsys_features.new_item_head; the ranker leaves those alone)
+    # is re-scored as standardised tower score + new_item_content_weight x standardised
+    # content-knn score (recsys_features.blend_new_items). 0: the tower order stands.
+    # 0.3 won item cold-start on both catalogs' validation halves (docs/MODEL.md, run 6).
+    new_item_content_weight: float = 0.3
     # Pick ranker_min_history / ranker_max_history after training: the history-length
     # bands (0, 1..8, 9+) where the ranker beats the tower order on the ranker queries
     # of a held-out share of users (those users' queries are not trained on).
@@ -120,6 +125,8 @@ class ModelConfig:
             raise ValueError("auto_select_folds: must be >= 1, with folds x holdout <= 1")
         if self.user_history not in ("pooled", "raw"):
             raise ValueError(f"user_history: {self.user_history!r} is not pooled or raw")
+        if self.new_item_content_weight < 0:
+            raise ValueError("new_item_content_weight: must be >= 0")
         if self.align_weight < 0:
             raise ValueError("align_weight: must be >= 0")
         if self.history_mode not in ("prefix", "set"):

@@ -26,7 +26,13 @@ import torch
 from torch import nn
 
 from services.common import ann
-from services.common.recsys_features import item_tower_inputs, ranker_features, user_tower_inputs
+from services.common.recsys_features import (
+    CONTENT_NEIGHBORS,
+    content_thresholds,
+    item_tower_inputs,
+    ranker_features,
+    user_tower_inputs,
+)
 from services.trainer.model.bundle import MODEL_DIR, Bundle, load_bundle
 from services.trainer.model.onnx_version import FORMAT
 
@@ -43,6 +49,7 @@ FILES = {
     "item_codes": "item_codes.npy",
     "item_vectors": "item_vectors.npy",
     "content_vectors": "content_vectors.npy",
+    "content_thresholds": "content_thresholds.npy",
     "item_attributes": "item_attributes.npy",
     "popularity": "popularity.npy",
     "segment_counts": "segment_counts.npy",
@@ -248,6 +255,7 @@ def write_version(
     io = parity.pop("io")
     np.save(folder / FILES["item_vectors"], item_vecs.astype(np.float32))
     np.save(folder / FILES["content_vectors"], t["content"].astype(np.float32))
+    np.save(folder / FILES["content_thresholds"], content_thresholds(t["content"]))
     np.save(folder / FILES["item_attributes"], t["item_attrs"].astype(np.float32))
     np.save(folder / FILES["item_codes"], t["item_codes"].astype(np.int64))
     np.save(folder / FILES["popularity"], t["pop"].astype(np.float32))
@@ -341,6 +349,12 @@ def write_version(
                 "max_new_share": cfg.ranker_max_new_share,
                 "rule": "services.common.recsys_features.ranker_applies: otherwise keep "
                 "the tower order",
+            },
+            "new_items": {
+                "content_weight": cfg.new_item_content_weight,
+                "neighbors": CONTENT_NEIGHBORS,
+                "rule": "services.common.recsys_features.blend_new_items of the tower and "
+                "content_knn_scores on a head where new_item_head holds",
             },
             "popularity_users": bundle.n_pos_users,
             "builder": "services.common.recsys_features.ranker_features",

@@ -18,7 +18,10 @@ import numpy as np
 from services.common.recsys_features import (
     FeatureSpec,
     RankerTables,
+    blend_new_items,
+    content_knn_scores,
     item_tower_inputs,
+    new_item_head,
     ranker_applies,
     ranker_features,
     user_tower_inputs,
@@ -64,6 +67,13 @@ class OnnxVersion:
             n_users=int(m["ranker"]["popularity_users"]),
         )
         self.n_candidates = int(m["ranker"]["candidates"])
+        # The new-item blend (absent from versions before it: the tower order stands).
+        self.new_item_weight = float(m["ranker"].get("new_items", {}).get("content_weight", 0))
+        self.thresholds = (
+            np.load(self.folder / files["content_thresholds"])
+            if self.new_item_weight > 0
+            else np.zeros(0, dtype=np.float32)
+        )
         self.item_row = {item: r for r, item in enumerate(self.item_ids)}
         self.user_attributes: dict[str, np.ndarray] = {}
         if "user_ids" in files and (self.folder / files["user_ids"]).is_file():
@@ -113,30 +123,41 @@ class OnnxVersion:
         head = np.take_along_axis(part, order, axis=1)
         head_items = candidates[head]
         head_scores = np.take_along_axis(tower, head, axis=1)
-        if self.ranker is None:
-            return head_items, head_scores
-        feats = ranker_features(
-            self.spec,
-            self.tables,
-            head_scores,
-            user_attrs,
-            histories,
-            head_items,
-            interest=interest,
-        )
-        n, c, f = feats.shape
-        scores = self.ranker.run(None, {"features": feats.reshape(n * c, f)})[0].reshape(n, c)
-        gate = self.manifest["ranker"]["gate"]
+        scores = np.array(head_scores, dtype=np.float32)
+        ranker_section = self.manifest["ranker"]
+        gate = ranker_section.get("gate", {})
+        max_new_share = float(gate.get("max_new_share", 0.5))
+        ranked = []
         for r, hist in enumerate(histories):
             pops = self.tables.pop[head_items[r]]
-            if not ranker_applies(
+            if new_item_head(pops, max_new_share):
+                if self.new_item_weight > 0 and len(hist):
+                    knn = content_knn_scores(
+                        self.tables.content, hist, head_items[r], self.thresholds[head_items[r]]
+                    )
+                    scores[r] = blend_new_items(head_scores[r], knn, self.new_item_weight)
+            elif self.ranker is not None and ranker_applies(
                 len(hist),
                 pops,
                 gate["min_history"],
-                gate["max_new_share"],
+                max_new_share,
                 gate.get("max_history", -1),
             ):
-                scores[r] = head_scores[r]  # the tower order stands
+                ranked.append(r)
+        if ranked and self.ranker is not None:
+            rows = np.asarray(ranked)
+            feats = ranker_features(
+                self.spec,
+                self.tables,
+                head_scores[rows],
+                user_attrs[rows],
+                [histories[r] for r in ranked],
+                head_items[rows],
+                interest=None if interest is None else interest[rows],
+            )
+            n, c, f = feats.shape
+            out = self.ranker.run(None, {"features": feats.reshape(n * c, f)})[0]
+            scores[rows] = out.reshape(n, c)
         return head_items, scores
 
 
@@ -170,17 +191,8 @@ class VersionScorer(OnnxVersion):
         out = tower - TAIL_OFFSET
         head, scores = self.rank(attrs, codes, hists, rows[known])
         position = {int(r): j for j, r in enumerate(rows)}
-        gate = self.manifest["ranker"]["gate"]
         for u in range(len(user_ids)):
-            if not ranker_applies(
-                len(hists[u]),
-                self.tables.pop[head[u]],
-                gate["min_history"],
-                gate["max_new_share"],
-                gate.get("max_history", -1),
-            ):
-                out[u] = tower[u]
-                continue
+            # Heads the ranker or the blend left alone hold tower scores: same order.
             for item, value in zip(head[u], scores[u], strict=True):
                 out[u, position[int(item)]] = float(value)
         out[:, ~known] = -np.inf  # an id this version has never seen cannot be scored

@@ -11,7 +11,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from services.common.recsys_features import ranker_applies, ranker_features
+from services.common.recsys_features import (
+    blend_new_items,
+    content_knn_scores,
+    content_thresholds,
+    new_item_head,
+    ranker_applies,
+    ranker_features,
+)
 from services.trainer.model.config import ModelConfig
 from services.trainer.model.dataset import ModelData
 from services.trainer.model.train import (
@@ -35,6 +42,7 @@ class ScoringModel:
         self.cfg: ModelConfig = result.config
         self.item_vecs = item_vectors(result.towers, self.data)
         self.tables = ranker_tables(self.data)
+        self.thresholds = content_thresholds(self.data.content)
 
     def user_vecs(
         self,
@@ -64,7 +72,8 @@ class ScoringModel:
         uvecs = self.user_vecs(users, user_attrs, histories, interest)
         tower = uvecs @ self.item_vecs[candidates].T  # (n_users, n_candidates)
         ranker = self.result.ranker
-        if ranker is None or not use_ranker:
+        weight = self.cfg.new_item_content_weight
+        if not use_ranker or (ranker is None and weight <= 0):
             return tower.astype(np.float64)
         n_head = min(self.cfg.ranker_candidates, len(candidates))
         masked = tower.copy()
@@ -72,9 +81,30 @@ class ScoringModel:
             masked[r, np.isin(candidates, hist)] = -np.inf
         head = _topk(masked, n_head)  # positions into candidates
         out = tower.astype(np.float64) - _TAIL_OFFSET
+        ranked = np.zeros(len(histories), dtype=bool)
+        for r, hist in enumerate(histories):
+            pops = self.data.pop[candidates[head[r]]]
+            if new_item_head(pops, self.cfg.ranker_max_new_share):
+                if weight > 0 and len(hist):
+                    cands = candidates[head[r]]
+                    knn = content_knn_scores(self.data.content, hist, cands, self.thresholds[cands])
+                    out[r, head[r]] = blend_new_items(tower[r, head[r]], knn, weight)
+                else:
+                    out[r] = tower[r]
+            elif ranker is not None and ranker_applies(
+                len(hist),
+                pops,
+                self.cfg.ranker_min_history,
+                self.cfg.ranker_max_new_share,
+                self.cfg.ranker_max_history,
+            ):
+                ranked[r] = True
+            else:
+                out[r] = tower[r]
+        rows_all = np.flatnonzero(ranked)
         chunk = 128
-        for start in range(0, len(histories), chunk):
-            rows = np.arange(start, min(start + chunk, len(histories)))
+        for start in range(0, len(rows_all), chunk):
+            rows = rows_all[start : start + chunk]
             cand_rows = candidates[head[rows]]
             feats = ranker_features(
                 self.data.spec,
@@ -86,18 +116,9 @@ class ScoringModel:
                 interest=None if interest is None else interest[rows],
             )
             q, n, f = feats.shape
+            assert ranker is not None
             with torch.no_grad():
                 s = ranker(torch.from_numpy(feats.reshape(q * n, f))).numpy().reshape(q, n)
             for i in range(len(rows)):
                 out[rows[i], head[rows[i]]] = s[i]
-        for r, hist in enumerate(histories):
-            pops = self.data.pop[candidates[head[r]]]
-            if not ranker_applies(
-                len(hist),
-                pops,
-                self.cfg.ranker_min_history,
-                self.cfg.ranker_max_new_share,
-                self.cfg.ranker_max_history,
-            ):
-                out[r] = tower[r]
         return out

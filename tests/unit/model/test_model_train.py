@@ -167,11 +167,20 @@ def test_ranker_gate_keeps_tower_order_without_history_or_among_new_items(
     hists = [data.history(int(u)) for u in users]
     ranked = model.score(users, data.user_attrs[users], hists, candidates)
     assert (ranked < -1000).any()
-    # ...but not when the candidates are new items (no interactions yet).
+    # ...but not when the candidates are new items (no interactions yet): those get the
+    # new-item blend (test_model_new_item_blend.py), and without it the tower order.
+    no_blend = ScoringModel(
+        TrainResult(
+            **{
+                **tiny_trained.__dict__,
+                "config": tiny_trained.config.with_options(new_item_content_weight=0.0),
+            }
+        )
+    )
     saved = data.pop.copy()
     try:
         data.pop[:] = 0
-        new = model.score(users, data.user_attrs[users], hists, candidates)
+        new = no_blend.score(users, data.user_attrs[users], hists, candidates)
         plain = model.score(users, data.user_attrs[users], hists, candidates, use_ranker=False)
         np.testing.assert_array_equal(new, plain)
     finally:

@@ -1,0 +1,118 @@
+"""The new-item blend: a head of new items re-scored as standardised tower score + weight x
+standardised content-knn score, computed alike by the harness's torch model and the
+exported version (the fusion service's side: tests/integration/test_fusion_recsys.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from services.common.recsys_features import (
+    blend_new_items,
+    content_knn_scores,
+    content_thresholds,
+    new_item_head,
+)
+from services.trainer.baselines.content_knn import knn_graph
+from services.trainer.model.bundle import load_bundle
+from services.trainer.model.config import ModelConfig
+from services.trainer.model.export import publish
+from services.trainer.model.onnx_version import OnnxVersion
+from services.trainer.model.recommender import ScoringModel
+from services.trainer.model.train import TrainResult
+from tests.unit.model.test_export_parity import saved_run
+
+
+def _unit(rows: np.ndarray) -> np.ndarray:
+    out: np.ndarray = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+    return out
+
+
+def test_new_item_head_is_a_share_of_items_without_positives() -> None:
+    assert new_item_head(np.array([0.0, 0.0, 3.0]), 0.5)
+    assert not new_item_head(np.array([0.0, 2.0, 3.0]), 0.5)
+    assert new_item_head(np.array([0.0, 2.0]), 0.5)  # exactly the share counts
+    assert not new_item_head(np.zeros(0), 0.5)  # an empty head is nobody's
+
+
+def test_knn_scores_equal_the_content_knn_baselines() -> None:
+    """Thresholds + cosines give exactly the baseline's neighbour-list scores."""
+    content = _unit(np.random.default_rng(0).normal(size=(300, 16)))
+    graph = knn_graph(content, 20).toarray()  # row c: c's 20 neighbours' cosines (>= 0)
+    thresholds = content_thresholds(content, neighbors=20)
+    history, candidates = np.array([3, 40, 41, 299]), np.arange(100, 200)
+    want = graph[candidates][:, history].sum(axis=1)
+    got = content_knn_scores(content, history, candidates, thresholds[candidates])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert (got > 0).sum() > 5  # some candidates are neighbours: a real comparison
+    empty = np.zeros(0, dtype=np.int64)
+    none = content_knn_scores(content, empty, candidates, thresholds[candidates])
+    np.testing.assert_array_equal(none, 0.0)
+    # The baseline's own scoring path (history rows times the graph's transpose) agrees.
+    from services.trainer.baselines.base import ScoreRequest
+    from services.trainer.baselines.content_knn import ContentKNN
+
+    baseline = ContentKNN(neighbors=20)
+    baseline.graph_t, baseline.n_items = knn_graph(content, 20).T.tocsr(), len(content)
+    request = ScoreRequest(np.zeros(1, np.int64), {}, [history], candidates)
+    np.testing.assert_allclose(baseline.score(request)[0], got, rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_thresholds_approximate_the_exact_ones() -> None:
+    content = _unit(np.random.default_rng(1).normal(size=(3000, 16)))
+    exact = content_thresholds(content, neighbors=100)
+    sampled = content_thresholds(content, neighbors=100, sample=1000)
+    assert sampled.shape == exact.shape
+    assert np.median(np.abs(sampled - exact)) < 0.03
+
+
+def test_blend_standardises_both_scores() -> None:
+    tower = np.array([3.0, 2.0, 1.0, 0.0])
+    knn = np.array([0.0, 0.0, 0.0, 2.0])
+    z = (tower - tower.mean()) / tower.std()
+    zk = (knn - knn.mean()) / knn.std()
+    np.testing.assert_allclose(blend_new_items(tower, knn, 0.5), z + 0.5 * zk, rtol=1e-6)
+    # No content signal (no history): the tower order stands; weight 0 likewise.
+    np.testing.assert_allclose(blend_new_items(tower, np.zeros(4), 0.5), z, rtol=1e-6)
+    np.testing.assert_allclose(blend_new_items(tower, knn, 0.0), z, rtol=1e-6)
+    assert ModelConfig().new_item_content_weight == 0.3
+    with pytest.raises(ValueError, match="new_item_content_weight"):
+        ModelConfig(new_item_content_weight=-1.0)
+
+
+def test_harness_and_exported_version_blend_new_items_alike(
+    tiny_trained: TrainResult, tmp_path: Path
+) -> None:
+    cfg = tiny_trained.config.with_options(new_item_content_weight=0.5)
+    blended = TrainResult(**{**tiny_trained.__dict__, "config": cfg})
+    data = blended.data
+    saved = data.pop.copy()
+    try:
+        data.pop[:] = 0  # every candidate is a new item
+        _, path = publish(load_bundle(saved_run(blended, tmp_path, {})), tmp_path / "registry")
+        served = OnnxVersion(path)
+        assert served.manifest["ranker"]["new_items"]["content_weight"] == 0.5
+        thresholds = content_thresholds(data.content)
+        np.testing.assert_allclose(served.thresholds, thresholds)
+        model = ScoringModel(blended)
+        users = np.arange(4)
+        hists = [data.history(int(u))[:k] for u, k in zip(users, [0, 1, 3, 5], strict=True)]
+        candidates = np.arange(data.n_items)
+        scores = model.score(users, data.user_attrs[users], hists, candidates)
+        tower = model.score(users, data.user_attrs[users], hists, candidates, use_ranker=False)
+        head, onnx_scores = served.rank(
+            data.user_attrs[users], data.user_codes[users], hists, candidates
+        )
+        np.testing.assert_array_equal(scores[0], tower[0])  # no history: the tower order
+        moved = 0
+        for r in range(1, len(users)):
+            knn = content_knn_scores(data.content, hists[r], head[r], thresholds[head[r]])
+            want = blend_new_items(tower[r, head[r]], knn, 0.5)
+            np.testing.assert_allclose(scores[r, head[r]], want, atol=1e-4)
+            np.testing.assert_allclose(onnx_scores[r], want, atol=1e-4)
+            moved += not np.array_equal(np.argsort(-want), np.argsort(-tower[r, head[r]]))
+        assert moved  # the content term reordered some head: a real comparison
+    finally:
+        data.pop[:] = saved

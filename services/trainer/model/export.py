@@ -351,7 +351,7 @@ def write_version(
                 "the tower order",
             },
             "new_items": {
-                "content_weight": cfg.new_item_content_weight,
+                "content_weight": cfg.new_item_content_weight if cfg.use_content else 0.0,
                 "neighbors": CONTENT_NEIGHBORS,
                 "rule": "services.common.recsys_features.blend_new_items of the tower and "
                 "content_knn_scores on a head where new_item_head holds",

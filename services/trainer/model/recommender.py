@@ -41,8 +41,8 @@ class ScoringModel:
         self.data: ModelData = result.data
         self.cfg: ModelConfig = result.config
         self.item_vecs = item_vectors(result.towers, self.data)
-        self.tables = ranker_tables(self.data)
-        self.thresholds = content_thresholds(self.data.content)
+        self.tables = ranker_tables(self.data, self.cfg.use_content)
+        self.thresholds = content_thresholds(self.tables.content)
 
     def user_vecs(
         self,
@@ -72,7 +72,8 @@ class ScoringModel:
         uvecs = self.user_vecs(users, user_attrs, histories, interest)
         tower = uvecs @ self.item_vecs[candidates].T  # (n_users, n_candidates)
         ranker = self.result.ranker
-        weight = self.cfg.new_item_content_weight
+        # The no-content ablation has no content for the blend either.
+        weight = self.cfg.new_item_content_weight if self.cfg.use_content else 0.0
         if not use_ranker or (ranker is None and weight <= 0):
             return tower.astype(np.float64)
         n_head = min(self.cfg.ranker_candidates, len(candidates))

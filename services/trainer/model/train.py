@@ -555,9 +555,11 @@ def build_ranker_queries(towers: TwoTower, data: ModelData, cfg: ModelConfig) ->
     )
 
 
-def ranker_tables(data: ModelData) -> RankerTables:
+def ranker_tables(data: ModelData, use_content: bool = True) -> RankerTables:
+    """The ranker's tables; without content (the no-content ablation) its content
+    similarities are all 0, as the towers' content inputs are."""
     return RankerTables(
-        content=data.content,
+        content=data.content if use_content else np.zeros_like(data.content),
         item_attrs=data.item_attrs,
         pop=data.pop,
         seg_counts=data.seg_counts,
@@ -574,7 +576,7 @@ class RankerBatcher:
         self, data: ModelData, queries: RankerQueries, cfg: ModelConfig, rank: int, world: int
     ) -> None:
         self.data, self.q, self.cfg, self.rank, self.world = data, queries, cfg, rank, world
-        self.tables = ranker_tables(data)
+        self.tables = ranker_tables(data, cfg.use_content)
         self.global_batch = global_batch_size(cfg.ranker_batch_size, len(queries), world)
         self.local_batch = self.global_batch // world
         self.steps_per_epoch = max(1, len(queries) // self.global_batch)

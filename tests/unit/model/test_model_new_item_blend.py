@@ -116,3 +116,23 @@ def test_harness_and_exported_version_blend_new_items_alike(
         assert moved  # the content term reordered some head: a real comparison
     finally:
         data.pop[:] = saved
+
+
+def test_the_no_content_ablation_has_no_content_in_the_ranker_or_the_blend(
+    tiny_trained: TrainResult,
+) -> None:
+    cfg = tiny_trained.config.with_options(use_content=False)
+    model = ScoringModel(TrainResult(**{**tiny_trained.__dict__, "config": cfg}))
+    assert not model.tables.content.any()
+    data = model.data
+    saved = data.pop.copy()
+    try:
+        data.pop[:] = 0
+        users = np.arange(3)
+        hists = [data.history(int(u))[:5] for u in users]
+        candidates = np.arange(data.n_items)
+        scores = model.score(users, data.user_attrs[users], hists, candidates)
+        tower = model.score(users, data.user_attrs[users], hists, candidates, use_ranker=False)
+        np.testing.assert_array_equal(scores, tower)
+    finally:
+        data.pop[:] = saved

@@ -302,9 +302,10 @@ def new_item_head(head_pop: np.ndarray, max_new_share: float) -> bool:
     return bool(len(head_pop)) and float(np.mean(head_pop <= 0)) >= max_new_share
 
 
-# How many content neighbours each item keeps (content_thresholds): the content-knn
-# baseline's tuned value, whose score the new-item blend reuses.
-CONTENT_NEIGHBORS = 100
+# How many content neighbours each item keeps (content_thresholds) for the new-item
+# blend: with its weight, chosen on both catalogs' item-cold validation halves
+# (docs/MODEL.md, run 6: 200 and 0.7 beat 100 and 0.3 on both).
+CONTENT_NEIGHBORS = 200
 
 
 def content_thresholds(

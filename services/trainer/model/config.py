@@ -97,8 +97,9 @@ class ModelConfig:
     # A head of new items (recsys_features.new_item_head; the ranker leaves those alone)
     # is re-scored as standardised tower score + new_item_content_weight x standardised
     # content-knn score (recsys_features.blend_new_items). 0: the tower order stands.
-    # 0.3 won item cold-start on both catalogs' validation halves (docs/MODEL.md, run 6).
-    new_item_content_weight: float = 0.3
+    # 0.7 (with recsys_features.CONTENT_NEIGHBORS 200) won item cold-start on both
+    # catalogs' validation halves (docs/MODEL.md, run 6).
+    new_item_content_weight: float = 0.7
     # Pick ranker_min_history / ranker_max_history after training: the history-length
     # bands (0, 1..8, 9+) where the ranker beats the tower order on the ranker queries
     # of a held-out share of users (those users' queries are not trained on).

@@ -77,7 +77,7 @@ def test_blend_standardises_both_scores() -> None:
     # No content signal (no history): the tower order stands; weight 0 likewise.
     np.testing.assert_allclose(blend_new_items(tower, np.zeros(4), 0.5), z, rtol=1e-6)
     np.testing.assert_allclose(blend_new_items(tower, knn, 0.0), z, rtol=1e-6)
-    assert ModelConfig().new_item_content_weight == 0.3
+    assert ModelConfig().new_item_content_weight == 0.7
     with pytest.raises(ValueError, match="new_item_content_weight"):
         ModelConfig(new_item_content_weight=-1.0)
 

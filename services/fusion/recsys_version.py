@@ -407,8 +407,9 @@ class RecsysModelVersion(ModelVersion):
         pop[old] = self.tables.pop[rows[old]]
         return pop
 
-    def _thresholds_of(self, history_rows: np.ndarray) -> np.ndarray:
-        rows = np.asarray(history_rows, dtype=np.int64)
+    def _thresholds_of(self, candidate_rows: np.ndarray) -> np.ndarray:
+        """Each row's content threshold; the catalog's median for upserted rows."""
+        rows = np.asarray(candidate_rows, dtype=np.int64)
         out = np.full(len(rows), self.upserted_threshold, dtype=np.float32)
         old = rows < self.index.base_count
         out[old] = self.thresholds[rows[old]]

@@ -65,8 +65,18 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def shutdown(ctx: DistContext) -> None:
+def shutdown(ctx: DistContext, *, finished: bool = True) -> None:
+    """Leave the process group.
+
+    After a finished run every worker first meets at a barrier: a worker that
+    tears gloo down while a peer is still inside the group (rank 0 saving the
+    model) can abort the peer with "terminate called without an active
+    exception" (seen in CI). After a failure there is no barrier, since the
+    peers may never arrive; the launcher reaps them.
+    """
     if ctx.distributed and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from services.trainer.model.config import ModelConfig
-from services.trainer.model.distributed import DistContext
+from services.trainer.model.distributed import DistContext, shutdown
 from services.trainer.model.synthetic import synthetic_model_data
 from services.trainer.model.train import RunOptions, train
 
@@ -45,8 +45,10 @@ def parity_worker(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
     )
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo")
+    finished = False
     try:
-        ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo")
         run_steps(ctx, global_batch, steps, Path(out))
+        finished = True
     finally:
-        dist.destroy_process_group()
+        shutdown(ctx, finished=finished)

@@ -174,6 +174,7 @@ def run_worker(args: argparse.Namespace, cfg: Any, out: Path) -> int:
         print("error: --device cuda: no CUDA device is visible", file=sys.stderr)
         return 2
     ctx = init_distributed(force_cpu=args.cpu or args.device == "cpu")
+    finished = False  # a finished run's workers meet at a barrier before leaving the group
     try:
         dataset = load_dataset(args.data)
         spec = MINILM if args.embedder == "minilm" else hashing_spec()
@@ -219,6 +220,7 @@ def run_worker(args: argparse.Namespace, cfg: Any, out: Path) -> int:
         result = train(data, cfg, ctx, opts)
         seconds = time.perf_counter() - t0
         if not ctx.is_main:
+            finished = True
             return 0
         metrics = validation_metrics(result, held) if held else {}
         data_info = _fingerprint(dataset)
@@ -260,9 +262,10 @@ def run_worker(args: argparse.Namespace, cfg: Any, out: Path) -> int:
 
             version, path = publish(load_bundle(out / MODEL_DIR), args.registry, tag=args.tag)
             print(f"published {version} -> {path}")
+        finished = True
         return 0
     finally:
-        shutdown(ctx)
+        shutdown(ctx, finished=finished)
 
 
 def main(argv: list[str]) -> int:

@@ -361,6 +361,15 @@ def _standardised(x: np.ndarray) -> np.ndarray:
     return (x - x.mean()) / sd if sd > 1e-9 else np.zeros_like(x)
 
 
+def blend_standardised(scores: np.ndarray, other: np.ndarray, weight: float) -> np.ndarray:
+    """One user's head re-scored: standardised ``scores`` + ``weight`` x standardised
+    ``other``, both standardised over the head (float32)."""
+    out: np.ndarray = _standardised(np.asarray(scores, dtype=np.float64)) + weight * (
+        _standardised(np.asarray(other, dtype=np.float64))
+    )
+    return out.astype(np.float32)
+
+
 def blend_new_items(tower_scores: np.ndarray, knn_scores: np.ndarray, weight: float) -> np.ndarray:
     """One user's head of new items re-scored: standardised tower score + ``weight`` x
     standardised content-knn score (both standardised over the head).
@@ -370,11 +379,7 @@ def blend_new_items(tower_scores: np.ndarray, knn_scores: np.ndarray, weight: fl
     similarity to what the user liked, for items that have nothing else (docs/MODEL.md,
     run 6). With no history the knn scores are all 0 and the tower order stands.
     """
-    tower = np.asarray(tower_scores, dtype=np.float64)
-    out: np.ndarray = _standardised(tower) + weight * _standardised(
-        np.asarray(knn_scores, dtype=np.float64)
-    )
-    return out.astype(np.float32)
+    return blend_standardised(tower_scores, knn_scores, weight)
 
 
 def _content_sims(
@@ -457,24 +462,82 @@ def ranker_features(
         np.broadcast_to((hist_len == 0).astype(np.float32)[:, None], (n, c)),
         np.broadcast_to(has_interest[:, None], (n, c)),
     ]
+    shares = segment_log_shares(spec, tables, user_attrs, candidates, pop_share, own, new_items)
+    cols.extend(shares[name] for name in spec.segment_fields)
+    user_cols = np.broadcast_to(user_attrs[:, None, 1:], (n, c, user_attrs.shape[1] - 1))
+    parts = [np.stack(cols, axis=2), user_cols, cand_attrs]
+    out = np.concatenate([p.astype(np.float32) for p in parts], axis=2)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def segment_log_shares(
+    spec: FeatureSpec,
+    tables: RankerTables,
+    user_attrs: np.ndarray,
+    candidates: np.ndarray,
+    pop_share: np.ndarray,
+    own: np.ndarray | None = None,
+    new_items: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Per segment field, (n_users, n_candidates) log share of each candidate among the
+    training users who share the user's value of that field (a user with no value gets
+    ``pop_share``, the overall log share). ``own`` / ``new_items`` as in ``ranker_features``.
+    """
     slices = spec.user_vocab.field_slices()
+    out: dict[str, np.ndarray] = {}
     for name in spec.segment_fields:
         sl = slices[name]
         member = user_attrs[:, sl]  # (n, v)
         counts = tables.seg_counts[sl][:, candidates]  # (v, n, c)
-        counts = np.maximum(counts - own[None] * (member.T[:, :, None] > 0), 0.0)
+        if own is not None:
+            counts = np.maximum(counts - own[None] * (member.T[:, :, None] > 0), 0.0)
         if new_items is not None:
             counts = np.where(new_items[None], 0.0, counts)
         sizes = tables.seg_sizes[sl]  # (v,)
         share = np.log((counts + 1.0) / (sizes[:, None, None] + 2.0))  # (v, n, c)
         weight = member.sum(axis=1)  # users with no value fall back to the overall share
         seg = np.einsum("vnc,nv->nc", share, member) / np.maximum(weight, 1.0)[:, None]
-        seg = np.where(weight[:, None] > 0, seg, pop_share)
-        cols.append(seg.astype(np.float32))
-    user_cols = np.broadcast_to(user_attrs[:, None, 1:], (n, c, user_attrs.shape[1] - 1))
-    parts = [np.stack(cols, axis=2), user_cols, cand_attrs]
-    out = np.concatenate([p.astype(np.float32) for p in parts], axis=2)
-    return np.ascontiguousarray(out, dtype=np.float32)
+        out[name] = np.where(weight[:, None] > 0, seg, pop_share).astype(np.float32)
+    return out
+
+
+# The short-history prior's segment, as the popularity-segment baseline picks its own:
+# the (up to two) user fields with the fewest values, each with at most this many
+# (ML-100K: gender and age band; fields like occupation or region split users too thinly).
+PRIOR_MAX_VALUES = 12
+
+
+def prior_fields(spec: FeatureSpec) -> tuple[str, ...]:
+    sizes = {name: len(values) for name, values in spec.user_vocab.fields}
+    small = sorted((sizes[f], f) for f in spec.segment_fields if sizes[f] <= PRIOR_MAX_VALUES)
+    return tuple(name for _, name in small[:2])
+
+
+def short_history_prior_applies(history_len: int, max_history: int, head_is_new: bool) -> bool:
+    """Whether a user's head is re-scored with the segment prior (``blend_standardised``
+    of the model's head scores and ``segment_prior``): a history of at most
+    ``max_history`` items (< 0: never), and not a head of new items (which have no
+    counts; the new-item blend handles those). Serving must apply the same rule."""
+    return max_history >= 0 and history_len <= max_history and not head_is_new
+
+
+def segment_prior(
+    spec: FeatureSpec,
+    tables: RankerTables,
+    user_attrs: np.ndarray,
+    candidates: np.ndarray,
+    fields: Sequence[str] | None = None,
+) -> np.ndarray:
+    """(n_users, n_candidates) log p(item | the user's attribute values), naive Bayes over
+    the segment fields: the overall log share plus each field's lift over it. Without
+    user attributes it is the overall log share, i.e. popularity."""
+    pop = tables.pop[candidates].astype(np.float64)
+    pop_share = np.log((pop + 1.0) / (tables.n_users + 2.0))
+    out = pop_share.copy()
+    shares = segment_log_shares(spec, tables, user_attrs, candidates, pop_share)
+    for name in spec.segment_fields if fields is None else fields:
+        out += shares[name] - pop_share
+    return out
 
 
 def segment_tables(

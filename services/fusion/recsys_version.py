@@ -44,12 +44,15 @@ from services.common.recsys_features import (
     FeatureSpec,
     RankerTables,
     blend_new_items,
+    blend_standardised,
     content_knn_scores,
     derived_item_attributes,
     item_tower_inputs,
     new_item_head,
     ranker_applies,
     ranker_features,
+    segment_prior,
+    short_history_prior_applies,
     user_tower_inputs,
 )
 from services.fusion.index import ItemIndex, ItemMeta, build_hnsw
@@ -122,6 +125,11 @@ class RecsysModelVersion(ModelVersion):
         # The new-item blend: weight 0 (and no thresholds) in versions before it.
         self.new_item_weight = float(ranker.get("new_items", {}).get("content_weight", 0.0))
         self.max_new_share = float(ranker.get("gate", {}).get("max_new_share", 0.5))
+        # The short-history prior: weight 0 (off) in versions before it.
+        short = ranker.get("short_history", {})
+        self.prior_weight = float(short.get("prior_weight", 0.0))
+        self.prior_max_history = int(short.get("max_history", -1))
+        self.prior_fields = tuple(str(f) for f in short.get("fields", ()))
         self.thresholds = np.zeros(0, dtype=np.float32) if thresholds is None else thresholds
         # An upserted item has no threshold of its own (until a retrain exports one): it
         # gets the catalog's median, a typical neighbourhood's size.
@@ -380,10 +388,48 @@ class RecsysModelVersion(ModelVersion):
                 scores[j, : len(rows_j)] = blend_new_items(
                     tower[j, : len(rows_j)], knn, self.new_item_weight
                 )
+        if self.prior_weight > 0:
+            scores = self._blend_prior(users, live, padded, sizes, scores)
         result = [np.empty(0, dtype=np.float32) for _ in rows]
         for j, n in enumerate(live):
             result[n] = np.ascontiguousarray(scores[j, : sizes[n]], dtype=np.float32)
         return result
+
+    def _blend_prior(
+        self,
+        users: Sequence[UserInputs],
+        live: list[int],
+        padded: np.ndarray,
+        sizes: list[int],
+        scores: np.ndarray,
+    ) -> np.ndarray:
+        """The short-history prior (as the trainer's ScoringModel applies it): a short
+        history's candidates re-scored as their standardised scores + prior_weight x
+        standardised segment_prior. Upserted rows have no counts: the prior puts them low."""
+        chosen = [
+            j
+            for j, n in enumerate(live)
+            if short_history_prior_applies(
+                len(users[n].history_rows),
+                self.prior_max_history,
+                new_item_head(self._head_pop(padded[j, : sizes[n]]), self.max_new_share),
+            )
+        ]
+        if not chosen:
+            return scores
+        histories = [users[live[j]].history_rows for j in chosen]
+        tables, local = self._local_tables(padded[chosen], histories)
+        attrs = self.spec.user_vocab.encode([users[live[j]].attributes for j in chosen])
+        out = np.array(scores, dtype=np.float32)
+        for i, j in enumerate(chosen):
+            rows_j = padded[j, : sizes[live[j]]]
+            prior = segment_prior(
+                self.spec, tables, attrs[i : i + 1], local(rows_j)[None], self.prior_fields
+            )
+            out[j, : len(rows_j)] = blend_standardised(
+                out[j, : len(rows_j)], prior[0], self.prior_weight
+            )
+        return out
 
     def _ranker_applies(self, history_len: int, candidate_rows: np.ndarray) -> bool:
         """``recsys_features.ranker_applies`` with the manifest's gate; an upserted row

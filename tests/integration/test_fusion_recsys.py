@@ -112,8 +112,12 @@ def test_user_vector_and_ranker_scores_equal_the_torch_model(
     trained: Trained, core: Recommender
 ) -> None:
     from services.common.recsys_features import (
+        blend_standardised,
+        prior_fields,
         ranker_applies,
         ranker_features,
+        segment_prior,
+        short_history_prior_applies,
         user_tower_inputs,
     )
     from services.trainer.model.bundle import Bundle
@@ -135,6 +139,7 @@ def test_user_vector_and_ranker_scores_equal_the_torch_model(
             .astype(np.float32)
         )
     vectors: list[np.ndarray] = []
+    prior_cases = 0
     for row, with_id, n_history, with_interest in CASES:
         history = trained.histories[row][-n_history:] if n_history else np.empty(0, np.int64)
         assert len(history) == min(n_history, len(trained.histories[row])) and (
@@ -193,7 +198,18 @@ def test_user_vector_and_ranker_scores_equal_the_torch_model(
             cfg.ranker_max_history,
         ):
             want = feats[0, :, 0]  # outside the trained gate the tower scores stand
+        if short_history_prior_applies(len(history), cfg.prior_max_history, False):
+            prior = segment_prior(
+                bundle.spec,
+                bundle.ranker_tables(),
+                tables["user_attrs"][row : row + 1],
+                candidates[None, :],
+                prior_fields(bundle.spec),
+            )
+            want = blend_standardised(want, prior[0], cfg.prior_weight)
+            prior_cases += 1
         assert np.max(np.abs(scores - want)) <= TOLERANCE
+    assert prior_cases == 1  # the user without history got the short-history prior
     # The cases differ (ids, history, interest reach the vector): a real comparison.
     assert (
         min(np.max(np.abs(a - b)) for n, a in enumerate(vectors) for b in vectors[n + 1 :]) > 1e-3
@@ -296,6 +312,8 @@ def test_the_service_serves_the_export(tmp_path: Path, trained: Trained) -> None
 def test_a_mixed_batch_ranks_each_user_as_alone_and_skips_gated_out_users(
     trained: Trained,
 ) -> None:
+    from services.common.recsys_features import blend_standardised, segment_prior
+
     # Its own copy of the version: the test swaps the gate and the ranker session.
     holder = ModelHolder(trained.registry, ModelVersion.load)
     core = Recommender(holder, UserStore())
@@ -332,6 +350,11 @@ def test_a_mixed_batch_ranks_each_user_as_alone_and_skips_gated_out_users(
         tower = model.index.vectors(rows) @ vec
         if lengths[n] == 3:
             assert np.max(np.abs(batch[n] - tower)) > 1e-3  # the ranker re-scored it
+        elif lengths[n] <= model.prior_max_history:  # 0 and 1 items: the segment prior
+            attrs = model.spec.user_vocab.encode([user.attributes])
+            prior = segment_prior(model.spec, model.tables, attrs, rows[None], model.prior_fields)
+            want = blend_standardised(tower, prior[0], model.prior_weight)
+            np.testing.assert_allclose(batch[n], want, atol=1e-5)
         else:
             np.testing.assert_allclose(batch[n], tower, atol=1e-5)  # the tower order stands
 

@@ -100,6 +100,13 @@ class ModelConfig:
     # 0.7 (with recsys_features.CONTENT_NEIGHBORS 200) won item cold-start on both
     # catalogs' validation halves (docs/MODEL.md, run 6).
     new_item_content_weight: float = 0.7
+    # A user with at most prior_max_history items (-1: off) gets their head re-scored as
+    # standardised model score + prior_weight x standardised segment
+    # popularity (recsys_features.segment_prior over recsys_features.prior_fields). The
+    # towers and ranker underweight what users like them watch when the history says
+    # little (docs/MODEL.md, run 7: chosen on user-cold seeds 142-147).
+    prior_weight: float = 1.0
+    prior_max_history: int = 1
     # Pick ranker_min_history / ranker_max_history after training: the history-length
     # bands (0, 1..8, 9+) where the ranker beats the tower order on the ranker queries
     # of a held-out share of users (those users' queries are not trained on).
@@ -128,6 +135,8 @@ class ModelConfig:
             raise ValueError(f"user_history: {self.user_history!r} is not pooled or raw")
         if self.new_item_content_weight < 0:
             raise ValueError("new_item_content_weight: must be >= 0")
+        if self.prior_weight < 0:
+            raise ValueError("prior_weight: must be >= 0")
         if self.align_weight < 0:
             raise ValueError("align_weight: must be >= 0")
         if self.history_mode not in ("prefix", "set"):

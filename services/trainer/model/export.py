@@ -30,6 +30,7 @@ from services.common.recsys_features import (
     CONTENT_NEIGHBORS,
     content_thresholds,
     item_tower_inputs,
+    prior_fields,
     ranker_features,
     user_tower_inputs,
 )
@@ -355,6 +356,13 @@ def write_version(
                 "neighbors": CONTENT_NEIGHBORS,
                 "rule": "services.common.recsys_features.blend_new_items of the tower and "
                 "content_knn_scores on a head where new_item_head holds",
+            },
+            "short_history": {
+                "prior_weight": cfg.prior_weight,
+                "max_history": cfg.prior_max_history,
+                "fields": list(prior_fields(spec)),
+                "rule": "services.common.recsys_features.blend_standardised of the head's "
+                "scores and segment_prior over these fields where short_history_prior_applies",
             },
             "popularity_users": bundle.n_pos_users,
             "builder": "services.common.recsys_features.ranker_features",

@@ -19,11 +19,14 @@ from services.common.recsys_features import (
     FeatureSpec,
     RankerTables,
     blend_new_items,
+    blend_standardised,
     content_knn_scores,
     item_tower_inputs,
     new_item_head,
     ranker_applies,
     ranker_features,
+    segment_prior,
+    short_history_prior_applies,
     user_tower_inputs,
 )
 
@@ -69,6 +72,11 @@ class OnnxVersion:
         self.n_candidates = int(m["ranker"]["candidates"])
         # The new-item blend (absent from versions before it: the tower order stands).
         self.new_item_weight = float(m["ranker"].get("new_items", {}).get("content_weight", 0))
+        # The short-history prior (absent from versions before it: weight 0, off).
+        short = m["ranker"].get("short_history", {})
+        self.prior_weight = float(short.get("prior_weight", 0.0))
+        self.prior_max_history = int(short.get("max_history", -1))
+        self.prior_fields = tuple(short.get("fields", ()))
         self.thresholds = (
             np.load(self.folder / files["content_thresholds"])
             if self.new_item_weight > 0
@@ -128,9 +136,11 @@ class OnnxVersion:
         gate = ranker_section.get("gate", {})
         max_new_share = float(gate.get("max_new_share", 0.5))
         ranked = []
+        new_head = np.zeros(len(histories), dtype=bool)
         for r, hist in enumerate(histories):
             pops = self.tables.pop[head_items[r]]
-            if new_item_head(pops, max_new_share):
+            new_head[r] = new_item_head(pops, max_new_share)
+            if new_head[r]:
                 if self.new_item_weight > 0 and len(hist):
                     knn = content_knn_scores(
                         self.tables.content, hist, head_items[r], self.thresholds[head_items[r]]
@@ -158,6 +168,17 @@ class OnnxVersion:
             n, c, f = feats.shape
             out = self.ranker.run(None, {"features": feats.reshape(n * c, f)})[0]
             scores[rows] = out.reshape(n, c)
+        if self.prior_weight > 0:
+            for r, hist in enumerate(histories):
+                if short_history_prior_applies(len(hist), self.prior_max_history, new_head[r]):
+                    prior = segment_prior(
+                        self.spec,
+                        self.tables,
+                        user_attrs[r : r + 1],
+                        head_items[r : r + 1],
+                        self.prior_fields,
+                    )
+                    scores[r] = blend_standardised(scores[r], prior[0], self.prior_weight)
         return head_items, scores
 
 

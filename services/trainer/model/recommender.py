@@ -13,11 +13,15 @@ import torch
 
 from services.common.recsys_features import (
     blend_new_items,
+    blend_standardised,
     content_knn_scores,
     content_thresholds,
     new_item_head,
+    prior_fields,
     ranker_applies,
     ranker_features,
+    segment_prior,
+    short_history_prior_applies,
 )
 from services.trainer.model.config import ModelConfig
 from services.trainer.model.dataset import ModelData
@@ -74,7 +78,9 @@ class ScoringModel:
         ranker = self.result.ranker
         # The no-content ablation has no content for the blend either.
         weight = self.cfg.new_item_content_weight if self.cfg.use_content else 0.0
-        if not use_ranker or (ranker is None and weight <= 0):
+        prior_weight = self.cfg.prior_weight
+        prior_on = prior_weight > 0 and self.cfg.prior_max_history >= 0
+        if not use_ranker or (ranker is None and weight <= 0 and not prior_on):
             return tower.astype(np.float64)
         n_head = min(self.cfg.ranker_candidates, len(candidates))
         masked = tower.copy()
@@ -83,9 +89,11 @@ class ScoringModel:
         head = _topk(masked, n_head)  # positions into candidates
         out = tower.astype(np.float64) - _TAIL_OFFSET
         ranked = np.zeros(len(histories), dtype=bool)
+        new_head = np.zeros(len(histories), dtype=bool)
         for r, hist in enumerate(histories):
             pops = self.data.pop[candidates[head[r]]]
-            if new_item_head(pops, self.cfg.ranker_max_new_share):
+            new_head[r] = new_item_head(pops, self.cfg.ranker_max_new_share)
+            if new_head[r]:
                 if weight > 0 and len(hist):
                     cands = candidates[head[r]]
                     knn = content_knn_scores(self.data.content, hist, cands, self.thresholds[cands])
@@ -122,4 +130,31 @@ class ScoringModel:
                 s = ranker(torch.from_numpy(feats.reshape(q * n, f))).numpy().reshape(q, n)
             for i in range(len(rows)):
                 out[rows[i], head[rows[i]]] = s[i]
+        if prior_on:
+            self._blend_prior(out, tower, head, ranked, new_head, user_attrs, histories, candidates)
         return out
+
+    def _blend_prior(
+        self,
+        out: np.ndarray,
+        tower: np.ndarray,
+        head: np.ndarray,
+        ranked: np.ndarray,
+        new_head: np.ndarray,
+        user_attrs: np.ndarray,
+        histories: list[np.ndarray],
+        candidates: np.ndarray,
+    ) -> None:
+        """The short-history prior, in place: each such user's head (ranker scores where
+        the ranker ran, else tower scores) blended with the segment prior, the rest of
+        the row kept below in tower order."""
+        spec = self.data.spec
+        fields = prior_fields(spec)
+        for r, hist in enumerate(histories):
+            if not short_history_prior_applies(len(hist), self.cfg.prior_max_history, new_head[r]):
+                continue
+            cands = candidates[head[r]]
+            prior = segment_prior(spec, self.tables, user_attrs[r : r + 1], cands[None], fields)
+            scores = out[r, head[r]] if ranked[r] else tower[r, head[r]]
+            out[r] = tower[r] - _TAIL_OFFSET
+            out[r, head[r]] = blend_standardised(scores, prior[0], self.cfg.prior_weight)

@@ -160,8 +160,17 @@ def test_ranker_gate_keeps_tower_order_without_history_or_among_new_items(
     candidates = np.arange(data.n_items)
     empty = [np.array([], dtype=np.int64)] * 3
     tower = model.score(users, data.user_attrs[users], empty, candidates, use_ranker=False)
+    # No history: no ranker (only the short-history prior, test_model_short_history_prior.py).
+    no_prior = ScoringModel(
+        TrainResult(
+            **{
+                **tiny_trained.__dict__,
+                "config": tiny_trained.config.with_options(prior_weight=0.0),
+            }
+        )
+    )
     np.testing.assert_array_equal(
-        model.score(users, data.user_attrs[users], empty, candidates), tower
+        no_prior.score(users, data.user_attrs[users], empty, candidates), tower
     )
     # With history the ranker re-scores the head...
     hists = [data.history(int(u)) for u in users]

@@ -24,18 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from trial_common import create, evaluate_task, make_split, open_data, train_data, z
 
 OUT = Path(os.environ.get("OUT", ".run/trials/fusion"))
 HEADS = [100, 100000]
 A = [0.0, 0.5, 0.7, 1.0]
 B = [0.0, 0.1, 0.2, 0.3, 0.5]
 NPOP_K = [10, 50]
-
-
-def z(s: np.ndarray) -> np.ndarray:
-    mu = s.mean(axis=-1, keepdims=True)
-    sd = s.std(axis=-1, keepdims=True) + 1e-9
-    return (s - mu) / sd
 
 
 def neighbour_popularity(vecs: np.ndarray, counts: np.ndarray, k: int) -> np.ndarray:
@@ -93,19 +88,8 @@ class Replay:
 
 
 def main() -> None:
-    import torch
-
-    from services.trainer.baselines.base import create
-    from services.trainer.data.registry import load_dataset
-    from services.trainer.data.vectors import MINILM, cached_vectors
-    from services.trainer.evaluation.runner import evaluate_task, train_data
-    from services.trainer.evaluation.splits import make_split
-
-    torch.set_num_threads(1)
     d, part = sys.argv[1:3]
-    ds = load_dataset(d)
-    vecs = cached_vectors(ds.items.text, MINILM)
-    OUT.mkdir(parents=True, exist_ok=True)
+    ds, vecs = open_data(d, OUT)
     mixes = [
         {"head": h, "ens": e, "a": a, "b": b, "k": k}
         for h in HEADS

@@ -14,17 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from trial_common import create, evaluate_task, make_split, open_data, train_data, z
 
 ALPHAS = [0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 1e6]
 RAW_ALPHAS = [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
 OUT = Path(os.environ.get("OUT", ".run/trials/mix"))
-
-
-def z(s: np.ndarray) -> np.ndarray:
-    s = np.asarray(s, dtype=np.float64)
-    mu = s.mean(axis=1, keepdims=True)
-    sd = s.std(axis=1, keepdims=True) + 1e-9
-    return (s - mu) / sd
 
 
 class ContentSim:
@@ -91,21 +85,10 @@ class Mix:
 
 
 def main() -> None:
-    import torch
-
-    from services.trainer.baselines.base import create
-    from services.trainer.data.registry import load_dataset
-    from services.trainer.data.vectors import MINILM, cached_vectors
-    from services.trainer.evaluation.runner import evaluate_task, train_data
-    from services.trainer.evaluation.splits import make_split
-
-    torch.set_num_threads(1)
     d, split_name, part = sys.argv[1:4]
     opts = json.loads(os.environ.get("OPTS", "{}"))
     knn_opts = json.loads(os.environ.get("KNN_OPTS", "{}"))
-    ds = load_dataset(d)
-    vecs = cached_vectors(ds.items.text, MINILM)
-    OUT.mkdir(parents=True, exist_ok=True)
+    ds, vecs = open_data(d, OUT)
     for seed in map(int, sys.argv[4:]):
         t0 = time.time()
         split = make_split(split_name, ds, seed)

@@ -18,22 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from trial_common import create, evaluate_task, make_split, open_data, train_data, z
 
 OUT = Path(os.environ.get("OUT", ".run/trials/ucmix"))
 B = [float(b) for b in os.environ.get("BS", "0,0.5,0.7,1,1.5").split(",")]
 HEADS = [int(h) for h in os.environ.get("HEADS", "100").split(",")]
 PRIORS = os.environ.get("PRIORS", "seg,gpop").split(",")
 SPLIT = os.environ.get("SPLIT", "user-cold")
-
-
-def z(s: np.ndarray) -> np.ndarray:
-    # The model scores a user's revealed items -inf; give them the row's floor instead.
-    finite = np.isfinite(s)
-    floor = np.where(finite, s, np.inf).min(axis=-1, keepdims=True) - 1.0
-    s = np.where(finite, s, floor)
-    mu = s.mean(axis=-1, keepdims=True)
-    sd = s.std(axis=-1, keepdims=True) + 1e-9
-    return (s - mu) / sd
 
 
 class Recorder:
@@ -94,19 +85,8 @@ class Replay:
 
 
 def main() -> None:
-    import torch
-
-    from services.trainer.baselines.base import create
-    from services.trainer.data.registry import load_dataset
-    from services.trainer.data.vectors import MINILM, cached_vectors
-    from services.trainer.evaluation.runner import evaluate_task, train_data
-    from services.trainer.evaluation.splits import make_split
-
-    torch.set_num_threads(1)
     d, part = sys.argv[1:3]
-    ds = load_dataset(d)
-    vecs = cached_vectors(ds.items.text, MINILM)
-    OUT.mkdir(parents=True, exist_ok=True)
+    ds, vecs = open_data(d, OUT)
     for seed in map(int, sys.argv[3:]):
         t0 = time.time()
         split = make_split(SPLIT, ds, seed)

@@ -1,0 +1,41 @@
+"""What the scoring-trial scripts (mix_trials, fusion_trials, user_cold_mix_trials) share:
+the harness functions they call, the per-row standardisation they mix with, and the set-up.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+from services.trainer.baselines.base import create
+from services.trainer.data.model import Dataset
+from services.trainer.evaluation.runner import evaluate_task, train_data
+from services.trainer.evaluation.splits import make_split
+
+__all__ = ["create", "evaluate_task", "make_split", "open_data", "train_data", "z"]
+
+
+def z(s: np.ndarray) -> np.ndarray:
+    """Standardised along the last axis; a non-finite score (a model's -inf for the user's
+    own items) first gets its row's floor minus 1."""
+    s = np.asarray(s, dtype=np.float64)
+    finite = np.isfinite(s)
+    if not finite.all():
+        floor = np.where(finite, s, np.inf).min(axis=-1, keepdims=True) - 1.0
+        s = np.where(finite, s, floor)
+    mu = s.mean(axis=-1, keepdims=True)
+    sd = s.std(axis=-1, keepdims=True) + 1e-9
+    out: np.ndarray = (s - mu) / sd
+    return out
+
+
+def open_data(name: str, out: Path) -> tuple[Dataset, np.ndarray]:
+    """The dataset and its MiniLM text vectors, one torch thread, ``out`` created."""
+    import torch
+
+    from services.trainer.data.registry import load_dataset
+    from services.trainer.data.vectors import MINILM, cached_vectors
+
+    torch.set_num_threads(1)
+    ds = load_dataset(name)
+    out.mkdir(parents=True, exist_ok=True)
+    return ds, cached_vectors(ds.items.text, MINILM)

@@ -357,13 +357,17 @@ def content_knn_scores(
 
 
 def _standardised(x: np.ndarray) -> np.ndarray:
-    sd = float(x.std())
-    return (x - x.mean()) / sd if sd > 1e-9 else np.zeros_like(x)
+    """Along the last axis; a constant row becomes all 0."""
+    sd = x.std(axis=-1, keepdims=True)
+    out: np.ndarray = np.where(
+        sd > 1e-9, (x - x.mean(axis=-1, keepdims=True)) / np.maximum(sd, 1e-9), 0.0
+    )
+    return out
 
 
 def blend_standardised(scores: np.ndarray, other: np.ndarray, weight: float) -> np.ndarray:
-    """One user's head re-scored: standardised ``scores`` + ``weight`` x standardised
-    ``other``, both standardised over the head (float32)."""
+    """A user's head re-scored: standardised ``scores`` + ``weight`` x standardised
+    ``other``, both standardised over the head (float32). 2-D: one head per row."""
     out: np.ndarray = _standardised(np.asarray(scores, dtype=np.float64)) + weight * (
         _standardised(np.asarray(other, dtype=np.float64))
     )
@@ -478,14 +482,16 @@ def segment_log_shares(
     pop_share: np.ndarray,
     own: np.ndarray | None = None,
     new_items: np.ndarray | None = None,
+    fields: Sequence[str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Per segment field, (n_users, n_candidates) log share of each candidate among the
-    training users who share the user's value of that field (a user with no value gets
-    ``pop_share``, the overall log share). ``own`` / ``new_items`` as in ``ranker_features``.
+    """Per segment field (``fields``, default all), (n_users, n_candidates) log share of
+    each candidate among the training users who share the user's value of that field (a
+    user with no value gets ``pop_share``, the overall log share). ``own`` / ``new_items``
+    as in ``ranker_features``.
     """
     slices = spec.user_vocab.field_slices()
     out: dict[str, np.ndarray] = {}
-    for name in spec.segment_fields:
+    for name in spec.segment_fields if fields is None else fields:
         sl = slices[name]
         member = user_attrs[:, sl]  # (n, v)
         counts = tables.seg_counts[sl][:, candidates]  # (v, n, c)
@@ -534,9 +540,9 @@ def segment_prior(
     pop = tables.pop[candidates].astype(np.float64)
     pop_share = np.log((pop + 1.0) / (tables.n_users + 2.0))
     out = pop_share.copy()
-    shares = segment_log_shares(spec, tables, user_attrs, candidates, pop_share)
-    for name in spec.segment_fields if fields is None else fields:
-        out += shares[name] - pop_share
+    shares = segment_log_shares(spec, tables, user_attrs, candidates, pop_share, fields=fields)
+    for share in shares.values():
+        out += share - pop_share
     return out
 
 

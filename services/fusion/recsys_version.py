@@ -417,18 +417,22 @@ class RecsysModelVersion(ModelVersion):
         ]
         if not chosen:
             return scores
-        histories = [users[live[j]].history_rows for j in chosen]
-        tables, local = self._local_tables(padded[chosen], histories)
+        tables, local = self._local_tables(padded[chosen], [], counts_only=True)
         attrs = self.spec.user_vocab.encode([users[live[j]].attributes for j in chosen])
+        # One call for the batch: padding repeats a real candidate and is cut off below.
+        prior = segment_prior(self.spec, tables, attrs, local(padded[chosen]), self.prior_fields)
         out = np.array(scores, dtype=np.float32)
+        width = padded.shape[1]
+        full = [i for i, j in enumerate(chosen) if sizes[live[j]] == width]
+        if full:  # the usual case, every user given the same number of candidates: one call
+            rows = [chosen[i] for i in full]
+            out[rows] = blend_standardised(out[rows], prior[full], self.prior_weight)
         for i, j in enumerate(chosen):
-            rows_j = padded[j, : sizes[live[j]]]
-            prior = segment_prior(
-                self.spec, tables, attrs[i : i + 1], local(rows_j)[None], self.prior_fields
-            )
-            out[j, : len(rows_j)] = blend_standardised(
-                out[j, : len(rows_j)], prior[0], self.prior_weight
-            )
+            size = sizes[live[j]]
+            if size < width:  # padded: standardise over the real candidates only
+                out[j, :size] = blend_standardised(
+                    out[j, :size], prior[i, :size], self.prior_weight
+                )
         return out
 
     def _ranker_applies(self, history_len: int, candidate_rows: np.ndarray) -> bool:
@@ -462,30 +466,36 @@ class RecsysModelVersion(ModelVersion):
         return out
 
     def _local_tables(
-        self, candidates: np.ndarray, histories: Sequence[np.ndarray]
+        self, candidates: np.ndarray, histories: Sequence[np.ndarray], counts_only: bool = False
     ) -> tuple[RankerTables, Callable[[np.ndarray], np.ndarray]]:
         """Ranker tables over just the rows this batch touches (upserted rows included:
         content and attributes from the index, no interaction data), and the map from
-        index rows to rows of those tables."""
+        index rows to rows of those tables. ``counts_only``: just the counts (what the
+        segment prior reads); content and attributes are left empty."""
         used = np.unique(np.concatenate([candidates.reshape(-1), *histories]).astype(np.int64))
         base = self.index.base_count
         old = used[used < base]
         new = used[used >= base]
         t = self.tables
-        item_attrs = np.empty((len(used), t.item_attrs.shape[1]), dtype=np.float32)
-        item_attrs[: len(old)] = t.item_attrs[old]
+        width = 0 if counts_only else t.item_attrs.shape[1]
+        item_attrs = np.zeros((len(used), width), dtype=np.float32)
         pop = np.zeros(len(used), dtype=np.float32)
         pop[: len(old)] = t.pop[old]
         seg_counts = np.zeros((t.seg_counts.shape[0], len(used)), dtype=np.float32)
         seg_counts[:, : len(old)] = t.seg_counts[:, old]
-        if len(new):
+        if not counts_only:
+            item_attrs[: len(old)] = t.item_attrs[old]
+        if len(new) and not counts_only:
             metas = [self.index.meta(int(r)) for r in new]
             item_attrs[len(old) :] = self.spec.item_vocab.encode(
                 [item_attributes(m.attributes, m.text) for m in metas]
             )
         # ``used`` is sorted and old < new, so its order is the local order.
+        content = (
+            np.zeros((len(used), 0), dtype=np.float32) if counts_only else self.index.content(used)
+        )
         tables = RankerTables(
-            content=self.index.content(used),
+            content=content,
             item_attrs=item_attrs,
             pop=pop,
             seg_counts=seg_counts,

@@ -374,16 +374,54 @@ def blend_standardised(scores: np.ndarray, other: np.ndarray, weight: float) -> 
     return out.astype(np.float32)
 
 
-def blend_new_items(tower_scores: np.ndarray, knn_scores: np.ndarray, weight: float) -> np.ndarray:
+def blend_new_items(
+    tower_scores: np.ndarray,
+    knn_scores: np.ndarray,
+    weight: float,
+    mapped_scores: np.ndarray | None = None,
+    map_weight: float = 0.0,
+) -> np.ndarray:
     """One user's head of new items re-scored: standardised tower score + ``weight`` x
-    standardised content-knn score (both standardised over the head).
+    standardised content-knn score (+ ``map_weight`` x standardised ``mapped_scores``,
+    the user's tower vector against the candidates' ``content_map`` vectors), each
+    standardised over the head.
 
     The towers see an item's text only through its top singular directions (which keeps
     them from memorising titles); the content-knn score brings back the whole text's
     similarity to what the user liked, for items that have nothing else (docs/MODEL.md,
-    run 6). With no history the knn scores are all 0 and the tower order stands.
+    run 6), and the mapped score the whole text's guess at the item's collaborative
+    vector (run 8). With no history the knn scores are all 0.
     """
-    return blend_standardised(tower_scores, knn_scores, weight)
+    out = blend_standardised(tower_scores, knn_scores, weight)
+    if mapped_scores is None or map_weight <= 0:
+        return out
+    mapped = _standardised(np.asarray(mapped_scores, dtype=np.float64))
+    return (out + map_weight * mapped).astype(np.float32)
+
+
+# The content map's ridge penalty, with blend weight ModelConfig.new_item_map_weight:
+# chosen on both catalogs' item-cold validation halves (docs/MODEL.md, run 8).
+CONTENT_MAP_PENALTY = 3.0
+
+
+def content_map(
+    content: np.ndarray,
+    item_vecs: np.ndarray,
+    warm: np.ndarray,
+    penalty: float = CONTENT_MAP_PENALTY,
+) -> np.ndarray:
+    """(content_dim, dim) float32: the ridge map from an item's text vector to its tower
+    vector, fitted on the ``warm`` items (bool mask), whose tower vectors carry what
+    their ids and counts taught the towers. ``content[i] @ map`` is the collaborative
+    vector a new item's whole text predicts; the towers' own content-only vector reads
+    the text through a few directions only. All zeros with no warm item."""
+    x = np.asarray(content, dtype=np.float64)[np.asarray(warm, dtype=bool)]
+    y = np.asarray(item_vecs, dtype=np.float64)[np.asarray(warm, dtype=bool)]
+    dim_in = np.asarray(content).shape[1]
+    if len(x) == 0:
+        return np.zeros((dim_in, np.asarray(item_vecs).shape[1]), dtype=np.float32)
+    w = np.linalg.solve(x.T @ x + penalty * np.eye(dim_in), x.T @ y)
+    return w.astype(np.float32)
 
 
 def _content_sims(

@@ -78,6 +78,7 @@ DEFAULT_FILES = {
     "item_vectors": "item_vectors.npy",
     "content_vectors": "content_vectors.npy",
     "content_thresholds": "content_thresholds.npy",
+    "content_map": "content_map.npy",
     "item_attributes": "item_attributes.npy",
     "popularity": "popularity.npy",
     "segment_counts": "segment_counts.npy",
@@ -102,6 +103,7 @@ class RecsysModelVersion(ModelVersion):
         tables: RankerTables,
         user_codes: Mapping[str, int],
         thresholds: np.ndarray | None = None,
+        content_map: np.ndarray | None = None,
     ) -> None:
         # Not ModelVersion.__init__: that one reads the provisional manifest's sections.
         self.version = version
@@ -123,7 +125,13 @@ class RecsysModelVersion(ModelVersion):
         self.tables = tables
         self.user_codes = dict(user_codes)
         # The new-item blend: weight 0 (and no thresholds) in versions before it.
-        self.new_item_weight = float(ranker.get("new_items", {}).get("content_weight", 0.0))
+        new_items = ranker.get("new_items", {})
+        self.new_item_weight = float(new_items.get("content_weight", 0.0))
+        # Its content-map term: weight 0 (and no map) in versions before it.
+        self.new_item_map_weight = (
+            float(new_items.get("map_weight", 0.0)) if content_map is not None else 0.0
+        )
+        self.content_map = content_map
         self.max_new_share = float(ranker.get("gate", {}).get("max_new_share", 0.5))
         # The short-history prior: weight 0 (off) in versions before it.
         short = ranker.get("short_history", {})
@@ -253,6 +261,14 @@ class RecsysModelVersion(ModelVersion):
                     f"{path / files['content_thresholds']}: shape {thresholds.shape}, "
                     f"expected {(n,)}"
                 )
+        cmap = None
+        if float(manifest.get("ranker", {}).get("new_items", {}).get("map_weight", 0)) > 0:
+            cmap = array("content_map").astype(np.float32, copy=False)
+            if cmap.shape != (content_dimension, dimension):
+                raise ModelLoadError(
+                    f"{path / files['content_map']}: shape {cmap.shape}, "
+                    f"expected {(content_dimension, dimension)}"
+                )
         version = str(manifest.get("version") or path.name)
         model = cls(
             version,
@@ -265,6 +281,7 @@ class RecsysModelVersion(ModelVersion):
             tables,
             user_codes,
             thresholds,
+            cmap,
         )
         model.check()
         return model
@@ -385,8 +402,15 @@ class RecsysModelVersion(ModelVersion):
                 knn = content_knn_scores(
                     tables.content, local(history), local(rows_j), self._thresholds_of(rows_j)
                 )
+                mapped = None
+                if self.content_map is not None:
+                    mapped = (tables.content[local(rows_j)] @ self.content_map) @ user_vecs[live[j]]
                 scores[j, : len(rows_j)] = blend_new_items(
-                    tower[j, : len(rows_j)], knn, self.new_item_weight
+                    tower[j, : len(rows_j)],
+                    knn,
+                    self.new_item_weight,
+                    mapped,
+                    self.new_item_map_weight,
                 )
         if self.prior_weight > 0:
             scores = self._blend_prior(users, live, padded, sizes, scores)

@@ -394,8 +394,13 @@ def test_a_head_of_new_items_is_blended_with_content_like_the_trainer(trained: T
     holder.load_initial()
     model = holder.current
     assert isinstance(model, RecsysModelVersion)
-    weight = trained.bundle.config.new_item_content_weight  # type: ignore[attr-defined]
+    cfg = trained.bundle.config  # type: ignore[attr-defined]
+    weight, map_weight = cfg.new_item_content_weight, cfg.new_item_map_weight
     assert weight > 0 and model.new_item_weight == weight
+    assert map_weight > 0 and model.new_item_map_weight == map_weight
+    # The content map was fitted at export, on the items that had counts then.
+    content_map = np.load(trained.path / "content_map.npy")
+    assert model.content_map is not None and np.abs(content_map).max() > 0
     model.tables.pop[:] = 0
     lengths = (0, 3)
     users = [
@@ -412,8 +417,11 @@ def test_a_head_of_new_items_is_blended_with_content_like_the_trainer(trained: T
         hist = user.history_rows
         if lengths[n]:
             knn = content_knn_scores(content, hist, rows, thresholds[rows])
-            want = blend_new_items(tower, knn, weight)
+            mapped = (content[rows] @ content_map) @ vec
+            want = blend_new_items(tower, knn, weight, mapped, map_weight)
             assert np.argsort(-want).tolist() != np.argsort(-tower).tolist()  # content moved it
+            without_map = blend_new_items(tower, knn, weight)
+            assert np.argsort(-want).tolist() != np.argsort(-without_map).tolist()
         else:
             want = tower  # no history: the tower scores stand
         np.testing.assert_allclose(batch[n], want, atol=1e-5)
@@ -425,3 +433,29 @@ def test_a_head_of_new_items_is_blended_with_content_like_the_trainer(trained: T
         thresholds[0],
         np.float32(np.median(thresholds)),
     ]
+
+
+def test_a_bad_content_map_is_a_load_error_and_a_version_without_one_serves_without(
+    trained: Trained, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    from services.fusion.model_version import ModelLoadError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained.path, bad)
+    np.save(bad / "content_map.npy", np.zeros((3, 2), dtype=np.float32))
+    with pytest.raises(ModelLoadError, match=r"content_map\.npy: shape \(3, 2\), expected \("):
+        RecsysModelVersion.load(bad)
+
+    # A version exported before the map: no map_weight in its manifest, no file.
+    older = tmp_path / "older"
+    shutil.copytree(trained.path, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    del manifest["ranker"]["new_items"]["map_weight"]
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    (older / "content_map.npy").unlink()
+    model = RecsysModelVersion.load(older)
+    assert model.content_map is None and model.new_item_map_weight == 0.0
+    assert model.new_item_weight == trained.bundle.config.new_item_content_weight  # type: ignore[attr-defined]

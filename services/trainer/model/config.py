@@ -100,6 +100,11 @@ class ModelConfig:
     # 0.7 (with recsys_features.CONTENT_NEIGHBORS 200) won item cold-start on both
     # catalogs' validation halves (docs/MODEL.md, run 6).
     new_item_content_weight: float = 0.7
+    # ... + new_item_map_weight x standardised score against the item's content_map
+    # vector (recsys_features.content_map: a ridge map from the whole text vector to the
+    # warm items' tower vectors). 0: off. Run 8 (docs/MODEL.md) chose it with the map's
+    # penalty on both catalogs' item-cold validation halves.
+    new_item_map_weight: float = 0.7
     # A user with at most prior_max_history items (-1: off) gets their head re-scored as
     # standardised model score + prior_weight x standardised segment
     # popularity (recsys_features.segment_prior over recsys_features.prior_fields). The
@@ -135,6 +140,8 @@ class ModelConfig:
             raise ValueError(f"user_history: {self.user_history!r} is not pooled or raw")
         if self.new_item_content_weight < 0:
             raise ValueError("new_item_content_weight: must be >= 0")
+        if self.new_item_map_weight < 0:
+            raise ValueError("new_item_map_weight: must be >= 0")
         if self.prior_weight < 0:
             raise ValueError("prior_weight: must be >= 0")
         if self.align_weight < 0:

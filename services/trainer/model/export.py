@@ -27,7 +27,9 @@ from torch import nn
 
 from services.common import ann
 from services.common.recsys_features import (
+    CONTENT_MAP_PENALTY,
     CONTENT_NEIGHBORS,
+    content_map,
     content_thresholds,
     item_tower_inputs,
     prior_fields,
@@ -51,6 +53,7 @@ FILES = {
     "item_vectors": "item_vectors.npy",
     "content_vectors": "content_vectors.npy",
     "content_thresholds": "content_thresholds.npy",
+    "content_map": "content_map.npy",
     "item_attributes": "item_attributes.npy",
     "popularity": "popularity.npy",
     "segment_counts": "segment_counts.npy",
@@ -257,6 +260,7 @@ def write_version(
     np.save(folder / FILES["item_vectors"], item_vecs.astype(np.float32))
     np.save(folder / FILES["content_vectors"], t["content"].astype(np.float32))
     np.save(folder / FILES["content_thresholds"], content_thresholds(t["content"]))
+    np.save(folder / FILES["content_map"], content_map(t["content"], item_vecs, t["pop"] > 0))
     np.save(folder / FILES["item_attributes"], t["item_attrs"].astype(np.float32))
     np.save(folder / FILES["item_codes"], t["item_codes"].astype(np.int64))
     np.save(folder / FILES["popularity"], t["pop"].astype(np.float32))
@@ -354,8 +358,11 @@ def write_version(
             "new_items": {
                 "content_weight": cfg.new_item_content_weight if cfg.use_content else 0.0,
                 "neighbors": CONTENT_NEIGHBORS,
-                "rule": "services.common.recsys_features.blend_new_items of the tower and "
-                "content_knn_scores on a head where new_item_head holds",
+                "map_weight": cfg.new_item_map_weight if cfg.use_content else 0.0,
+                "map_penalty": CONTENT_MAP_PENALTY,
+                "rule": "services.common.recsys_features.blend_new_items of the tower, "
+                "content_knn_scores and the user vector against content_vectors @ "
+                "content_map, on a head where new_item_head holds",
             },
             "short_history": {
                 "prior_weight": cfg.prior_weight,

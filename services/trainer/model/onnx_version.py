@@ -71,7 +71,9 @@ class OnnxVersion:
         )
         self.n_candidates = int(m["ranker"]["candidates"])
         # The new-item blend (absent from versions before it: the tower order stands).
-        self.new_item_weight = float(m["ranker"].get("new_items", {}).get("content_weight", 0))
+        new_items = m["ranker"].get("new_items", {})
+        self.new_item_weight = float(new_items.get("content_weight", 0))
+        self.new_item_map_weight = float(new_items.get("map_weight", 0))
         # The short-history prior (absent from versions before it: weight 0, off).
         short = m["ranker"].get("short_history", {})
         self.prior_weight = float(short.get("prior_weight", 0.0))
@@ -81,6 +83,9 @@ class OnnxVersion:
             np.load(self.folder / files["content_thresholds"])
             if self.new_item_weight > 0
             else np.zeros(0, dtype=np.float32)
+        )
+        self.content_map = (
+            np.load(self.folder / files["content_map"]) if self.new_item_map_weight > 0 else None
         )
         self.item_row = {item: r for r, item in enumerate(self.item_ids)}
         self.user_attributes: dict[str, np.ndarray] = {}
@@ -145,7 +150,12 @@ class OnnxVersion:
                     knn = content_knn_scores(
                         self.tables.content, hist, head_items[r], self.thresholds[head_items[r]]
                     )
-                    scores[r] = blend_new_items(head_scores[r], knn, self.new_item_weight)
+                    mapped = None
+                    if self.content_map is not None:
+                        mapped = (self.tables.content[head_items[r]] @ self.content_map) @ uvecs[r]
+                    scores[r] = blend_new_items(
+                        head_scores[r], knn, self.new_item_weight, mapped, self.new_item_map_weight
+                    )
             elif self.ranker is not None and ranker_applies(
                 len(hist),
                 pops,

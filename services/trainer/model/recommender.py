@@ -15,6 +15,7 @@ from services.common.recsys_features import (
     blend_new_items,
     blend_standardised,
     content_knn_scores,
+    content_map,
     content_thresholds,
     new_item_head,
     prior_fields,
@@ -47,6 +48,7 @@ class ScoringModel:
         self.item_vecs = item_vectors(result.towers, self.data)
         self.tables = ranker_tables(self.data, self.cfg.use_content)
         self.thresholds = content_thresholds(self.tables.content)
+        self.content_map = content_map(self.tables.content, self.item_vecs, self.data.pop > 0)
 
     def user_vecs(
         self,
@@ -78,6 +80,7 @@ class ScoringModel:
         ranker = self.result.ranker
         # The no-content ablation has no content for the blend either.
         weight = self.cfg.new_item_content_weight if self.cfg.use_content else 0.0
+        map_weight = self.cfg.new_item_map_weight if self.cfg.use_content else 0.0
         prior_weight = self.cfg.prior_weight
         prior_on = prior_weight > 0 and self.cfg.prior_max_history >= 0
         if not use_ranker or (ranker is None and weight <= 0 and not prior_on):
@@ -97,7 +100,10 @@ class ScoringModel:
                 if weight > 0 and len(hist):
                     cands = candidates[head[r]]
                     knn = content_knn_scores(self.data.content, hist, cands, self.thresholds[cands])
-                    out[r, head[r]] = blend_new_items(tower[r, head[r]], knn, weight)
+                    mapped = (self.tables.content[cands] @ self.content_map) @ uvecs[r]
+                    out[r, head[r]] = blend_new_items(
+                        tower[r, head[r]], knn, weight, mapped, map_weight
+                    )
                 else:
                     out[r] = tower[r]
             elif ranker is not None and ranker_applies(

@@ -1,5 +1,5 @@
 """The new-item blend: a head of new items re-scored as standardised tower score + weight x
-standardised content-knn score, computed alike by the harness's torch model and the
+standardised content-knn score + map weight x standardised content-map score, computed alike by the harness's torch model and the
 exported version (the fusion service's side: tests/integration/test_fusion_recsys.py)."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import pytest
 from services.common.recsys_features import (
     blend_new_items,
     content_knn_scores,
+    content_map,
     content_thresholds,
     new_item_head,
 )
@@ -77,43 +78,83 @@ def test_blend_standardises_both_scores() -> None:
     # No content signal (no history): the tower order stands; weight 0 likewise.
     np.testing.assert_allclose(blend_new_items(tower, np.zeros(4), 0.5), z, rtol=1e-6)
     np.testing.assert_allclose(blend_new_items(tower, knn, 0.0), z, rtol=1e-6)
+    mapped = np.array([0.0, 1.0, 0.0, 3.0])
+    zm = (mapped - mapped.mean()) / mapped.std()
+    np.testing.assert_allclose(
+        blend_new_items(tower, knn, 0.5, mapped, 0.7), z + 0.5 * zk + 0.7 * zm, rtol=1e-6
+    )
+    # The map term off (weight 0, or no map in an older version): as without it.
+    np.testing.assert_allclose(blend_new_items(tower, knn, 0.5, mapped, 0.0), z + 0.5 * zk)
+    np.testing.assert_allclose(blend_new_items(tower, knn, 0.5, None, 0.7), z + 0.5 * zk)
     assert ModelConfig().new_item_content_weight == 0.7
+    assert ModelConfig().new_item_map_weight == 0.7
     with pytest.raises(ValueError, match="new_item_content_weight"):
         ModelConfig(new_item_content_weight=-1.0)
+    with pytest.raises(ValueError, match="new_item_map_weight"):
+        ModelConfig(new_item_map_weight=-0.1)
+
+
+def test_content_map_is_a_ridge_fit_on_the_warm_items_only() -> None:
+    rng = np.random.default_rng(2)
+    content = _unit(rng.normal(size=(400, 12)))
+    truth = rng.normal(size=(12, 5))
+    vecs = content @ truth
+    warm = np.arange(400) % 4 != 0
+    vecs[~warm] = 100.0  # a cold item's vector is its content-only guess: never a target
+    got = content_map(content, vecs, warm, penalty=1e-6)
+    assert got.shape == (12, 5) and got.dtype == np.float32
+    np.testing.assert_allclose(got, truth, atol=1e-3)
+    # The penalty shrinks it towards 0; no warm item, no map.
+    assert np.linalg.norm(content_map(content, vecs, warm, penalty=100.0)) < np.linalg.norm(got)
+    none = content_map(content, vecs, np.zeros(400, dtype=bool))
+    assert none.shape == (12, 5) and not none.any()
 
 
 def test_harness_and_exported_version_blend_new_items_alike(
     tiny_trained: TrainResult, tmp_path: Path
 ) -> None:
-    cfg = tiny_trained.config.with_options(new_item_content_weight=0.5)
+    cfg = tiny_trained.config.with_options(new_item_content_weight=0.5, new_item_map_weight=0.6)
     blended = TrainResult(**{**tiny_trained.__dict__, "config": cfg})
     data = blended.data
     saved = data.pop.copy()
     try:
-        data.pop[:] = 0  # every candidate is a new item
+        new = np.arange(data.n_items) % 3 == 0
+        data.pop[new] = 0  # a third of the items are new: the candidates; the rest fit the map
         _, path = publish(load_bundle(saved_run(blended, tmp_path, {})), tmp_path / "registry")
         served = OnnxVersion(path)
-        assert served.manifest["ranker"]["new_items"]["content_weight"] == 0.5
+        section = served.manifest["ranker"]["new_items"]
+        assert section["content_weight"] == 0.5 and section["map_weight"] == 0.6
         thresholds = content_thresholds(data.content)
         np.testing.assert_allclose(served.thresholds, thresholds)
         model = ScoringModel(blended)
+        # The exported map is the harness's, fitted on the ONNX item vectors.
+        assert served.content_map is not None and np.abs(model.content_map).max() > 0
+        np.testing.assert_allclose(served.content_map, model.content_map, atol=1e-3)
         users = np.arange(4)
-        hists = [data.history(int(u))[:k] for u, k in zip(users, [0, 1, 3, 5], strict=True)]
-        candidates = np.arange(data.n_items)
+        hists = [
+            data.history(int(u))[:k][~new[data.history(int(u))[:k]]]
+            for u, k in zip(users, [0, 1, 3, 5], strict=True)
+        ]
+        candidates = np.flatnonzero(new)
+        uvecs = model.user_vecs(users, data.user_attrs[users], hists)
         scores = model.score(users, data.user_attrs[users], hists, candidates)
         tower = model.score(users, data.user_attrs[users], hists, candidates, use_ranker=False)
         head, onnx_scores = served.rank(
             data.user_attrs[users], data.user_codes[users], hists, candidates
         )
         np.testing.assert_array_equal(scores[0], tower[0])  # no history: the tower order
-        moved = 0
+        moved = moved_by_map = 0
         for r in range(1, len(users)):
+            cols = np.searchsorted(candidates, head[r])  # head items -> score columns
             knn = content_knn_scores(data.content, hists[r], head[r], thresholds[head[r]])
-            want = blend_new_items(tower[r, head[r]], knn, 0.5)
-            np.testing.assert_allclose(scores[r, head[r]], want, atol=1e-4)
+            mapped = (data.content[head[r]] @ model.content_map) @ uvecs[r]
+            want = blend_new_items(tower[r, cols], knn, 0.5, mapped, 0.6)
+            np.testing.assert_allclose(scores[r, cols], want, atol=1e-4)
             np.testing.assert_allclose(onnx_scores[r], want, atol=1e-4)
-            moved += not np.array_equal(np.argsort(-want), np.argsort(-tower[r, head[r]]))
-        assert moved  # the content term reordered some head: a real comparison
+            moved += not np.array_equal(np.argsort(-want), np.argsort(-tower[r, cols]))
+            without_map = blend_new_items(tower[r, cols], knn, 0.5)
+            moved_by_map += not np.array_equal(np.argsort(-want), np.argsort(-without_map))
+        assert moved and moved_by_map  # both terms reordered some head: a real comparison
     finally:
         data.pop[:] = saved
 

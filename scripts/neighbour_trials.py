@@ -1,0 +1,172 @@
+"""Item cold-start trials: collaborative signal borrowed through a new item's text neighbours.
+
+    OUT=DIR python scripts/neighbour_trials.py DATA PART SEED [SEED ...]
+    python scripts/neighbour_trials.py summary OUT/results.jsonl
+
+A new item has no id vector and no counts, but its nearest *warm* items by text
+(the full 384-d vector) have both. Per seed, on the item-cold split's ``PART``
+tasks, this fits the towers (``coldstart-no-ranker``), content-knn (200
+neighbours) and ALS once, records every component's scores, then replays the
+default blend ``z(T) + 0.7 z(knn)`` over the towers' top 100 plus ``c z(X)``:
+
+- ``ntow_K``: the user's tower vector against the mean tower vector (ids
+  included) of the item's K nearest warm items: servable as one extra vector
+  per new item, computed at upsert;
+- ``nals_K``: the same with ALS factors;
+- ``cf_L``: ALS user factors against a ridge map (penalty L) from the text
+  vector to ALS item factors, fitted on warm items (CB2CF);
+- ``tcf_L``: the same map to the towers' warm item vectors, scored with the
+  user's tower vector (servable: one linear map per version).
+
+One JSON line per seed goes to OUT/results.jsonl.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fusion_trials import Recorder
+from trial_common import create, evaluate_task, make_split, open_data, train_data, z
+
+OUT = Path(os.environ.get("OUT", ".run/trials/neighbour"))
+KS = [5, 20, 50]
+RIDGE = [0.3, 3.0, 30.0, 300.0]
+WEIGHTS = [0.0, 0.2, 0.35, 0.5, 0.7, 1.0, 1.5, 2.0]
+
+
+def nearest_warm(vecs: np.ndarray, items: np.ndarray, warm: np.ndarray, k: int) -> np.ndarray:
+    """(len(items), k) indices of each item's k nearest warm items by cosine, nearest first."""
+    sims = vecs[items] @ vecs[warm].T
+    sims[warm[None, :] == items[:, None]] = -np.inf
+    top = np.argpartition(-sims, k, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1)
+    return warm[np.take_along_axis(top, order, axis=1)]
+
+
+class Component:
+    """Scores users against per-item vectors: ``user_fn(req) @ item_vecs[candidates].T``."""
+
+    def __init__(self, user_fn: Any, item_vecs: np.ndarray) -> None:
+        self.user_fn, self.item_vecs = user_fn, item_vecs
+
+    def score(self, req: Any) -> np.ndarray:
+        out: np.ndarray = self.user_fn(req) @ self.item_vecs[np.asarray(req.candidates)].T
+        return out
+
+
+class Replay:
+    def __init__(self, batches: list[dict[str, Any]], extra: str | None, weight: float) -> None:
+        self.batches, self.extra, self.weight, self.i = batches, extra, weight, 0
+
+    def score(self, req: Any) -> np.ndarray:
+        b = self.batches[self.i]
+        self.i += 1
+        tower, cands = b["t"], b["cands"]
+        out = tower - 1e4
+        for r, h in enumerate(b["hist"]):
+            t = tower[r].copy()
+            t[np.isin(cands, h)] = -np.inf
+            top = np.argsort(-t, kind="stable")[: min(100, len(cands))]
+            s = z(tower[r, top]) + 0.7 * z(b["knn"][r, top])
+            if self.extra is not None and self.weight:
+                s = s + self.weight * z(b[self.extra][r, top])
+            out[r, top] = s
+        return out
+
+
+def summary(path: str) -> None:
+    """Per (term, weight): mean Recall@20 change over the default blend, s.e., seeds won."""
+    diffs: dict[tuple[str, float], list[float]] = {}
+    bases = []
+    with open(path) as f:
+        lines = f.readlines()
+    for line in lines:
+        rows = json.loads(line)["rows"]
+        base = rows[0]["r20"]
+        bases.append(base)
+        for r in rows[1:]:
+            diffs.setdefault((r["extra"], r["w"]), []).append(r["r20"] - base)
+    print(f"default blend {np.mean(bases):.4f} over {len(bases)} seeds")
+    ranked = sorted(diffs.items(), key=lambda kv: -float(np.mean(kv[1])))
+    for (extra, w), d in ranked[:15]:
+        se = np.std(d, ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0
+        won = sum(x > 0 for x in d)
+        print(f"{extra:>10} {w:>7g} {np.mean(d):+.4f} +- {se:.4f} ({won}/{len(d)})")
+
+
+def main() -> None:
+    if sys.argv[1] == "summary":
+        summary(sys.argv[2])
+        return
+    d, part = sys.argv[1:3]
+    ds, vecs = open_data(d, OUT)
+    vecs = np.asarray(vecs, dtype=np.float64)
+    for seed in map(int, sys.argv[3:]):
+        t0 = time.time()
+        split = make_split("item-cold", ds, seed)
+        data = train_data(ds, split, vecs.astype(np.float32))
+        tower = create("coldstart-no-ranker", seed, {})
+        tower.fit(data)
+        knn = create("content-knn", seed, {"neighbors": 200})
+        knn.fit(data)
+        als = create("als", seed, {})
+        als.fit(data)
+        sm = tower._model
+        spec = sm.data.spec
+
+        def tower_users(req: Any, sm: Any = sm, spec: Any = spec) -> np.ndarray:
+            attrs = spec.user_vocab.from_blocks(len(req), req.user_attributes)
+            hist = [np.asarray(h, dtype=np.int64) for h in req.history]
+            return np.asarray(sm.user_vecs(np.asarray(req.users), attrs, hist), np.float64)
+
+        def als_users(req: Any, als: Any = als) -> np.ndarray:
+            return np.stack(
+                [
+                    als.user_factors[u] if als.known_users[u] else als.fold_in(np.asarray(h))
+                    for u, h in zip(req.users, req.history, strict=True)
+                ]
+            )
+
+        counts = data.item_train_counts()
+        warm = np.flatnonzero(counts > 0)
+        items = np.arange(ds.n_items)
+        near = nearest_warm(vecs, items, warm, max(KS))
+        tvec = np.asarray(sm.item_vecs, dtype=np.float64)
+        parts: dict[str, Any] = {"t": tower, "knn": knn}
+        for k in KS:
+            parts[f"ntow_{k}"] = Component(tower_users, tvec[near[:, :k]].mean(axis=1))
+            parts[f"nals_{k}"] = Component(als_users, als.item_factors[near[:, :k]].mean(axis=1))
+        x, y = vecs[warm], als.item_factors[warm]
+        for lam in RIDGE:
+            w = np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T @ y)
+            parts[f"cf_{lam:g}"] = Component(als_users, vecs @ w)
+            w = np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T @ tvec[warm])
+            parts[f"tcf_{lam:g}"] = Component(tower_users, vecs @ w)
+        fit_s = time.time() - t0
+        rows = []
+        extras = [k for k in parts if k not in ("t", "knn")]
+        for task in split.tasks_for(part):
+            rec = Recorder(parts)
+            evaluate_task(rec, ds, task, seed)
+            base = evaluate_task(Replay(rec.batches, None, 0.0), ds, task, seed)
+            rows.append({"extra": None, "w": 0.0, "r20": base["recall@20"], "n20": base["ndcg@20"]})
+            for extra in extras:
+                for w_ in [*WEIGHTS[1:], 1e3]:
+                    r = evaluate_task(Replay(rec.batches, extra, w_), ds, task, seed)
+                    rows.append(
+                        {"extra": extra, "w": w_, "r20": r["recall@20"], "n20": r["ndcg@20"]}
+                    )
+        line = {"data": d, "part": part, "seed": seed, "fit_s": round(fit_s, 1),
+                "secs": round(time.time() - t0, 1), "rows": rows}  # fmt: skip
+        with open(OUT / "results.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        best = sorted(rows, key=lambda x: -x["r20"])[:5]
+        print(d, seed, line["secs"], "base", round(rows[0]["r20"], 4), "best", best, flush=True)
+
+
+if __name__ == "__main__":
+    main()

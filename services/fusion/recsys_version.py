@@ -404,7 +404,9 @@ class RecsysModelVersion(ModelVersion):
                 )
                 mapped = None
                 if self.content_map is not None:
-                    mapped = (tables.content[local(rows_j)] @ self.content_map) @ user_vecs[live[j]]
+                    # content . (W u): one [D] vector per user, not a [c, d] product.
+                    text_query = self.content_map @ user_vecs[live[j]]
+                    mapped = tables.content[local(rows_j)] @ text_query
                 scores[j, : len(rows_j)] = blend_new_items(
                     tower[j, : len(rows_j)],
                     knn,

@@ -152,7 +152,7 @@ class OnnxVersion:
                     )
                     mapped = None
                     if self.content_map is not None:
-                        mapped = (self.tables.content[head_items[r]] @ self.content_map) @ uvecs[r]
+                        mapped = self.tables.content[head_items[r]] @ (self.content_map @ uvecs[r])
                     scores[r] = blend_new_items(
                         head_scores[r], knn, self.new_item_weight, mapped, self.new_item_map_weight
                     )

@@ -100,7 +100,7 @@ class ScoringModel:
                 if weight > 0 and len(hist):
                     cands = candidates[head[r]]
                     knn = content_knn_scores(self.data.content, hist, cands, self.thresholds[cands])
-                    mapped = (self.tables.content[cands] @ self.content_map) @ uvecs[r]
+                    mapped = self.tables.content[cands] @ (self.content_map @ uvecs[r])
                     out[r, head[r]] = blend_new_items(
                         tower[r, head[r]], knn, weight, mapped, map_weight
                     )

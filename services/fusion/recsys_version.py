@@ -254,7 +254,11 @@ class RecsysModelVersion(ModelVersion):
             n_users=int(manifest.get("ranker", {}).get("popularity_users", 0)),
         )
         thresholds = None
-        if float(manifest.get("ranker", {}).get("new_items", {}).get("content_weight", 0)) > 0:
+        new_items = manifest.get("ranker", {}).get("new_items", {})
+        if (
+            float(new_items.get("content_weight", 0)) > 0
+            or float(new_items.get("map_weight", 0)) > 0
+        ):
             thresholds = array("content_thresholds").astype(np.float32, copy=False)
             if thresholds.shape != (n,):
                 raise ModelLoadError(
@@ -262,7 +266,7 @@ class RecsysModelVersion(ModelVersion):
                     f"expected {(n,)}"
                 )
         cmap = None
-        if float(manifest.get("ranker", {}).get("new_items", {}).get("map_weight", 0)) > 0:
+        if float(new_items.get("map_weight", 0)) > 0:
             cmap = array("content_map").astype(np.float32, copy=False)
             if cmap.shape != (content_dimension, dimension):
                 raise ModelLoadError(
@@ -390,7 +394,7 @@ class RecsysModelVersion(ModelVersion):
                 if len(users[n].history_rows)
                 and new_item_head(self._head_pop(padded[j, : sizes[n]]), self.max_new_share)
             ]
-            if self.new_item_weight > 0
+            if self.new_item_weight > 0 or self.new_item_map_weight > 0
             else []
         )
         if blended:

@@ -81,7 +81,7 @@ class OnnxVersion:
         self.prior_fields = tuple(short.get("fields", ()))
         self.thresholds = (
             np.load(self.folder / files["content_thresholds"])
-            if self.new_item_weight > 0
+            if self.new_item_weight > 0 or self.new_item_map_weight > 0
             else np.zeros(0, dtype=np.float32)
         )
         self.content_map = (
@@ -146,7 +146,7 @@ class OnnxVersion:
             pops = self.tables.pop[head_items[r]]
             new_head[r] = new_item_head(pops, max_new_share)
             if new_head[r]:
-                if self.new_item_weight > 0 and len(hist):
+                if (self.new_item_weight > 0 or self.new_item_map_weight > 0) and len(hist):
                     knn = content_knn_scores(
                         self.tables.content, hist, head_items[r], self.thresholds[head_items[r]]
                     )

@@ -83,7 +83,8 @@ class ScoringModel:
         map_weight = self.cfg.new_item_map_weight if self.cfg.use_content else 0.0
         prior_weight = self.cfg.prior_weight
         prior_on = prior_weight > 0 and self.cfg.prior_max_history >= 0
-        if not use_ranker or (ranker is None and weight <= 0 and not prior_on):
+        blend_on = weight > 0 or map_weight > 0
+        if not use_ranker or (ranker is None and not blend_on and not prior_on):
             return tower.astype(np.float64)
         n_head = min(self.cfg.ranker_candidates, len(candidates))
         masked = tower.copy()
@@ -97,7 +98,7 @@ class ScoringModel:
             pops = self.data.pop[candidates[head[r]]]
             new_head[r] = new_item_head(pops, self.cfg.ranker_max_new_share)
             if new_head[r]:
-                if weight > 0 and len(hist):
+                if blend_on and len(hist):
                     cands = candidates[head[r]]
                     knn = content_knn_scores(self.data.content, hist, cands, self.thresholds[cands])
                     mapped = self.tables.content[cands] @ (self.content_map @ uvecs[r])

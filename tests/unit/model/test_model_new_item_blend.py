@@ -110,10 +110,13 @@ def test_content_map_is_a_ridge_fit_on_the_warm_items_only() -> None:
     assert none.shape == (12, 5) and not none.any()
 
 
+@pytest.mark.parametrize(("knn_weight", "map_weight"), [(0.5, 0.6), (0.0, 0.6)])
 def test_harness_and_exported_version_blend_new_items_alike(
-    tiny_trained: TrainResult, tmp_path: Path
+    tiny_trained: TrainResult, tmp_path: Path, knn_weight: float, map_weight: float
 ) -> None:
-    cfg = tiny_trained.config.with_options(new_item_content_weight=0.5, new_item_map_weight=0.6)
+    cfg = tiny_trained.config.with_options(
+        new_item_content_weight=knn_weight, new_item_map_weight=map_weight
+    )
     blended = TrainResult(**{**tiny_trained.__dict__, "config": cfg})
     data = blended.data
     saved = data.pop.copy()
@@ -123,7 +126,7 @@ def test_harness_and_exported_version_blend_new_items_alike(
         _, path = publish(load_bundle(saved_run(blended, tmp_path, {})), tmp_path / "registry")
         served = OnnxVersion(path)
         section = served.manifest["ranker"]["new_items"]
-        assert section["content_weight"] == 0.5 and section["map_weight"] == 0.6
+        assert section["content_weight"] == knn_weight and section["map_weight"] == map_weight
         thresholds = content_thresholds(data.content)
         np.testing.assert_allclose(served.thresholds, thresholds)
         model = ScoringModel(blended)
@@ -148,11 +151,11 @@ def test_harness_and_exported_version_blend_new_items_alike(
             cols = np.searchsorted(candidates, head[r])  # head items -> score columns
             knn = content_knn_scores(data.content, hists[r], head[r], thresholds[head[r]])
             mapped = (data.content[head[r]] @ model.content_map) @ uvecs[r]
-            want = blend_new_items(tower[r, cols], knn, 0.5, mapped, 0.6)
+            want = blend_new_items(tower[r, cols], knn, knn_weight, mapped, map_weight)
             np.testing.assert_allclose(scores[r, cols], want, atol=1e-4)
             np.testing.assert_allclose(onnx_scores[r], want, atol=1e-4)
             moved += not np.array_equal(np.argsort(-want), np.argsort(-tower[r, cols]))
-            without_map = blend_new_items(tower[r, cols], knn, 0.5)
+            without_map = blend_new_items(tower[r, cols], knn, knn_weight)
             moved_by_map += not np.array_equal(np.argsort(-want), np.argsort(-without_map))
         assert moved and moved_by_map  # both terms reordered some head: a real comparison
     finally:

@@ -1,5 +1,6 @@
 """Time the fusion service's rank_batch for new users (k = 0) with and without the
-short-history prior, on a version trained on the synthetic data (seconds to build).
+short-history prior, and for users with history over new items with and without the
+content map, on a version trained on the synthetic data (seconds to build).
 
     PYTHONPATH=. python scripts/fusion_prior_timing.py
 """
@@ -55,4 +56,24 @@ for w in (0.0, model.prior_weight, 0.0, model.prior_weight):
         model.rank_batch(users, rows, vecs)
     print(
         f"prior_weight {w}: {(time.perf_counter() - t) / 200 * 1e6:.0f} us per batch of 32 k=0 users x 100 candidates"
+    )
+
+# A head of new items (every count emptied) for users with 3 items: the new-item blend,
+# with and without its content-map term.
+model.prior_weight = 0.0
+model.tables.pop[:] = 0
+users = [
+    core._prepare(UserQuery(recent_item_ids=[item_id(i + j) for j in range(3)]), 10).user
+    for i in range(32)
+]
+vecs = model.user_vector_batch(users)
+map_weight = model.new_item_map_weight
+for w in (0.0, map_weight, 0.0, map_weight):
+    model.new_item_map_weight = w
+    t = time.perf_counter()
+    for _ in range(200):
+        model.rank_batch(users, rows, vecs)
+    print(
+        f"new_item_map_weight {w}: {(time.perf_counter() - t) / 200 * 1e6:.0f} us per batch "
+        "of 32 users with 3 items x 100 new candidates"
     )

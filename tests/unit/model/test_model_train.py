@@ -177,12 +177,15 @@ def test_ranker_gate_keeps_tower_order_without_history_or_among_new_items(
     ranked = model.score(users, data.user_attrs[users], hists, candidates)
     assert (ranked < -1000).any()
     # ...but not when the candidates are new items (no interactions yet): those get the
-    # new-item blend (test_model_new_item_blend.py), and without it the tower order.
+    # new-item blend (test_model_new_item_blend.py), and without it (both its weights 0)
+    # the tower order.
     no_blend = ScoringModel(
         TrainResult(
             **{
                 **tiny_trained.__dict__,
-                "config": tiny_trained.config.with_options(new_item_content_weight=0.0),
+                "config": tiny_trained.config.with_options(
+                    new_item_content_weight=0.0, new_item_map_weight=0.0
+                ),
             }
         )
     )

@@ -38,10 +38,12 @@ class Record:
 
 
 def good(i: int) -> bytes:
+    # A fixed time: two calls with the same i must give the same bytes.
     return encode_event(
         new_event(
             "test",
             event_id=f"e{i}",
+            timestamp_ms=1_700_000_000_000 + i,
             interaction=events_pb2.Interaction(user_id="u", item_id=f"i{i}", kind="view", value=1),
         )
     )

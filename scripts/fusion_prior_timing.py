@@ -49,14 +49,20 @@ rows = [
     np.sort(np.random.default_rng(i).choice(len(model.index), 100, replace=False))
     for i in range(32)
 ]
-for w in (0.0, model.prior_weight, 0.0, model.prior_weight):
-    model.prior_weight = w
-    t = time.perf_counter()
-    for _ in range(200):
-        model.rank_batch(users, rows, vecs)
-    print(
-        f"prior_weight {w}: {(time.perf_counter() - t) / 200 * 1e6:.0f} us per batch of 32 k=0 users x 100 candidates"
-    )
+
+
+def time_weights(attr: str, users: list, vecs: np.ndarray, what: str) -> None:
+    """rank_batch timed with the version's ``attr`` at 0 and at its own value, twice."""
+    own = getattr(model, attr)
+    for w in (0.0, own, 0.0, own):
+        setattr(model, attr, w)
+        t = time.perf_counter()
+        for _ in range(200):
+            model.rank_batch(users, rows, vecs)
+        print(f"{attr} {w}: {(time.perf_counter() - t) / 200 * 1e6:.0f} us per batch of {what}")
+
+
+time_weights("prior_weight", users, vecs, "32 k=0 users x 100 candidates")
 
 # A head of new items (every count emptied) for users with 3 items: the new-item blend,
 # with and without its content-map term.
@@ -67,13 +73,4 @@ users = [
     for i in range(32)
 ]
 vecs = model.user_vector_batch(users)
-map_weight = model.new_item_map_weight
-for w in (0.0, map_weight, 0.0, map_weight):
-    model.new_item_map_weight = w
-    t = time.perf_counter()
-    for _ in range(200):
-        model.rank_batch(users, rows, vecs)
-    print(
-        f"new_item_map_weight {w}: {(time.perf_counter() - t) / 200 * 1e6:.0f} us per batch "
-        "of 32 users with 3 items x 100 new candidates"
-    )
+time_weights("new_item_map_weight", users, vecs, "32 users with 3 items x 100 new candidates")

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 from fusion_trials import Recorder
-from trial_common import create, evaluate_task, make_split, open_data, train_data, z
+from trial_common import create, evaluate_task, head_mix, make_split, open_data, train_data
 
 OUT = Path(os.environ.get("OUT", ".run/trials/neighbour"))
 KS = [5, 20, 50]
@@ -74,17 +74,8 @@ class Replay:
     def score(self, req: Any) -> np.ndarray:
         b = self.batches[self.i]
         self.i += 1
-        tower, cands = b["t"], b["cands"]
-        out = tower - 1e4
-        for r, h in enumerate(b["hist"]):
-            t = tower[r].copy()
-            t[np.isin(cands, h)] = -np.inf
-            top = np.argsort(-t, kind="stable")[: min(100, len(cands))]
-            s = z(tower[r, top]) + self.knn_weight * z(b["knn"][r, top])
-            for term, weight in self.terms.items():
-                s = s + weight * z(b[term][r, top])
-            out[r, top] = s
-        return out
+        terms = [(b["knn"], self.knn_weight)] + [(b[t], w) for t, w in self.terms.items()]
+        return head_mix(b["t"], terms, b["hist"], b["cands"])
 
 
 Mix = tuple[str | None, float, dict[str, float]]

@@ -11,7 +11,7 @@ from services.trainer.data.model import Dataset
 from services.trainer.evaluation.runner import evaluate_task, train_data
 from services.trainer.evaluation.splits import make_split
 
-__all__ = ["create", "evaluate_task", "make_split", "open_data", "train_data", "z"]
+__all__ = ["create", "evaluate_task", "head_mix", "make_split", "open_data", "train_data", "z"]
 
 
 def z(s: np.ndarray) -> np.ndarray:
@@ -25,6 +25,29 @@ def z(s: np.ndarray) -> np.ndarray:
     mu = s.mean(axis=-1, keepdims=True)
     sd = s.std(axis=-1, keepdims=True) + 1e-9
     out: np.ndarray = (s - mu) / sd
+    return out
+
+
+def head_mix(
+    base: np.ndarray,
+    terms: list[tuple[np.ndarray, float]],
+    histories: list[np.ndarray],
+    candidates: np.ndarray,
+    head: int = 100,
+) -> np.ndarray:
+    """``base`` (users x candidates) with each user's top ``head`` by it (their history
+    excluded) re-scored as z(base) + sum of weight x z(term) over that head, the rest kept
+    below in base order: what a serving re-rank of the head can do."""
+    out = base - 1e4
+    for r, h in enumerate(histories):
+        b = base[r].copy()
+        b[np.isin(candidates, h)] = -np.inf
+        top = np.argsort(-b, kind="stable")[: min(head, len(candidates))]
+        s = z(base[r, top])
+        for term, weight in terms:
+            if weight:
+                s = s + weight * z(term[r, top])
+        out[r, top] = s
     return out
 
 

@@ -415,12 +415,12 @@ def content_map(
     their ids and counts taught the towers. ``content[i] @ map`` is the collaborative
     vector a new item's whole text predicts; the towers' own content-only vector reads
     the text through a few directions only. All zeros with no warm item."""
-    x = np.asarray(content, dtype=np.float64)[np.asarray(warm, dtype=bool)]
-    y = np.asarray(item_vecs, dtype=np.float64)[np.asarray(warm, dtype=bool)]
-    dim_in = np.asarray(content).shape[1]
+    mask = np.asarray(warm, dtype=bool)
+    x = np.asarray(content, dtype=np.float64)[mask]
+    y = np.asarray(item_vecs, dtype=np.float64)[mask]
     if len(x) == 0:
-        return np.zeros((dim_in, np.asarray(item_vecs).shape[1]), dtype=np.float32)
-    w = np.linalg.solve(x.T @ x + penalty * np.eye(dim_in), x.T @ y)
+        return np.zeros((x.shape[1], y.shape[1]), dtype=np.float32)
+    w = np.linalg.solve(x.T @ x + penalty * np.eye(x.shape[1]), x.T @ y)
     return w.astype(np.float32)
 
 

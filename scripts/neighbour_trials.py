@@ -20,7 +20,16 @@ default blend ``z(T) + 0.7 z(knn)`` over the towers' top 100 plus ``c z(X)``:
   L = 3, weight 0.7);
 - ``tcfaS_L``: tcf with the item's attribute columns (scaled by S) beside the text;
 - ``tcfw_3``: tcf weighted by log(1 + count); ``tcfr_3``: tcf to the id part of the
-  vector only (full minus content-only), scored like tcf.
+  vector only (full minus content-only), scored like tcf;
+- ``lpop_L`` / ``lpopt_L`` (ROUND 5): the item's log popularity predicted by a ridge
+  (penalty L) from text and attributes / text alone, fitted on warm items;
+- ``tmean`` / ``tmeanw`` (ROUND 6): the mean training user's tower vector (plain /
+  weighted by each user's positives) against the item's: a non-personal popularity guess
+  in the towers' own space (servable: one vector per version);
+- ``knnall`` / ``knnneg`` / ``tall`` / ``tcfall`` (ROUND 7): the user's non-positive
+  training items (rated below the threshold) as history too: knn over all rated items
+  (instead of the liked-only knn), knn over the unliked ones alone (beside it: the run-9
+  default at 0.2), the tower and map terms with the user vector pooled over all rated items.
 
 One JSON line per seed goes to OUT/results.jsonl.
 """
@@ -41,6 +50,70 @@ KS = [5, 20, 50]
 RIDGE = [0.3, 3.0, 30.0, 300.0]
 WEIGHTS = [0.0, 0.2, 0.35, 0.5, 0.7, 1.0, 1.5, 2.0]
 ATTR_SCALES = [0.1, 0.3]
+
+
+POP_RIDGE = [1.0, 10.0, 30.0]
+
+
+def popularity_guess(feats: np.ndarray, counts: np.ndarray, penalty: float) -> np.ndarray:
+    """(n_items, 1): log(1 + training positives) predicted from ``feats`` by a ridge fitted
+    on the warm items (centred, so the intercept is not penalised)."""
+    warm = counts > 0
+    mu = feats[warm].mean(axis=0)
+    x, y = feats[warm] - mu, np.log1p(counts[warm])
+    w = np.linalg.solve(x.T @ x + penalty * np.eye(x.shape[1]), x.T @ (y - y.mean()))
+    out: np.ndarray = ((feats - mu) @ w)[:, None]
+    return out
+
+
+class WithUnliked:
+    """A component scored with each request user's history extended (``mode`` "all") or
+    replaced (``mode`` "neg") by their non-positive training items."""
+
+    def __init__(self, inner: Any, unliked: dict[int, np.ndarray], mode: str) -> None:
+        self.inner, self.unliked, self.mode = inner, unliked, mode
+
+    def score(self, req: Any) -> np.ndarray:
+        import dataclasses
+
+        empty = np.zeros(0, dtype=np.int64)
+        extra = [self.unliked.get(int(u), empty) for u in req.users]
+        if self.mode == "all":
+            hist = [
+                np.concatenate([np.asarray(h, np.int64), e])
+                for h, e in zip(req.history, extra, strict=True)
+            ]
+        else:
+            hist = extra
+        out: np.ndarray = self.inner.score(dataclasses.replace(req, history=hist))
+        return out
+
+
+def unliked_parts(
+    data: Any, knn: Any, tower_users: Any, vecs: np.ndarray, warm: np.ndarray, tvec: np.ndarray
+) -> dict[str, Any]:
+    """ROUND 7's terms: knn over all rated items / over the unliked ones only, and the
+    tower and map terms with the user vector pooled over all rated items."""
+    tr = data.train
+    neg = tr.value < data.dataset.positive_threshold
+    order = np.argsort(tr.user[neg], kind="stable")
+    users, items = tr.user[neg][order], tr.item[neg][order]
+    cuts = np.flatnonzero(np.diff(users)) + 1
+    unliked = {
+        int(g[0]): i
+        for g, i in zip(np.split(users, cuts), np.split(items, cuts), strict=True)
+        if len(g)
+    }
+    x = vecs[warm]
+    w = np.linalg.solve(x.T @ x + 3.0 * np.eye(x.shape[1]), x.T @ tvec[warm])
+    all_users = WithUnliked(Component(tower_users, tvec), unliked, "all")
+    all_map = WithUnliked(Component(tower_users, vecs @ w), unliked, "all")
+    return {
+        "knnall": WithUnliked(knn, unliked, "all"),
+        "knnneg": WithUnliked(knn, unliked, "neg"),
+        "tall": all_users,
+        "tcfall": all_map,
+    }
 
 
 def nearest_warm(vecs: np.ndarray, items: np.ndarray, warm: np.ndarray, k: int) -> np.ndarray:
@@ -67,25 +140,67 @@ class Replay:
     """``z(T) + knn_weight z(knn) + sum of weight z(term)`` over the towers' top 100."""
 
     def __init__(
-        self, batches: list[dict[str, Any]], terms: dict[str, float], knn_weight: float = 0.7
+        self,
+        batches: list[dict[str, Any]],
+        terms: dict[str, float],
+        knn_weight: float = 0.7,
+        head: int = 100,
     ) -> None:
         self.batches, self.terms, self.knn_weight, self.i = batches, terms, knn_weight, 0
+        self.head = head
 
     def score(self, req: Any) -> np.ndarray:
         b = self.batches[self.i]
         self.i += 1
         terms = [(b["knn"], self.knn_weight)] + [(b[t], w) for t, w in self.terms.items()]
-        return head_mix(b["t"], terms, b["hist"], b["cands"])
+        return head_mix(b["t"], terms, b["hist"], b["cands"], self.head)
 
 
 Mix = tuple[str | None, float, dict[str, float]]
+HEADS = [100, 150, 200, 300, 500, 10**9]
+
+
+def head_of(label: str | None) -> int:
+    """ROUND 4 labels end in "@HEAD" (the re-scored head's size); the others use 100."""
+    return int(label.rsplit("@", 1)[1]) if label and "@" in label else 100
 
 
 def mixes(extras: list[str]) -> list[Mix]:
     """(label, knn weight, {term: weight}), the first being the yardstick. ROUND 1: the
     run-6 blend alone, then each term at each weight; ROUND 2: the run-8 default (the map
-    term tcf_3 at 0.7), then joint grids around it; ROUND 3: the default, then tcfw / tcfr."""
+    term tcf_3 at 0.7), then joint grids around it; ROUND 3: the default, then tcfw / tcfr;
+    ROUND 4: the default, then the same blend (and heavier weights) over larger heads;
+    ROUND 5: the default, then the default plus a predicted-popularity term; ROUND 6:
+    the default, then the default plus the mean user's score; ROUND 7: the default, then
+    the user's non-positive training items used as history too (beside or instead of the
+    positive-only terms)."""
     out: list[Mix]
+    if os.environ.get("ROUND", "1") == "7":
+        out = [("tcf_3:0.7", 0.7, {"tcf_3": 0.7})]
+        for c in WEIGHTS[1:7]:
+            out.append((f"knnall:{c:g}", 0.0, {"tcf_3": 0.7, "knnall": c}))
+            out.append((f"knn+knnneg:{c:g}", 0.7, {"tcf_3": 0.7, "knnneg": c}))
+            out.append((f"tall:{c:g}", 0.7, {"tcf_3": 0.7, "tall": c}))
+            out.append((f"tcfall:{c:g}", 0.7, {"tcfall": c}))
+        return out
+    if os.environ.get("ROUND", "1") == "6":
+        out = [("tcf_3:0.7", 0.7, {"tcf_3": 0.7})]
+        for extra in extras:
+            if extra.startswith("tmean"):
+                out += [(f"{extra}:{w:g}", 0.7, {"tcf_3": 0.7, extra: w}) for w in WEIGHTS[1:7]]
+        return out
+    if os.environ.get("ROUND", "1") == "5":
+        out = [("tcf_3:0.7", 0.7, {"tcf_3": 0.7})]
+        for extra in extras:
+            if extra.startswith("lpop"):
+                out += [(f"{extra}:{w:g}", 0.7, {"tcf_3": 0.7, extra: w}) for w in WEIGHTS[1:6]]
+        return out
+    if os.environ.get("ROUND", "1") == "4":
+        out = [("tcf_3:0.7", 0.7, {"tcf_3": 0.7})]
+        for head in HEADS[1:]:
+            for a, c in ((0.7, 0.7), (1.0, 1.0), (1.0, 1.5), (0.5, 0.5)):
+                out.append((f"tcf_3:{c:g}@{head}", a, {"tcf_3": c}))
+        return out
     if os.environ.get("ROUND", "1") == "3":
         out = [("tcf_3:0.7", 0.7, {"tcf_3": 0.7})]
         for c in (0.35, 0.5, 0.7, 1.0):
@@ -196,6 +311,29 @@ def main() -> None:
                 eye = np.eye(xa.shape[1])
                 w = np.linalg.solve(xa[warm].T @ xa[warm] + lam * eye, xa[warm].T @ tvec[warm])
                 parts[f"tcfa{scale:g}_{lam:g}"] = Component(tower_users, xa @ w)
+        if os.environ.get("ROUND", "1") == "4":  # head sizes only: record just the default's terms
+            parts = {k: parts[k] for k in ("t", "knn", "tcf_3")}
+        if os.environ.get("ROUND", "1") == "5":  # a new item's predicted popularity
+            parts = {k: parts[k] for k in ("t", "knn", "tcf_3")}
+            xa = np.hstack([vecs, np.asarray(sm.data.item_attrs, dtype=np.float64)])
+            for name, feats in (("lpop", xa), ("lpopt", vecs)):
+                for lam in POP_RIDGE:
+                    parts[f"{name}_{lam:g}"] = Component(
+                        lambda req: np.ones((len(req), 1)), popularity_guess(feats, counts, lam)
+                    )
+        if os.environ.get("ROUND", "1") == "6":  # the mean training user's tower score
+            parts = {k: parts[k] for k in ("t", "knn", "tcf_3")}
+            md = sm.data
+            active = np.flatnonzero(np.diff(md.user_offsets) > 0)
+            hist = [md.history(u).astype(np.int64) for u in active]
+            uvec = np.asarray(sm.user_vecs(active, md.user_attrs[active], hist), np.float64)
+            n_pos = np.diff(md.user_offsets)[active].astype(np.float64)
+            for name, wts in (("tmean", np.ones_like(n_pos)), ("tmeanw", n_pos)):
+                mean_user = (wts[:, None] * uvec).sum(axis=0) / wts.sum()
+                parts[name] = Component(lambda req, m=mean_user: np.tile(m, (len(req), 1)), tvec)
+        if os.environ.get("ROUND", "1") == "7":  # the non-positive ratings as history too
+            parts = {k: parts[k] for k in ("t", "knn", "tcf_3")}
+            parts.update(unliked_parts(data, knn, tower_users, vecs, warm, tvec))
         fit_s = time.time() - t0
         rows = []
         extras = [k for k in parts if k not in ("t", "knn")]
@@ -203,7 +341,8 @@ def main() -> None:
             rec = Recorder(parts)
             evaluate_task(rec, ds, task, seed)
             for label, knn_weight, terms in mixes(extras):
-                r = evaluate_task(Replay(rec.batches, terms, knn_weight), ds, task, seed)
+                replay = Replay(rec.batches, terms, knn_weight, head_of(label))
+                r = evaluate_task(replay, ds, task, seed)
                 rows.append({"extra": label, "w": knn_weight, "r20": r["recall@20"],
                              "n20": r["ndcg@20"]})  # fmt: skip
         line = {"data": d, "part": part, "seed": seed, "fit_s": round(fit_s, 1),

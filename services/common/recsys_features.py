@@ -380,23 +380,58 @@ def blend_new_items(
     weight: float,
     mapped_scores: np.ndarray | None = None,
     map_weight: float = 0.0,
+    unliked_knn_scores: np.ndarray | None = None,
+    unliked_weight: float = 0.0,
 ) -> np.ndarray:
     """One user's head of new items re-scored: standardised tower score + ``weight`` x
     standardised content-knn score (+ ``map_weight`` x standardised ``mapped_scores``,
-    the user's tower vector against the candidates' ``content_map`` vectors), each
-    standardised over the head.
+    the user's tower vector against the candidates' ``content_map`` vectors, + ``unliked_weight``
+    x standardised ``unliked_knn_scores``, the content-knn score against the items the user
+    rated below the positive threshold), each standardised over the head.
 
     The towers see an item's text only through its top singular directions (which keeps
     them from memorising titles); the content-knn score brings back the whole text's
     similarity to what the user liked, for items that have nothing else (docs/MODEL.md,
     run 6), and the mapped score the whole text's guess at the item's collaborative
-    vector (run 8). With no history the knn scores are all 0.
+    vector (run 8). An item rated low was still chosen: for a new item, what the user
+    picks to watch says more than what they liked alone (run 9). With no history the knn
+    scores are all 0.
     """
-    out = blend_standardised(tower_scores, knn_scores, weight)
-    if mapped_scores is None or map_weight <= 0:
-        return out
-    mapped = _standardised(np.asarray(mapped_scores, dtype=np.float64))
-    return (out + map_weight * mapped).astype(np.float32)
+    out = blend_standardised(tower_scores, knn_scores, weight).astype(np.float64)
+    for extra, extra_weight in ((mapped_scores, map_weight), (unliked_knn_scores, unliked_weight)):
+        if extra is not None and extra_weight > 0:
+            out = out + extra_weight * _standardised(np.asarray(extra, dtype=np.float64))
+    return out.astype(np.float32)
+
+
+def new_item_head_scores(
+    content: np.ndarray,
+    candidates: np.ndarray,
+    candidate_thresholds: np.ndarray,
+    tower_scores: np.ndarray,
+    history: np.ndarray,
+    weight: float,
+    user_vec: np.ndarray | None = None,
+    cmap: np.ndarray | None = None,
+    map_weight: float = 0.0,
+    unliked: np.ndarray | None = None,
+    unliked_weight: float = 0.0,
+) -> np.ndarray:
+    """One user's head of new items (``candidates``: rows of ``content``) re-scored by
+    ``blend_new_items``: the knn terms over the liked ``history`` and the ``unliked`` rows,
+    the map term from ``user_vec`` and ``cmap``. What the trainer's scorers and the fusion
+    service share, so the three compute one function."""
+    knn = content_knn_scores(content, history, candidates, candidate_thresholds)
+    mapped = None
+    if cmap is not None and user_vec is not None and map_weight > 0:
+        # content . (W u): one [D] vector per user, not a [c, d] product.
+        mapped = content[np.asarray(candidates, dtype=np.int64)] @ (cmap @ user_vec)
+    unliked_knn = None
+    if unliked is not None and len(unliked) and unliked_weight > 0:
+        unliked_knn = content_knn_scores(content, unliked, candidates, candidate_thresholds)
+    return blend_new_items(
+        tower_scores, knn, weight, mapped, map_weight, unliked_knn, unliked_weight
+    )
 
 
 # The content map's ridge penalty, with blend weight ModelConfig.new_item_map_weight:

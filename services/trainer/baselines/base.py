@@ -89,6 +89,20 @@ class TrainData:
     def user_train_counts(self) -> np.ndarray:
         return np.asarray(self.positives.sum(axis=1)).ravel()
 
+    def unliked_by_user(self) -> dict[int, np.ndarray]:
+        """user row -> the items of their non-positive training interactions (rated below
+        the positive threshold), oldest first; users without any are absent."""
+        tr = self.train
+        low = np.flatnonzero(~self.dataset.positive_mask(tr))
+        low = low[np.lexsort((tr.timestamp[low], tr.user[low]))]
+        users, items = tr.user[low], tr.item[low].astype(np.int64)
+        cuts = np.flatnonzero(np.diff(users)) + 1
+        return {
+            int(u[0]): i
+            for u, i in zip(np.split(users, cuts), np.split(items, cuts), strict=True)
+            if len(u)
+        }
+
 
 @dataclass(frozen=True)
 class ScoreRequest:

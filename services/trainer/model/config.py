@@ -105,6 +105,11 @@ class ModelConfig:
     # warm items' tower vectors). 0: off. Run 8 (docs/MODEL.md) chose it with the map's
     # penalty on both catalogs' item-cold validation halves.
     new_item_map_weight: float = 0.7
+    # ... + new_item_unliked_weight x standardised content-knn score against the items the
+    # user rated below the positive threshold (chosen, not liked: what a user picks says
+    # something about a new item too). 0: off. 0.2 won every seed on both catalogs'
+    # item-cold validation halves (docs/MODEL.md, run 9).
+    new_item_unliked_weight: float = 0.2
     # A user with at most prior_max_history items (-1: off) gets their head re-scored as
     # standardised model score + prior_weight x standardised segment
     # popularity (recsys_features.segment_prior over recsys_features.prior_fields). The
@@ -142,6 +147,8 @@ class ModelConfig:
             raise ValueError("new_item_content_weight: must be >= 0")
         if self.new_item_map_weight < 0:
             raise ValueError("new_item_map_weight: must be >= 0")
+        if self.new_item_unliked_weight < 0:
+            raise ValueError("new_item_unliked_weight: must be >= 0")
         if self.prior_weight < 0:
             raise ValueError("prior_weight: must be >= 0")
         if self.align_weight < 0:

@@ -41,6 +41,10 @@ from services.trainer.model.onnx_version import FORMAT
 
 PARITY_TOLERANCE = 1e-4
 OPSET = 17
+# Where a bundle does not say (bundles saved before the field): MovieLens's threshold,
+# the one every embedded dataset uses.
+DEFAULT_POSITIVE_THRESHOLD = 4.0
+
 FILES = {
     "user_tower": "user_tower.onnx",
     "item_tower": "item_tower.onnx",
@@ -360,6 +364,7 @@ def write_version(
                 "neighbors": CONTENT_NEIGHBORS,
                 "map_weight": cfg.new_item_map_weight if cfg.use_content else 0.0,
                 "map_penalty": CONTENT_MAP_PENALTY,
+                "unliked_weight": cfg.new_item_unliked_weight if cfg.use_content else 0.0,
                 "rule": "services.common.recsys_features.blend_new_items of the tower, "
                 "content_knn_scores and the user vector against content_vectors @ "
                 "content_map, on a head where new_item_head holds",
@@ -380,6 +385,14 @@ def write_version(
         "training": {"config": cfg.to_dict(), **bundle.meta.get("training", {})},
         "metrics": bundle.meta.get("metrics", {}),
         "data": bundle.meta.get("data", {}),
+        "user_history": {
+            "positive_threshold": float(
+                bundle.meta.get("data", {}).get("positive_threshold", DEFAULT_POSITIVE_THRESHOLD)
+            ),
+            "rule": "an interaction of kind 'rating' with a value below positive_threshold is "
+            "unliked: never recommended again, left out of the towers', ranker's and prior's "
+            "history, read by the new-item blend's unliked term; every other kind is liked",
+        },
     }
 
 

@@ -54,6 +54,7 @@ class ColdStartRecommender:
         merged = {**_VARIANTS[name], **dict(options)}
         self.config = ModelConfig().with_options(seed=seed, **merged)
         self._model: Any = None
+        self._unliked: dict[int, np.ndarray] = {}
 
     def fit(self, train: TrainData) -> None:
         import torch
@@ -76,6 +77,8 @@ class ColdStartRecommender:
         cfg = self.config
         # The towers do not depend on use_ranker: key them on everything else.
         tower_key = _fingerprint(train, {**cfg.to_dict(), "use_ranker": True})
+        # The new-item blend's unliked term: what each user rated low in training.
+        self._unliked = train.unliked_by_user()
         cached = _CACHE.get(tower_key)
         if cached is not None and (not cfg.use_ranker or cached.result.ranker is not None):
             self._model = cached
@@ -98,6 +101,7 @@ class ColdStartRecommender:
 
             interest = user_interest_vectors(list(request.user_text))
         users = np.asarray(request.users, dtype=np.int64)
+        none = np.zeros(0, dtype=np.int64)
         scores: np.ndarray = model.score(
             users,
             user_attrs,
@@ -105,6 +109,7 @@ class ColdStartRecommender:
             np.asarray(request.candidates, dtype=np.int64),
             interest=interest,
             use_ranker=self.config.use_ranker,
+            unliked=[self._unliked.get(int(u), none) for u in users],
         )
         return scores
 

@@ -18,11 +18,10 @@ import numpy as np
 from services.common.recsys_features import (
     FeatureSpec,
     RankerTables,
-    blend_new_items,
     blend_standardised,
-    content_knn_scores,
     item_tower_inputs,
     new_item_head,
+    new_item_head_scores,
     ranker_applies,
     ranker_features,
     segment_prior,
@@ -74,6 +73,7 @@ class OnnxVersion:
         new_items = m["ranker"].get("new_items", {})
         self.new_item_weight = float(new_items.get("content_weight", 0))
         self.new_item_map_weight = float(new_items.get("map_weight", 0))
+        self.new_item_unliked_weight = float(new_items.get("unliked_weight", 0))
         # The short-history prior (absent from versions before it: weight 0, off).
         short = m["ranker"].get("short_history", {})
         self.prior_weight = float(short.get("prior_weight", 0.0))
@@ -120,8 +120,11 @@ class OnnxVersion:
         histories: Sequence[np.ndarray],
         candidates: np.ndarray,
         interest: np.ndarray | None = None,
+        unliked: Sequence[np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Tower scores over ``candidates`` (item rows) and ranker scores of each user's head.
+        ``histories``: liked items; ``unliked``: rated below the positive threshold (the
+        new-item blend's unliked term reads them).
 
         Returns (head candidates (n, h) as item rows, ranker scores (n, h)), the head
         being each user's top ``n_candidates`` by tower score, history excluded.
@@ -147,14 +150,18 @@ class OnnxVersion:
             new_head[r] = new_item_head(pops, max_new_share)
             if new_head[r]:
                 if (self.new_item_weight > 0 or self.new_item_map_weight > 0) and len(hist):
-                    knn = content_knn_scores(
-                        self.tables.content, hist, head_items[r], self.thresholds[head_items[r]]
-                    )
-                    mapped = None
-                    if self.content_map is not None:
-                        mapped = self.tables.content[head_items[r]] @ (self.content_map @ uvecs[r])
-                    scores[r] = blend_new_items(
-                        head_scores[r], knn, self.new_item_weight, mapped, self.new_item_map_weight
+                    scores[r] = new_item_head_scores(
+                        self.tables.content,
+                        head_items[r],
+                        self.thresholds[head_items[r]],
+                        head_scores[r],
+                        hist,
+                        self.new_item_weight,
+                        uvecs[r],
+                        self.content_map,
+                        self.new_item_map_weight,
+                        None if unliked is None else unliked[r],
+                        self.new_item_unliked_weight,
                     )
             elif self.ranker is not None and ranker_applies(
                 len(hist),

@@ -12,12 +12,11 @@ import numpy as np
 import torch
 
 from services.common.recsys_features import (
-    blend_new_items,
     blend_standardised,
-    content_knn_scores,
     content_map,
     content_thresholds,
     new_item_head,
+    new_item_head_scores,
     prior_fields,
     ranker_applies,
     ranker_features,
@@ -74,13 +73,18 @@ class ScoringModel:
         candidates: np.ndarray,
         interest: np.ndarray | None = None,
         use_ranker: bool = True,
+        unliked: list[np.ndarray] | None = None,
     ) -> np.ndarray:
+        """(n_users, n_candidates) scores. ``histories``: each user's liked items;
+        ``unliked``: the items they rated below the positive threshold (only the new-item
+        blend reads them)."""
         uvecs = self.user_vecs(users, user_attrs, histories, interest)
         tower = uvecs @ self.item_vecs[candidates].T  # (n_users, n_candidates)
         ranker = self.result.ranker
         # The no-content ablation has no content for the blend either.
         weight = self.cfg.new_item_content_weight if self.cfg.use_content else 0.0
         map_weight = self.cfg.new_item_map_weight if self.cfg.use_content else 0.0
+        unliked_weight = self.cfg.new_item_unliked_weight if self.cfg.use_content else 0.0
         prior_weight = self.cfg.prior_weight
         prior_on = prior_weight > 0 and self.cfg.prior_max_history >= 0
         blend_on = weight > 0 or map_weight > 0
@@ -100,10 +104,18 @@ class ScoringModel:
             if new_head[r]:
                 if blend_on and len(hist):
                     cands = candidates[head[r]]
-                    knn = content_knn_scores(self.data.content, hist, cands, self.thresholds[cands])
-                    mapped = self.tables.content[cands] @ (self.content_map @ uvecs[r])
-                    out[r, head[r]] = blend_new_items(
-                        tower[r, head[r]], knn, weight, mapped, map_weight
+                    out[r, head[r]] = new_item_head_scores(
+                        self.data.content,
+                        cands,
+                        self.thresholds[cands],
+                        tower[r, head[r]],
+                        hist,
+                        weight,
+                        uvecs[r],
+                        self.content_map,
+                        map_weight,
+                        None if unliked is None else unliked[r],
+                        unliked_weight,
                     )
                 else:
                     out[r] = tower[r]

@@ -232,6 +232,7 @@ def run_worker(args: argparse.Namespace, cfg: Any, out: Path) -> int:
             "data": {
                 **data_info,
                 "training_positives": len(users),
+                "positive_threshold": float(dataset.positive_threshold),
                 "validation_users": len(held),
             },
             "training": {

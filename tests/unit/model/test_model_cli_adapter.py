@@ -97,3 +97,20 @@ def test_adapter_fits_and_scores_cold_users_and_items() -> None:
     plain.fit(data)
     tower = plain.score(request)
     assert tower.shape == scores.shape and not np.allclose(tower, scores)
+
+
+def test_unliked_by_user_is_each_users_low_ratings_oldest_first() -> None:
+    ds, vectors = _tiny_dataset()
+    # user 0: items rated 2 at t=30 and t=10 (out of order), 4 (liked) at t=20; user 1: 3.5.
+    inter = Interactions(
+        np.array([0, 0, 0, 1, 2]),
+        np.array([7, 8, 9, 11, 12]),
+        np.array([2.0, 4.0, 2.0, 3.5, 5.0], np.float32),
+        np.array([30, 20, 10, 5, 5], dtype=np.int64),
+    )
+    positives = sp.csr_matrix((ds.n_users, ds.n_items))
+    got = TrainData(ds, vectors, inter, positives, seed=1).unliked_by_user()
+    assert sorted(got) == [0, 1]  # user 2 rated nothing low: absent
+    np.testing.assert_array_equal(got[0], [9, 7])
+    np.testing.assert_array_equal(got[1], [11])
+    assert got[0].dtype == np.int64

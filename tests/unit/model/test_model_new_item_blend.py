@@ -1,6 +1,7 @@
 """The new-item blend: a head of new items re-scored as standardised tower score + weight x
-standardised content-knn score + map weight x standardised content-map score, computed alike by the harness's torch model and the
-exported version (the fusion service's side: tests/integration/test_fusion_recsys.py)."""
+standardised content-knn score + map weight x standardised content-map score + unliked weight
+x standardised content-knn score against the items rated low, computed alike by the harness's
+torch model and the exported version (the fusion service's side: tests/integration/test_fusion_recsys.py)."""
 
 from __future__ import annotations
 
@@ -86,7 +87,24 @@ def test_blend_standardises_both_scores() -> None:
     # The map term off (weight 0, or no map in an older version): as without it.
     np.testing.assert_allclose(blend_new_items(tower, knn, 0.5, mapped, 0.0), z + 0.5 * zk)
     np.testing.assert_allclose(blend_new_items(tower, knn, 0.5, None, 0.7), z + 0.5 * zk)
+    unliked = np.array([1.0, 0.0, 0.0, 0.0])
+    zu = (unliked - unliked.mean()) / unliked.std()
+    np.testing.assert_allclose(
+        blend_new_items(tower, knn, 0.5, mapped, 0.7, unliked, 0.2),
+        z + 0.5 * zk + 0.7 * zm + 0.2 * zu,
+        rtol=1e-6,
+    )
+    # Without a map the unliked term still counts; at weight 0 or absent it is off.
+    np.testing.assert_allclose(
+        blend_new_items(tower, knn, 0.5, None, 0.0, unliked, 0.2), z + 0.5 * zk + 0.2 * zu
+    )
+    np.testing.assert_allclose(
+        blend_new_items(tower, knn, 0.5, None, 0.0, unliked, 0.0), z + 0.5 * zk
+    )
     assert ModelConfig().new_item_content_weight == 0.7
+    assert ModelConfig().new_item_unliked_weight == 0.2
+    with pytest.raises(ValueError, match="new_item_unliked_weight"):
+        ModelConfig(new_item_unliked_weight=-0.1)
     assert ModelConfig().new_item_map_weight == 0.7
     with pytest.raises(ValueError, match="new_item_content_weight"):
         ModelConfig(new_item_content_weight=-1.0)
@@ -110,12 +128,21 @@ def test_content_map_is_a_ridge_fit_on_the_warm_items_only() -> None:
     assert none.shape == (12, 5) and not none.any()
 
 
-@pytest.mark.parametrize(("knn_weight", "map_weight"), [(0.5, 0.6), (0.0, 0.6)])
+@pytest.mark.parametrize(
+    ("knn_weight", "map_weight", "unliked_weight"),
+    [(0.5, 0.6, 0.0), (0.0, 0.6, 0.0), (0.5, 0.6, 0.8)],
+)
 def test_harness_and_exported_version_blend_new_items_alike(
-    tiny_trained: TrainResult, tmp_path: Path, knn_weight: float, map_weight: float
+    tiny_trained: TrainResult,
+    tmp_path: Path,
+    knn_weight: float,
+    map_weight: float,
+    unliked_weight: float,
 ) -> None:
     cfg = tiny_trained.config.with_options(
-        new_item_content_weight=knn_weight, new_item_map_weight=map_weight
+        new_item_content_weight=knn_weight,
+        new_item_map_weight=map_weight,
+        new_item_unliked_weight=unliked_weight,
     )
     blended = TrainResult(**{**tiny_trained.__dict__, "config": cfg})
     data = blended.data
@@ -127,6 +154,8 @@ def test_harness_and_exported_version_blend_new_items_alike(
         served = OnnxVersion(path)
         section = served.manifest["ranker"]["new_items"]
         assert section["content_weight"] == knn_weight and section["map_weight"] == map_weight
+        assert section["unliked_weight"] == unliked_weight
+        assert served.manifest["user_history"]["positive_threshold"] == 4.0
         thresholds = content_thresholds(data.content)
         np.testing.assert_allclose(served.thresholds, thresholds)
         model = ScoringModel(blended)
@@ -138,26 +167,41 @@ def test_harness_and_exported_version_blend_new_items_alike(
             data.history(int(u))[:k][~new[data.history(int(u))[:k]]]
             for u, k in zip(users, [0, 1, 3, 5], strict=True)
         ]
+        # What each user rated low: some warm items of the next user's history.
+        unliked = [
+            data.history((int(u) + 1) % data.n_users)[:4][
+                ~new[data.history((int(u) + 1) % data.n_users)[:4]]
+            ]
+            for u in users
+        ]
         candidates = np.flatnonzero(new)
         uvecs = model.user_vecs(users, data.user_attrs[users], hists)
-        scores = model.score(users, data.user_attrs[users], hists, candidates)
+        scores = model.score(users, data.user_attrs[users], hists, candidates, unliked=unliked)
         tower = model.score(users, data.user_attrs[users], hists, candidates, use_ranker=False)
         head, onnx_scores = served.rank(
-            data.user_attrs[users], data.user_codes[users], hists, candidates
+            data.user_attrs[users], data.user_codes[users], hists, candidates, unliked=unliked
         )
         np.testing.assert_array_equal(scores[0], tower[0])  # no history: the tower order
-        moved = moved_by_map = 0
+        moved = moved_by_map = moved_by_unliked = 0
         for r in range(1, len(users)):
             cols = np.searchsorted(candidates, head[r])  # head items -> score columns
             knn = content_knn_scores(data.content, hists[r], head[r], thresholds[head[r]])
             mapped = (data.content[head[r]] @ model.content_map) @ uvecs[r]
-            want = blend_new_items(tower[r, cols], knn, knn_weight, mapped, map_weight)
+            low = content_knn_scores(data.content, unliked[r], head[r], thresholds[head[r]])
+            want = blend_new_items(
+                tower[r, cols], knn, knn_weight, mapped, map_weight, low, unliked_weight
+            )
             np.testing.assert_allclose(scores[r, cols], want, atol=1e-4)
             np.testing.assert_allclose(onnx_scores[r], want, atol=1e-4)
             moved += not np.array_equal(np.argsort(-want), np.argsort(-tower[r, cols]))
-            without_map = blend_new_items(tower[r, cols], knn, knn_weight)
+            without_map = blend_new_items(
+                tower[r, cols], knn, knn_weight, None, 0.0, low, unliked_weight
+            )
             moved_by_map += not np.array_equal(np.argsort(-want), np.argsort(-without_map))
+            without_low = blend_new_items(tower[r, cols], knn, knn_weight, mapped, map_weight)
+            moved_by_unliked += not np.array_equal(np.argsort(-want), np.argsort(-without_low))
         assert moved and moved_by_map  # both terms reordered some head: a real comparison
+        assert bool(moved_by_unliked) == (unliked_weight > 0)
     finally:
         data.pop[:] = saved
 

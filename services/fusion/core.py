@@ -354,12 +354,37 @@ class Recommender:
                 interest = state.interest_vector
             else:  # encoded for an older model's encoder; unusable until re-registered
                 UNUSABLE_VECTORS.labels("interest").inc()
-        history_ids = [*(state.recent_item_ids if state else ()), *query.recent_item_ids]
-        rows = [model.index.row(i) for i in history_ids]
+        # A rating below the version's positive threshold is not a liked item: training
+        # never made it history, so neither does serving (the towers, the ranker and the
+        # new-item blend read history as what the user liked). The request's own ids carry
+        # no value: implicit positives, liked even where the state holds a low rating (the
+        # caller says they are history now).
+        liked_ids: list[str] = []
+        unliked_ids: list[str] = []
+        if state is not None and state.ratings and model.positive_threshold > -math.inf:
+            ratings, threshold = state.ratings, model.positive_threshold
+            asked = set(query.recent_item_ids)
+            for item_id in state.recent_item_ids:
+                value = ratings.get(item_id)
+                if value is not None and value < threshold and item_id not in asked:
+                    unliked_ids.append(item_id)
+                else:
+                    liked_ids.append(item_id)
+        elif state is not None:  # no ratings (or a version without a threshold): all liked
+            liked_ids.extend(state.recent_item_ids)
+        liked_ids.extend(query.recent_item_ids)
+        history_rows = self._rows(model, liked_ids)
+        unliked_rows = self._rows(model, unliked_ids)
+        return new_user, UserInputs(attributes, interest, history_rows, query.user_id, unliked_rows)
+
+    def _rows(self, model: ModelVersion, item_ids: Sequence[str]) -> np.ndarray:
+        """The last ``history_length`` of ``item_ids``' rows in ``model``'s index."""
+        if not item_ids:
+            return np.empty(0, dtype=np.int64)
+        rows = [model.index.row(i) for i in item_ids]
         # Unknown history ids are ignored: an item the model never saw says nothing yet.
         known = np.asarray([r for r in rows if r is not None], dtype=np.int64)
-        history_rows = known[-self.store.history_length :]
-        return new_user, UserInputs(attributes, interest, history_rows, query.user_id)
+        return known[-self.store.history_length :]
 
     @staticmethod
     def _reasons(model: ModelVersion, user: UserInputs, rows: np.ndarray) -> list[str]:
@@ -459,10 +484,12 @@ class Recommender:
         index = model.index
         # Unknown exclusion ids are ignored: nothing by that id can be returned anyway.
         excluded_rows = [r for r in map(index.row, exclude_item_ids) if r is not None]
-        # What the user already interacted with is not recommended again.
-        if excluded_rows:
+        # What the user already interacted with is not recommended again, liked or not.
+        if excluded_rows or len(user.unliked_rows):
             excluded = np.unique(
-                np.concatenate([np.asarray(excluded_rows, np.int64), user.history_rows])
+                np.concatenate(
+                    [np.asarray(excluded_rows, np.int64), user.history_rows, user.unliked_rows]
+                )
             )
         else:
             excluded = np.unique(user.history_rows)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,8 +57,13 @@ class UserInputs:
 
     attributes: Mapping[str, str]
     interest: np.ndarray | None  # content-space vector, or None
-    history_rows: np.ndarray  # item rows of this version's index, oldest first
+    # Item rows of this version's index, oldest first: the items the user liked (an
+    # implicit interaction, or a rating at or above the version's positive threshold).
+    history_rows: np.ndarray
     user_id: str = ""
+    # Item rows the user rated below the positive threshold, oldest first: never history
+    # (training never saw them as positives), but not recommended again either.
+    unliked_rows: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     # Values the version derives from these inputs, computed once per call
     # (the user tower and the ranker both need them).
     derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -75,6 +81,23 @@ def read_manifest(path: Path) -> Any:
         raise ModelLoadError(f"{path}/manifest.json: missing") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelLoadError(f"{path}/manifest.json: not valid JSON ({exc})") from None
+
+
+def positive_threshold(where: str, manifest: Mapping[str, Any]) -> float:
+    """The manifest's ``user_history.positive_threshold``: a rating at or above it is a
+    liked item (history), below it an unliked one. -inf (everything liked, as before
+    the section) where the manifest has none. ``where`` names the manifest in errors."""
+    section = manifest.get("user_history")
+    if section is None:
+        return float("-inf")
+    if not isinstance(section, Mapping):
+        raise ModelLoadError(f"{where}: user_history must be an object, got {section!r}")
+    value = section.get("positive_threshold", float("-inf"))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ModelLoadError(
+            f"{where}: user_history.positive_threshold must be a number, got {value!r}"
+        )
+    return float(value)
 
 
 def first_line(exc: BaseException) -> str:
@@ -159,6 +182,10 @@ def declared_candidates(version: str, manifest: Mapping[str, Any]) -> int | None
 class ModelVersion:
     """Immutable model parts plus the live item index built from them."""
 
+    # Ratings below it are unliked (core.py splits a user's history by it); -inf: every
+    # interaction is liked, as in versions before ``user_history``.
+    positive_threshold: float = float("-inf")
+
     def __init__(
         self,
         version: str,
@@ -183,6 +210,7 @@ class ModelVersion:
         self.ranker_output = str(ranker.get("output", "score"))
         self.ranker_features: list[str] = list(ranker.get("features", []))
         self.ranker_candidates = declared_candidates(version, manifest)
+        self.positive_threshold = positive_threshold(version, manifest)
         self._user = user_session
         self._item = item_session
         self._ranker = ranker_session
@@ -229,6 +257,7 @@ class ModelVersion:
         )
         if unknown:
             raise ModelLoadError(f"{path}/manifest.json: unknown ranker features {sorted(unknown)}")
+        positive_threshold(f"{path}/manifest.json", manifest)  # fails before the files load
         files = {**DEFAULT_FILES, **manifest.get("files", {})}
 
         folder = VersionFiles(path, files, intra_op_threads)

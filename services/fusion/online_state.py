@@ -62,6 +62,10 @@ class UserState:
     interest_vector: np.ndarray | None = None
     recent_item_ids: tuple[str, ...] = ()
     updated_at_ms: int = 0
+    # item id -> value of its latest interaction when that was a "rating" (only ids in
+    # recent_item_ids). The model version's positive threshold decides which of them are
+    # liked (core.py); other kinds are implicit positives and have no entry.
+    ratings: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,7 @@ class UserStore:
                 interest_vector=vector,
                 recent_item_ids=previous.recent_item_ids if previous else (),
                 updated_at_ms=now,
+                ratings=previous.ratings if previous else {},
             )
         elif kind == "interaction":
             inter = event.interaction
@@ -142,11 +147,20 @@ class UserStore:
             # A repeat moves the item to the end instead of filling history with copies.
             recent = [i for i in previous.recent_item_ids if i != inter.item_id]
             recent.append(inter.item_id)
+            kept = tuple(recent[-self.history_length :])
+            # The latest interaction decides: a rating records its value, any other kind
+            # (an implicit positive) clears an older rating of the item.
+            ratings = {i: v for i, v in previous.ratings.items() if i != inter.item_id}
+            if inter.kind == "rating":
+                ratings[inter.item_id] = float(inter.value)
+            for dropped in recent[: -self.history_length]:
+                ratings.pop(dropped, None)
             self._users[inter.user_id] = UserState(
                 attributes=previous.attributes,
                 interest_vector=previous.interest_vector,
-                recent_item_ids=tuple(recent[-self.history_length :]),
+                recent_item_ids=kept,
                 updated_at_ms=now,
+                ratings=ratings,
             )
         elif kind == "user_forgotten":
             self._users.pop(event.user_forgotten.user_id, None)
@@ -193,6 +207,8 @@ class UserStore:
                     "v": _vector_to_text(s.interest_vector),
                     "r": list(s.recent_item_ids),
                     "t": s.updated_at_ms,
+                    # Only users with ratings carry the key (most have none).
+                    **({"g": dict(s.ratings)} if s.ratings else {}),
                 }
                 for uid, s in users.items()
             },
@@ -200,17 +216,23 @@ class UserStore:
         }
 
     def restore(self, document: Mapping[str, Any]) -> None:
-        self._users = {
-            uid: UserState(
-                attributes=dict(raw["a"]),
-                interest_vector=_vector_from_text(raw.get("v")),
-                recent_item_ids=tuple(raw["r"])[-self.history_length :],
-                updated_at_ms=int(raw.get("t", 0)),
-            )
-            for uid, raw in document.get("users", {}).items()
-        }
+        self._users = {uid: self._restored(raw) for uid, raw in document.get("users", {}).items()}
         self._seen = OrderedDict((i, None) for i in document.get("seen", []))
         ONLINE_USERS.set(len(self._users))
+
+    def _restored(self, raw: Mapping[str, Any]) -> UserState:
+        recent = tuple(str(i) for i in raw["r"])[-self.history_length :]
+        # A snapshot from before ratings were kept has no "g": every item counts as
+        # liked, as it did when that snapshot was written.
+        kept = set(recent)
+        ratings = {str(i): float(v) for i, v in raw.get("g", {}).items() if i in kept}
+        return UserState(
+            attributes=dict(raw["a"]),
+            interest_vector=_vector_from_text(raw.get("v")),
+            recent_item_ids=recent,
+            updated_at_ms=int(raw.get("t", 0)),
+            ratings=ratings,
+        )
 
 
 def write_snapshot(path: Path, document: Mapping[str, Any]) -> None:

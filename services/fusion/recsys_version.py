@@ -43,12 +43,11 @@ from services.common import ann as ann_kinds
 from services.common.recsys_features import (
     FeatureSpec,
     RankerTables,
-    blend_new_items,
     blend_standardised,
-    content_knn_scores,
     derived_item_attributes,
     item_tower_inputs,
     new_item_head,
+    new_item_head_scores,
     ranker_applies,
     ranker_features,
     segment_prior,
@@ -64,6 +63,7 @@ from services.fusion.model_version import (
     VersionFiles,
     declared_candidates,
     first_line,
+    positive_threshold,
     read_manifest,
 )
 
@@ -121,6 +121,7 @@ class RecsysModelVersion(ModelVersion):
         self.ranker_output = str(ranker.get("output", "score"))
         self.ranker_features = spec.ranker_feature_names()
         self.ranker_candidates = declared_candidates(version, manifest)
+        self.positive_threshold = positive_threshold(version, manifest)
         self.index = index
         self.tables = tables
         self.user_codes = dict(user_codes)
@@ -132,6 +133,8 @@ class RecsysModelVersion(ModelVersion):
             float(new_items.get("map_weight", 0.0)) if content_map is not None else 0.0
         )
         self.content_map = content_map
+        # Its term for the items the user rated low: weight 0 in versions before it.
+        self.new_item_unliked_weight = unliked_weight(version, manifest)
         self.max_new_share = float(ranker.get("gate", {}).get("max_new_share", 0.5))
         # The short-history prior: weight 0 (off) in versions before it.
         short = ranker.get("short_history", {})
@@ -174,6 +177,9 @@ class RecsysModelVersion(ModelVersion):
                 f"{path}/manifest.json: feature_spec.text_dim {spec.text_dim} != "
                 f"content_dimension {manifest['content_dimension']}"
             )
+        # Checked before any file is read: a bad value names the manifest.
+        positive_threshold(f"{path}/manifest.json", manifest)
+        unliked = unliked_weight(f"{path}/manifest.json", manifest)
         files = {**DEFAULT_FILES, **(manifest.get("files") or {})}
         ranker_enabled = bool(manifest.get("ranker", {}).get("enabled", True))
 
@@ -258,6 +264,7 @@ class RecsysModelVersion(ModelVersion):
         if (
             float(new_items.get("content_weight", 0)) > 0
             or float(new_items.get("map_weight", 0)) > 0
+            or unliked > 0
         ):
             thresholds = array("content_thresholds").astype(np.float32, copy=False)
             if thresholds.shape != (n,):
@@ -394,29 +401,39 @@ class RecsysModelVersion(ModelVersion):
                 if len(users[n].history_rows)
                 and new_item_head(self._head_pop(padded[j, : sizes[n]]), self.max_new_share)
             ]
-            if self.new_item_weight > 0 or self.new_item_map_weight > 0
+            if self.new_item_weight > 0
+            or self.new_item_map_weight > 0
+            or self.new_item_unliked_weight > 0
             else []
         )
         if blended:
             histories = [users[live[j]].history_rows for j in blended]
-            tables, local = self._local_tables(padded[blended], histories)
+            # The unliked items' term only where it has a weight (else nothing to map).
+            unliked_rows = [
+                users[live[j]].unliked_rows
+                if self.new_item_unliked_weight > 0
+                else np.empty(0, dtype=np.int64)
+                for j in blended
+            ]
+            tables, local = self._local_tables(padded[blended], [*histories, *unliked_rows])
             scores = np.array(scores, dtype=np.float32)
-            for j, history in zip(blended, histories, strict=True):
+            for j, history, unliked in zip(blended, histories, unliked_rows, strict=True):
                 rows_j = padded[j, : sizes[live[j]]]
-                knn = content_knn_scores(
-                    tables.content, local(history), local(rows_j), self._thresholds_of(rows_j)
-                )
-                mapped = None
-                if self.content_map is not None:
-                    # content . (W u): one [D] vector per user, not a [c, d] product.
-                    text_query = self.content_map @ user_vecs[live[j]]
-                    mapped = tables.content[local(rows_j)] @ text_query
-                scores[j, : len(rows_j)] = blend_new_items(
+                # The trainer's scorers call the same function (recsys_features), over
+                # this batch's local tables: blend_new_items of the tower score, the
+                # content-knn scores against the liked and the unliked items, the map term.
+                scores[j, : len(rows_j)] = new_item_head_scores(
+                    tables.content,
+                    local(rows_j),
+                    self._thresholds_of(rows_j),
                     tower[j, : len(rows_j)],
-                    knn,
+                    local(history),
                     self.new_item_weight,
-                    mapped,
+                    user_vecs[live[j]],
+                    self.content_map,
                     self.new_item_map_weight,
+                    local(unliked),
+                    self.new_item_unliked_weight,
                 )
         if self.prior_weight > 0:
             scores = self._blend_prior(users, live, padded, sizes, scores)
@@ -572,6 +589,23 @@ class RecsysModelVersion(ModelVersion):
             raise RuntimeError(f"{self.version}: no ranker in this version")
         (out,) = self._ranker.run([self.ranker_output], {self.ranker_input: feature_rows})
         return np.asarray(out, dtype=np.float32).reshape(-1)
+
+
+def unliked_weight(where: str, manifest: Mapping[str, Any]) -> float:
+    """The manifest's ``ranker.new_items.unliked_weight`` (0.0 where absent): the new-item
+    blend's weight for the content-knn score against the items the user rated low.
+    ``where`` names the manifest in errors."""
+    value = manifest.get("ranker", {}).get("new_items", {}).get("unliked_weight", 0.0)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not np.isfinite(value)
+        or value < 0
+    ):
+        raise ModelLoadError(
+            f"{where}: ranker.new_items.unliked_weight must be a number >= 0, got {value!r}"
+        )
+    return float(value)
 
 
 def _pad_rows(parts: Sequence[np.ndarray], width: int, dtype: type) -> np.ndarray:

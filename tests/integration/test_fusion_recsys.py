@@ -10,9 +10,10 @@ torch model's on the same user (<= 1e-4).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -459,3 +460,111 @@ def test_a_bad_content_map_is_a_load_error_and_a_version_without_one_serves_with
     model = RecsysModelVersion.load(older)
     assert model.content_map is None and model.new_item_map_weight == 0.0
     assert model.new_item_weight == trained.bundle.config.new_item_content_weight  # type: ignore[attr-defined]
+
+
+def _copy_with(trained: Trained, target: Path, change: Callable[[dict[str, Any]], None]) -> Path:
+    """A copy of the trained version with its manifest changed by ``change``."""
+    import json
+    import shutil
+
+    shutil.copytree(trained.path, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    change(manifest)
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
+
+
+def test_the_head_blend_reads_the_unliked_items_like_the_trainer(
+    trained: Trained, tmp_path: Path
+) -> None:
+    from types import SimpleNamespace
+
+    from coldstart.v1 import events_pb2
+
+    from services.common.events import new_event
+    from services.common.recsys_features import blend_new_items, content_knn_scores
+    from services.fusion.model_version import UserInputs
+
+    weight_u = 0.5
+
+    def rated(manifest: dict[str, Any]) -> None:
+        manifest["user_history"] = {"positive_threshold": 4.0, "rule": "..."}
+        manifest["ranker"]["new_items"]["unliked_weight"] = weight_u
+
+    model = RecsysModelVersion.load(_copy_with(trained, tmp_path / "v", rated))
+    assert model.positive_threshold == 4.0 and model.new_item_unliked_weight == weight_u
+    weight, map_weight = model.new_item_weight, model.new_item_map_weight
+    assert weight > 0 and model.content_map is not None
+
+    # The online state's low ratings become the user's unliked rows, out of history.
+    core = Recommender(SimpleNamespace(current=model), UserStore())  # type: ignore[arg-type]
+    for item, kind, value in (
+        (0, "view", 1),
+        (40, "rating", 1),
+        (1, "rating", 5),
+        (41, "rating", 2),
+    ):
+        interaction = events_pb2.Interaction(
+            user_id="u", item_id=item_id(item), kind=kind, value=value
+        )
+        core.store.apply(new_event("t", interaction=interaction))
+    user = core._prepare(UserQuery(user_id="u"), 10).user
+    assert user.history_rows.tolist() == [0, 1] and user.unliked_rows.tolist() == [40, 41]
+    plain = UserInputs({}, None, user.history_rows, "u")  # the same user, no unliked rows
+
+    model.tables.pop[:] = 0  # every item is new: users with history get the blend
+    vecs = model.user_vector_batch([user, plain])
+    np.testing.assert_array_equal(vecs[0], vecs[1])  # unliked rows never reach the towers
+    rows = np.arange(10, len(model.index), 3)
+    batch = model.rank_batch([user, plain], [rows, rows], vecs)
+    content = model.index.content(np.arange(len(model.index)))
+    thresholds = np.load(trained.path / "content_thresholds.npy")[rows]
+    tower = model.index.vectors(rows) @ vecs[0]
+    knn = content_knn_scores(content, user.history_rows, rows, thresholds)
+    unliked_knn = content_knn_scores(content, user.unliked_rows, rows, thresholds)
+    assert unliked_knn.std() > 0
+    mapped = (content[rows] @ model.content_map) @ vecs[0]
+    want = blend_new_items(tower, knn, weight, mapped, map_weight, unliked_knn, weight_u)
+    without = blend_new_items(tower, knn, weight, mapped, map_weight)
+    np.testing.assert_allclose(batch[0], want, atol=1e-5)
+    np.testing.assert_allclose(batch[1], without, atol=1e-5)  # no unliked rows: no term
+    assert np.max(np.abs(want - without)) > 1e-3  # the term moved the head
+    np.testing.assert_allclose(model.rank(user, rows, vecs[0]), want, atol=1e-5)
+
+    model.new_item_unliked_weight = 0.0  # weight 0: the unliked rows change nothing
+    np.testing.assert_allclose(model.rank(user, rows, vecs[0]), without, atol=1e-5)
+
+
+def test_user_history_and_unliked_weight_are_checked_and_optional(
+    trained: Trained, tmp_path: Path
+) -> None:
+    from services.fusion.model_version import ModelLoadError
+
+    def older(manifest: dict[str, Any]) -> None:
+        manifest.pop("user_history", None)
+        manifest["ranker"]["new_items"].pop("unliked_weight", None)
+
+    # A version from before both: every interaction liked, no unliked term.
+    model = RecsysModelVersion.load(_copy_with(trained, tmp_path / "older", older))
+    assert model.positive_threshold == float("-inf") and model.new_item_unliked_weight == 0.0
+
+    def setting(key: str, value: object) -> Callable[[dict[str, Any]], None]:
+        def change(manifest: dict[str, Any]) -> None:
+            if key == "positive_threshold":
+                manifest["user_history"] = {"positive_threshold": value}
+            else:
+                manifest["ranker"]["new_items"]["unliked_weight"] = value
+
+        return change
+
+    for n, (key, value, message) in enumerate(
+        [
+            ("unliked_weight", -0.1, "ranker.new_items.unliked_weight must be a number >= 0"),
+            ("unliked_weight", "0.2", "ranker.new_items.unliked_weight must be a number >= 0"),
+            ("positive_threshold", None, "user_history.positive_threshold must be a number"),
+        ]
+    ):
+        bad = _copy_with(trained, tmp_path / f"bad{n}", setting(key, value))
+        with pytest.raises(ModelLoadError) as raised:
+            ModelVersion.load(bad)
+        assert f"{bad}/manifest.json: {message}, got {value!r}" == str(raised.value)

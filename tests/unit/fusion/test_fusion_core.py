@@ -37,6 +37,39 @@ def core(registry: ModelRegistry) -> Recommender:
     return core
 
 
+@pytest.fixture()
+def rated_core(registry: ModelRegistry) -> Recommender:
+    """``core`` over a version whose manifest has ``user_history`` (ratings below 4 are
+    unliked), as the trainer's exports do."""
+    import json
+
+    version = registry.current()
+    assert version is not None
+    manifest_path = registry.path(version) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["user_history"] = {"positive_threshold": 4.0, "rule": "ratings below are unliked"}
+    manifest_path.write_text(json.dumps(manifest))
+    holder = ModelHolder(registry, ModelVersion.load)
+    core = Recommender(holder, UserStore(), candidates=100)
+    holder.load_initial()
+    assert core.holder.current.positive_threshold == 4.0
+    return core
+
+
+def interact(core: Recommender, user: str, item: str, kind: str = "view", value: float = 1) -> None:
+    from coldstart.v1 import events_pb2
+
+    from services.common.events import new_event
+
+    interaction = events_pb2.Interaction(user_id=user, item_id=item, kind=kind, value=value)
+    assert core.store.apply(new_event("t", interaction=interaction))
+
+
+def rows_of(core: Recommender, *item_ids: str) -> list[int]:
+    index = core.holder.current.index
+    return [index.row(i) for i in item_ids]  # type: ignore[misc]
+
+
 def content_of(core: Recommender, item_id: str) -> np.ndarray:
     index = core.holder.current.index
     row = index.row(item_id)
@@ -286,3 +319,63 @@ def test_search_breadth_settings_zero_means_the_versions_and_negative_is_refused
     assert getattr(load_settings(FusionSettings, "fusion", environ={}), name) == 0
     with pytest.raises(SettingsError, match=f"{name}: must be >= 0"):
         load_settings(FusionSettings, "fusion", environ={}, overrides=[f"{name}=-1"])
+
+
+def test_low_ratings_are_not_history_but_are_never_recommended_again(
+    rated_core: Recommender,
+) -> None:
+    core = rated_core
+    liked = ["item-9", "item-12"]
+    # The item this history would put first: the user then rates it 1 star.
+    top = core.recommend(UserQuery(recent_item_ids=liked), 10).items[0].item_id
+    interact(core, "u", "item-9")  # an implicit positive
+    interact(core, "u", "item-12", "rating", 4.0)  # at the threshold: liked
+    interact(core, "u", top, "rating", 1.0)
+    interact(core, "u", "no-such-item", "rating", 1.0)  # unknown ids are ignored
+
+    request = core._prepare(UserQuery(user_id="u"), 10)
+    assert request.user.history_rows.tolist() == rows_of(core, *liked)
+    assert request.user.unliked_rows.tolist() == rows_of(core, top)
+    assert set(rows_of(core, *liked, top)) <= set(request.excluded.tolist())
+    result = core.recommend(UserQuery(user_id="u"), 10)
+    assert top not in {i.item_id for i in result.items}
+    # Served exactly as the liked history alone with the rated item excluded: the low
+    # rating neither moves the user vector nor the ranker nor the reasons.
+    alone = core.recommend(UserQuery(recent_item_ids=liked), 10, exclude_item_ids=[top])
+    assert [(i.item_id, i.score, i.reason) for i in result.items] == [
+        (i.item_id, i.score, i.reason) for i in alone.items
+    ]
+
+    # A later view of the item rated low makes it liked (the latest interaction decides).
+    interact(core, "u", top, "view")
+    request = core._prepare(UserQuery(user_id="u"), 10)
+    assert request.user.history_rows.tolist() == rows_of(core, *liked, top)
+    assert request.user.unliked_rows.tolist() == []
+
+
+def test_request_ids_are_liked_and_each_list_is_capped(rated_core: Recommender) -> None:
+    core = rated_core
+    core.store.history_length = 3
+    interact(core, "u", "item-1", "rating", 2.0)
+    interact(core, "u", "item-2", "rating", 3.5)
+    # The request's own ids carry no value: liked, also one the state holds as rated low.
+    request = core._prepare(UserQuery(user_id="u", recent_item_ids=["item-2"]), 5)
+    # (state then request ids, a repeat kept as before: only the split is new)
+    assert request.user.history_rows.tolist() == rows_of(core, "item-2", "item-2")
+    assert request.user.unliked_rows.tolist() == rows_of(core, "item-1")
+    many = [f"item-{i}" for i in range(20, 25)]
+    request = core._prepare(UserQuery(user_id="u", recent_item_ids=many), 5)
+    assert request.user.history_rows.tolist() == rows_of(core, *many[-3:])
+    assert request.user.unliked_rows.tolist() == rows_of(core, "item-1", "item-2")
+
+
+def test_a_version_without_user_history_treats_every_interaction_as_liked(
+    core: Recommender,
+) -> None:
+    assert core.holder.current.positive_threshold == float("-inf")
+    interact(core, "u", "item-5", "rating", 1.0)
+    request = core._prepare(UserQuery(user_id="u"), 10)
+    assert request.user.history_rows.tolist() == rows_of(core, "item-5")
+    assert request.user.unliked_rows.tolist() == []
+    result = core.recommend(UserQuery(user_id="u"), 10)
+    assert any(i.reason.startswith("similar to Item 5") for i in result.items)

@@ -35,6 +35,11 @@ def _set_ranker(path: Path, **values: object) -> None:
     (path / "manifest.json").write_text(json.dumps(manifest))
 
 
+def _set_manifest(path: Path, **values: object) -> None:
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, **values}))
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -66,6 +71,18 @@ def _set_ranker(path: Path, **values: object) -> None:
         (
             lambda p: _set_ranker(p, candidates="100"),
             "ranker.candidates must be a positive integer, got '100'",
+        ),
+        (
+            lambda p: _set_manifest(p, user_history={"positive_threshold": "4"}),
+            "manifest.json: user_history.positive_threshold must be a number, got '4'",
+        ),
+        (
+            lambda p: _set_manifest(p, user_history={"positive_threshold": True}),
+            "manifest.json: user_history.positive_threshold must be a number, got True",
+        ),
+        (
+            lambda p: _set_manifest(p, user_history=4.0),
+            "manifest.json: user_history must be an object, got 4.0",
         ),
     ],
 )
@@ -126,3 +143,17 @@ def test_an_index_kind_the_search_cannot_use_is_rebuilt_as_hnsw(
     assert view.ann.ntotal == len(model.index)
     # and the version keeps its own kind when it can be searched
     assert ann.kind_of(ModelVersion.load(version_path).index._view.ann) in ann.KINDS
+
+
+def test_the_positive_threshold_comes_from_user_history_else_everything_is_liked(
+    tmp_path: Path, version_path: Path
+) -> None:
+    # A version from before the section: every interaction is liked, as before.
+    assert ModelVersion.load(version_path).positive_threshold == float("-inf")
+    rated = _broken(
+        tmp_path,
+        version_path,
+        lambda p: _set_manifest(p, user_history={"positive_threshold": 4, "rule": "..."}),
+    )
+    model = ModelVersion.load(rated)
+    assert model.positive_threshold == 4.0 and isinstance(model.positive_threshold, float)

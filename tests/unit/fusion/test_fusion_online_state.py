@@ -19,9 +19,10 @@ def registered(user: str, **kwargs: object) -> events_pb2.Event:
     return new_event("test", user_registered=events_pb2.UserRegistered(user_id=user, **kwargs))  # type: ignore[arg-type]
 
 
-def interaction(user: str, item: str) -> events_pb2.Event:
+def interaction(user: str, item: str, kind: str = "view", value: float = 1) -> events_pb2.Event:
     return new_event(
-        "test", interaction=events_pb2.Interaction(user_id=user, item_id=item, kind="view", value=1)
+        "test",
+        interaction=events_pb2.Interaction(user_id=user, item_id=item, kind=kind, value=value),
     )
 
 
@@ -110,3 +111,55 @@ def test_unreadable_snapshot_means_full_replay(tmp_path: Path) -> None:
     path.write_text("{half")
     assert read_snapshot(path) is None
     assert read_snapshot(tmp_path / "absent.json") is None
+
+
+def test_ratings_are_kept_for_recent_items_until_another_kind_or_the_cap() -> None:
+    store = UserStore(history_length=3)
+    store.apply(interaction("u", "a", "rating", 2))
+    store.apply(interaction("u", "b", "like"))
+    store.apply(interaction("u", "c", "rating", 5))
+    state = store.get("u")
+    assert state is not None
+    # Only ratings have a value; the other kinds are implicit positives.
+    assert dict(state.ratings) == {"a": 2.0, "c": 5.0}
+    store.apply(interaction("u", "a", "view"))  # a later view: no longer a rating
+    store.apply(registered("u", attributes={"region": "eu"}))  # keeps history and ratings
+    state = store.get("u")
+    assert state is not None
+    assert state.recent_item_ids == ("b", "c", "a") and dict(state.ratings) == {"c": 5.0}
+    store.apply(interaction("u", "b", "rating", 1))  # the latest rating wins
+    store.apply(interaction("u", "d", "rating", 3))
+    store.apply(interaction("u", "e"))
+    state = store.get("u")
+    assert state is not None
+    # "c" fell out of the capped history and took its rating with it.
+    assert state.recent_item_ids == ("b", "d", "e")
+    assert dict(state.ratings) == {"b": 1.0, "d": 3.0}
+
+
+def test_snapshot_keeps_ratings_and_an_old_snapshot_restores_all_liked() -> None:
+    store = UserStore(history_length=3)
+    for item, kind, value in (("a", "rating", 1), ("b", "view", 1), ("c", "rating", 4.5)):
+        store.apply(interaction("u", item, kind, value))
+    store.apply(interaction("v", "x"))
+    document = UserStore.encode(store.capture())
+    assert document["users"]["u"]["g"] == {"a": 1.0, "c": 4.5}
+    assert "g" not in document["users"]["v"]  # no ratings: the old record, unchanged
+
+    restored = UserStore(history_length=3)
+    restored.restore(document)
+    state = restored.get("u")
+    assert state is not None and dict(state.ratings) == {"a": 1.0, "c": 4.5}
+    # A shorter history keeps the ratings of the ids it keeps only.
+    shorter = UserStore(history_length=2)
+    shorter.restore(document)
+    state = shorter.get("u")
+    assert state is not None
+    assert state.recent_item_ids == ("b", "c") and dict(state.ratings) == {"c": 4.5}
+    # A snapshot written before ratings were kept: no "g", every item liked as before.
+    del document["users"]["u"]["g"]
+    old = UserStore(history_length=3)
+    old.restore(document)
+    state = old.get("u")
+    assert state is not None
+    assert state.recent_item_ids == ("a", "b", "c") and dict(state.ratings) == {}

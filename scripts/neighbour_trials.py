@@ -29,7 +29,9 @@ default blend ``z(T) + 0.7 z(knn)`` over the towers' top 100 plus ``c z(X)``:
 - ``knnall`` / ``knnneg`` / ``tall`` / ``tcfall`` (ROUND 7): the user's non-positive
   training items (rated below the threshold) as history too: knn over all rated items
   (instead of the liked-only knn), knn over the unliked ones alone (beside it: the run-9
-  default at 0.2), the tower and map terms with the user vector pooled over all rated items.
+  default at 0.2), the tower and map terms with the user vector pooled over all rated items;
+- ``tneg`` / ``cneg`` (ROUND 8, on top of the run-9 default): the mean tower / text vector
+  of the user's unliked items against the candidate's.
 
 One JSON line per seed goes to OUT/results.jsonl.
 """
@@ -108,7 +110,19 @@ def unliked_parts(
     w = np.linalg.solve(x.T @ x + 3.0 * np.eye(x.shape[1]), x.T @ tvec[warm])
     all_users = WithUnliked(Component(tower_users, tvec), unliked, "all")
     all_map = WithUnliked(Component(tower_users, vecs @ w), unliked, "all")
+
+    def centroid(table: np.ndarray) -> Any:
+        def users(req: Any) -> np.ndarray:
+            rows = [unliked.get(int(u), np.zeros(0, np.int64)) for u in req.users]
+            return np.stack(
+                [table[r].mean(0) if len(r) else np.zeros(table.shape[1]) for r in rows]
+            )
+
+        return users
+
     return {
+        "tneg": Component(centroid(tvec), tvec),
+        "cneg": Component(centroid(vecs), vecs),
         "knnall": WithUnliked(knn, unliked, "all"),
         "knnneg": WithUnliked(knn, unliked, "neg"),
         "tall": all_users,
@@ -175,6 +189,12 @@ def mixes(extras: list[str]) -> list[Mix]:
     the user's non-positive training items used as history too (beside or instead of the
     positive-only terms)."""
     out: list[Mix]
+    if os.environ.get("ROUND", "1") == "8":
+        base = {"tcf_3": 0.7, "knnneg": 0.2}
+        out = [("knnneg:0.2", 0.7, base)]
+        for extra in ("tneg", "cneg"):
+            out += [(f"{extra}:{w:g}", 0.7, {**base, extra: w}) for w in WEIGHTS[1:6]]
+        return out
     if os.environ.get("ROUND", "1") == "7":
         out = [("tcf_3:0.7", 0.7, {"tcf_3": 0.7})]
         for c in WEIGHTS[1:7]:
@@ -331,7 +351,7 @@ def main() -> None:
             for name, wts in (("tmean", np.ones_like(n_pos)), ("tmeanw", n_pos)):
                 mean_user = (wts[:, None] * uvec).sum(axis=0) / wts.sum()
                 parts[name] = Component(lambda req, m=mean_user: np.tile(m, (len(req), 1)), tvec)
-        if os.environ.get("ROUND", "1") == "7":  # the non-positive ratings as history too
+        if os.environ.get("ROUND", "1") in ("7", "8"):  # the non-positive ratings as history
             parts = {k: parts[k] for k in ("t", "knn", "tcf_3")}
             parts.update(unliked_parts(data, knn, tower_users, vecs, warm, tvec))
         fit_s = time.time() - t0

@@ -31,7 +31,9 @@ default blend ``z(T) + 0.7 z(knn)`` over the towers' top 100 plus ``c z(X)``:
   (instead of the liked-only knn), knn over the unliked ones alone (beside it: the run-9
   default at 0.2), the tower and map terms with the user vector pooled over all rated items;
 - ``tneg`` / ``cneg`` (ROUND 8, on top of the run-9 default): the mean tower / text vector
-  of the user's unliked items against the candidate's.
+  of the user's unliked items against the candidate's;
+- ``knntop`` / ``knnmid`` / ``knnlow`` (ROUND 9): knn over the user's training items rated at
+  the scale's top / one step below the threshold (3-3.5) / lower.
 
 One JSON line per seed goes to OUT/results.jsonl.
 """
@@ -189,6 +191,14 @@ def mixes(extras: list[str]) -> list[Mix]:
     the user's non-positive training items used as history too (beside or instead of the
     positive-only terms)."""
     out: list[Mix]
+    if os.environ.get("ROUND", "1") == "9":
+        base = {"tcf_3": 0.7, "knnneg": 0.2}
+        out = [("knnneg:0.2", 0.7, base)]
+        for extra in ("knntop", "knnmid", "knnlow"):
+            out += [(f"{extra}:{w:g}", 0.7, {**base, extra: w}) for w in WEIGHTS[1:6]]
+        for w in WEIGHTS[1:5]:  # the unliked term split by rating band instead
+            out.append((f"mid0.2+low:{w:g}", 0.7, {"tcf_3": 0.7, "knnmid": 0.2, "knnlow": w}))
+        return out
     if os.environ.get("ROUND", "1") == "8":
         base = {"tcf_3": 0.7, "knnneg": 0.2}
         out = [("knnneg:0.2", 0.7, base)]
@@ -351,9 +361,22 @@ def main() -> None:
             for name, wts in (("tmean", np.ones_like(n_pos)), ("tmeanw", n_pos)):
                 mean_user = (wts[:, None] * uvec).sum(axis=0) / wts.sum()
                 parts[name] = Component(lambda req, m=mean_user: np.tile(m, (len(req), 1)), tvec)
-        if os.environ.get("ROUND", "1") in ("7", "8"):  # the non-positive ratings as history
+        if os.environ.get("ROUND", "1") in ("7", "8", "9"):  # the non-positive ratings too
             parts = {k: parts[k] for k in ("t", "knn", "tcf_3")}
             parts.update(unliked_parts(data, knn, tower_users, vecs, warm, tvec))
+        if os.environ.get("ROUND", "1") == "9":  # history by rating band
+            tr, top = data.train, float(data.train.value.max())
+            thr = data.dataset.positive_threshold
+            for name, lo, hi in (
+                ("knntop", top, np.inf),
+                ("knnmid", thr - 1, thr),
+                ("knnlow", -np.inf, thr - 1),
+            ):
+                band = (tr.value >= lo) & (tr.value < hi)
+                by_user: dict[int, np.ndarray] = {}
+                for u in np.unique(tr.user[band]):
+                    by_user[int(u)] = tr.item[band & (tr.user == u)].astype(np.int64)
+                parts[name] = WithUnliked(knn, by_user, "neg")
         fit_s = time.time() - t0
         rows = []
         extras = [k for k in parts if k not in ("t", "knn")]

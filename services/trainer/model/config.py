@@ -41,6 +41,10 @@ class ModelConfig:
     # toward its (detached) vector with its id, for the candidates that kept their id.
     item_id_inside: bool = False
     user_history: str = "pooled"
+    # rated_history: the towers train on, and pool, every rated item (liked or rated below
+    # the positive threshold) instead of the liked ones; an experiment (docs/MODEL.md, run
+    # 9): the harness only, export refuses it.
+    rated_history: bool = False
     align_weight: float = 0.0
     # Choose among option sets on an inner item-cold holdout inside training
     # (select.auto_select): each entry "key=value,key=value" (values JSON; "" = as

@@ -150,9 +150,14 @@ def item_attributes(items: Any, derive_year: bool) -> tuple[AttributeVocab, np.n
 
 
 def from_train_data(
-    train: object, item_vec_dim: int, max_history: int, derive_year: bool = True
+    train: object,
+    item_vec_dim: int,
+    max_history: int,
+    derive_year: bool = True,
+    rated: bool = False,
 ) -> ModelData:
-    """ModelData from the evaluation harness's ``TrainData`` (training positives only)."""
+    """ModelData from the evaluation harness's ``TrainData`` (training positives only, or
+    with ``rated`` every training interaction)."""
     from services.trainer.baselines.base import TrainData
 
     if not isinstance(train, TrainData):
@@ -163,7 +168,7 @@ def from_train_data(
     user_attrs = user_vocab.from_blocks(
         ds.n_users, {n: c.matrix for n, c in ds.users.categorical.items()}
     )
-    pos = ds.positive_mask(train.train)
+    pos = np.ones(len(train.train), dtype=bool) if rated else ds.positive_mask(train.train)
     interest = user_interest_vectors(list(ds.users.text)) if ds.users.has_text() else None
     return build_model_data(
         content=np.asarray(train.item_vectors, dtype=np.float32),

@@ -156,6 +156,8 @@ def export_onnx(bundle: Bundle, folder: Path, seed: int = 0) -> dict[str, Any]:
     """Write the three graphs and check them against torch; returns the parity report."""
     import onnxruntime as ort
 
+    if bundle.config.rated_history:
+        raise ExportError("rated_history=true: an experiment of the harness, not servable yet")
     if bundle.config.user_history != "pooled":
         # Serving pools the ANN index rows (item-tower outputs) into the user tower.
         raise ExportError(

@@ -83,7 +83,13 @@ class ColdStartRecommender:
         if cached is not None and (not cfg.use_ranker or cached.result.ranker is not None):
             self._model = cached
             return
-        data = from_train_data(train, cfg.dim + 1, cfg.max_history, derive_year=cfg.derive_year)
+        data = from_train_data(
+            train,
+            cfg.dim + 1,
+            cfg.max_history,
+            derive_year=cfg.derive_year,
+            rated=cfg.rated_history,
+        )
         result = train_model(data, cfg, DistContext.single())
         self._model = ScoringModel(result)
         _CACHE.clear()  # one entry: the next fit is on other data
@@ -102,14 +108,19 @@ class ColdStartRecommender:
             interest = user_interest_vectors(list(request.user_text))
         users = np.asarray(request.users, dtype=np.int64)
         none = np.zeros(0, dtype=np.int64)
+        unliked = [self._unliked.get(int(u), none) for u in users]
+        histories = [np.asarray(h, dtype=np.int64) for h in request.history]
+        if self.config.rated_history:  # the towers learned from every rated item: pool them all
+            histories = [np.concatenate([h, u]) for h, u in zip(histories, unliked, strict=True)]
+            unliked = [none] * len(histories)
         scores: np.ndarray = model.score(
             users,
             user_attrs,
-            [np.asarray(h, dtype=np.int64) for h in request.history],
+            histories,
             np.asarray(request.candidates, dtype=np.int64),
             interest=interest,
             use_ranker=self.config.use_ranker,
-            unliked=[self._unliked.get(int(u), none) for u in users],
+            unliked=unliked,
         )
         return scores
 

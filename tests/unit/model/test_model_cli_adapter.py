@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -9,6 +11,7 @@ import scipy.sparse as sp
 from services.trainer.baselines.base import ScoreRequest, TrainData, available, create
 from services.trainer.data.model import Categorical, Dataset, Entities, Interactions
 from services.trainer.model import train_cli
+from services.trainer.model.config import ModelConfig
 
 
 @pytest.mark.parametrize(
@@ -114,3 +117,31 @@ def test_unliked_by_user_is_each_users_low_ratings_oldest_first() -> None:
     np.testing.assert_array_equal(got[0], [9, 7])
     np.testing.assert_array_equal(got[1], [11])
     assert got[0].dtype == np.int64
+
+
+def test_rated_history_trains_on_every_rated_item_and_is_not_exported(tmp_path: Path) -> None:
+    """Run 9's experiment: the towers on liked and low-rated items alike (worse: kept off)."""
+    from services.trainer.model.bundle import load_bundle
+    from services.trainer.model.dataset import from_train_data
+    from services.trainer.model.export import ExportError, publish
+    from services.trainer.model.harness_adapter import ColdStartRecommender
+    from tests.unit.model.test_export_parity import saved_run
+
+    assert ModelConfig().rated_history is False
+    ds, vectors = _tiny_dataset()
+    values = np.where(np.arange(len(ds.interactions)) % 3 == 0, 2.0, 5.0).astype(np.float32)
+    inter = Interactions(
+        ds.interactions.user, ds.interactions.item, values, ds.interactions.timestamp
+    )
+    positives = sp.csr_matrix((ds.n_users, ds.n_items))
+    data = TrainData(ds, vectors, inter, positives, seed=1)
+    liked = from_train_data(data, 9, 20)
+    rated = from_train_data(data, 9, 20, rated=True)
+    assert liked.n_samples == int((values >= 4).sum()) and rated.n_samples == len(values)
+    model = create("coldstart", 1, {"epochs": 1, "dim": 8, "hidden": 16, "batch_size": 64,
+                                     "n_negatives": 8, "use_ranker": False, "rated_history": True})  # fmt: skip
+    model.fit(data)
+    assert isinstance(model, ColdStartRecommender)
+    result = model._model.result  # the adapter's fitted ScoringModel
+    with pytest.raises(ExportError, match="rated_history"):
+        publish(load_bundle(saved_run(result, tmp_path, {})), tmp_path / "registry")

@@ -33,7 +33,9 @@ default blend ``z(T) + 0.7 z(knn)`` over the towers' top 100 plus ``c z(X)``:
 - ``tneg`` / ``cneg`` (ROUND 8, on top of the run-9 default): the mean tower / text vector
   of the user's unliked items against the candidate's;
 - ``knntop`` / ``knnmid`` / ``knnlow`` (ROUND 9): knn over the user's training items rated at
-  the scale's top / one step below the threshold (3-3.5) / lower.
+  the scale's top / one step below the threshold (3-3.5) / lower;
+- ``knnW`` / ``knnnegW`` (ROUND 10): the liked and unliked knn terms over the user's last W
+  training interactions only (serving's window), W in 50, 100, 200.
 
 One JSON line per seed goes to OUT/results.jsonl.
 """
@@ -132,6 +134,32 @@ def unliked_parts(
     }
 
 
+WINDOWS = [50, 100, 200]
+
+
+def window_parts(data: Any, knn: Any) -> dict[str, Any]:
+    """ROUND 10: the liked and unliked knn terms over each user's last W training
+    interactions only (the fusion service keeps the last ``history_length`` of both
+    kinds together; 50 by default)."""
+    tr = data.train
+    order = np.lexsort((tr.timestamp, tr.user))
+    users, items = tr.user[order], tr.item[order].astype(np.int64)
+    liked = tr.value[order] >= data.dataset.positive_threshold
+    cuts = np.flatnonzero(np.diff(users)) + 1
+    out: dict[str, Any] = {}
+    for w in WINDOWS:
+        keep_liked: dict[int, np.ndarray] = {}
+        keep_low: dict[int, np.ndarray] = {}
+        for u, i, ok in zip(
+            np.split(users, cuts), np.split(items, cuts), np.split(liked, cuts), strict=True
+        ):
+            if len(u):
+                keep_liked[int(u[0])], keep_low[int(u[0])] = i[-w:][ok[-w:]], i[-w:][~ok[-w:]]
+        out[f"knn{w}"] = WithUnliked(knn, keep_liked, "neg")
+        out[f"knnneg{w}"] = WithUnliked(knn, keep_low, "neg")
+    return out
+
+
 def nearest_warm(vecs: np.ndarray, items: np.ndarray, warm: np.ndarray, k: int) -> np.ndarray:
     """(len(items), k) indices of each item's k nearest warm items by cosine, nearest first."""
     sims = vecs[items] @ vecs[warm].T
@@ -191,6 +219,12 @@ def mixes(extras: list[str]) -> list[Mix]:
     the user's non-positive training items used as history too (beside or instead of the
     positive-only terms)."""
     out: list[Mix]
+    if os.environ.get("ROUND", "1") == "10":
+        out = [("knnneg:0.2", 0.7, {"tcf_3": 0.7, "knnneg": 0.2})]
+        for w in WINDOWS:
+            terms = {"tcf_3": 0.7, f"knn{w}": 0.7, f"knnneg{w}": 0.2}
+            out.append((f"window{w}", 0.0, terms))
+        return out
     if os.environ.get("ROUND", "1") == "9":
         base = {"tcf_3": 0.7, "knnneg": 0.2}
         out = [("knnneg:0.2", 0.7, base)]
@@ -361,9 +395,11 @@ def main() -> None:
             for name, wts in (("tmean", np.ones_like(n_pos)), ("tmeanw", n_pos)):
                 mean_user = (wts[:, None] * uvec).sum(axis=0) / wts.sum()
                 parts[name] = Component(lambda req, m=mean_user: np.tile(m, (len(req), 1)), tvec)
-        if os.environ.get("ROUND", "1") in ("7", "8", "9"):  # the non-positive ratings too
+        if os.environ.get("ROUND", "1") in ("7", "8", "9", "10"):  # the non-positive ratings too
             parts = {k: parts[k] for k in ("t", "knn", "tcf_3")}
             parts.update(unliked_parts(data, knn, tower_users, vecs, warm, tvec))
+        if os.environ.get("ROUND", "1") == "10":  # serving's window: the last W interactions
+            parts.update(window_parts(data, knn))
         if os.environ.get("ROUND", "1") == "9":  # history by rating band
             tr, top = data.train, float(data.train.value.max())
             thr = data.dataset.positive_threshold

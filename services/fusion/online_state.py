@@ -99,7 +99,7 @@ class UserStore:
 
     def __init__(
         self,
-        history_length: int = 50,
+        history_length: int = 200,
         encoder: Encoder | None = None,
         on_item: Callable[[ItemEvent], None] | None = None,
     ) -> None:

@@ -22,8 +22,11 @@ class FusionSettings(ServerSettings):
     snapshot_interval_s: float = 5.0
     # Consumer poll timeout: the upper bound on how long an event waits once fetched.
     poll_timeout_ms: int = 50
-    # Items of a user's recent history kept online.
-    history_length: int = 50
+    # Items of a user's recent history kept online (liked and rated-low together). 200:
+    # the new-item blend's knn terms over the last 50 cost .007 / .005 item-cold Recall@20
+    # against the whole history, over the last 200 .001 (docs/MODEL.md, run 9). The user
+    # tower pools only its own max_history of them.
+    history_length: int = 200
     # Encoder for interest text that arrives without a vector; empty = leave it unset.
     encoder_address: str = ""
     encoder_timeout_s: float = 2.0

@@ -73,18 +73,19 @@ def popularity_guess(feats: np.ndarray, counts: np.ndarray, penalty: float) -> n
 
 
 class WithUnliked:
-    """A component scored with each request user's history extended (``mode`` "all") or
-    replaced (``mode`` "neg") by their non-positive training items."""
+    """A component scored with each request user's history extended (``mode`` "extend") or
+    replaced (``mode`` "replace") by the items ``extra_items`` holds for them (their
+    non-positive training items; in ROUND 9-10 a rating band or a window)."""
 
-    def __init__(self, inner: Any, unliked: dict[int, np.ndarray], mode: str) -> None:
-        self.inner, self.unliked, self.mode = inner, unliked, mode
+    def __init__(self, inner: Any, extra_items: dict[int, np.ndarray], mode: str) -> None:
+        self.inner, self.extra_items, self.mode = inner, extra_items, mode
 
     def score(self, req: Any) -> np.ndarray:
         import dataclasses
 
         empty = np.zeros(0, dtype=np.int64)
-        extra = [self.unliked.get(int(u), empty) for u in req.users]
-        if self.mode == "all":
+        extra = [self.extra_items.get(int(u), empty) for u in req.users]
+        if self.mode == "extend":
             hist = [
                 np.concatenate([np.asarray(h, np.int64), e])
                 for h, e in zip(req.history, extra, strict=True)
@@ -112,8 +113,8 @@ def unliked_parts(
     }
     x = vecs[warm]
     w = np.linalg.solve(x.T @ x + 3.0 * np.eye(x.shape[1]), x.T @ tvec[warm])
-    all_users = WithUnliked(Component(tower_users, tvec), unliked, "all")
-    all_map = WithUnliked(Component(tower_users, vecs @ w), unliked, "all")
+    all_users = WithUnliked(Component(tower_users, tvec), unliked, "extend")
+    all_map = WithUnliked(Component(tower_users, vecs @ w), unliked, "extend")
 
     def centroid(table: np.ndarray) -> Any:
         def users(req: Any) -> np.ndarray:
@@ -127,8 +128,8 @@ def unliked_parts(
     return {
         "tneg": Component(centroid(tvec), tvec),
         "cneg": Component(centroid(vecs), vecs),
-        "knnall": WithUnliked(knn, unliked, "all"),
-        "knnneg": WithUnliked(knn, unliked, "neg"),
+        "knnall": WithUnliked(knn, unliked, "extend"),
+        "knnneg": WithUnliked(knn, unliked, "replace"),
         "tall": all_users,
         "tcfall": all_map,
     }
@@ -155,8 +156,8 @@ def window_parts(data: Any, knn: Any) -> dict[str, Any]:
         ):
             if len(u):
                 keep_liked[int(u[0])], keep_low[int(u[0])] = i[-w:][ok[-w:]], i[-w:][~ok[-w:]]
-        out[f"knn{w}"] = WithUnliked(knn, keep_liked, "neg")
-        out[f"knnneg{w}"] = WithUnliked(knn, keep_low, "neg")
+        out[f"knn{w}"] = WithUnliked(knn, keep_liked, "replace")
+        out[f"knnneg{w}"] = WithUnliked(knn, keep_low, "replace")
     return out
 
 
@@ -412,7 +413,7 @@ def main() -> None:
                 by_user: dict[int, np.ndarray] = {}
                 for u in np.unique(tr.user[band]):
                     by_user[int(u)] = tr.item[band & (tr.user == u)].astype(np.int64)
-                parts[name] = WithUnliked(knn, by_user, "neg")
+                parts[name] = WithUnliked(knn, by_user, "replace")
         fit_s = time.time() - t0
         rows = []
         extras = [k for k in parts if k not in ("t", "knn")]

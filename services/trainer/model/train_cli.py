@@ -100,6 +100,8 @@ def parse_config(args: argparse.Namespace) -> Any:
         cfg = ModelConfig().with_options(**options)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"--option: {exc}") from None
+    if cfg.rated_history:  # checked here, not after a whole training run fails to export
+        raise UsageError("--option: rated_history is a harness experiment: it cannot be served")
     if cfg.batch_size % args.workers:
         raise UsageError(
             f"--batch-size: {cfg.batch_size} is not a multiple of --workers {args.workers}"

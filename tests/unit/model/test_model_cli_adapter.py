@@ -24,6 +24,7 @@ from services.trainer.model.config import ModelConfig
         (["--data", "x", "--workers", "3", "--batch-size", "512"], "--batch-size"),
         (["--data", "x", "--resume"], "--resume"),
         (["--data", "x", "--loss", "hinge"], "--loss"),
+        (["--data", "x", "--option", "rated_history=true"], "rated_history"),
         (["--workers", "2"], "--data"),
     ],
 )

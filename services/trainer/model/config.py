@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 LOSSES = ("softmax", "bpr")
+# Experiment options (bool) the fusion service cannot serve: the harness only.
+HARNESS_ONLY = ("rated_history", "unliked_pool")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,11 @@ class ModelConfig:
     # the positive threshold) instead of the liked ones; an experiment (docs/MODEL.md, run
     # 9): the harness only, export refuses it.
     rated_history: bool = False
+    # unliked_pool: the user tower also reads the mean item vector of the items the user
+    # rated below the positive threshold (a second pooled input; training samples draw a
+    # random subset of them, as they do of the history). An experiment (docs/MODEL.md,
+    # run 10): the harness only (the ranker's queries see none), export refuses it.
+    unliked_pool: bool = False
     align_weight: float = 0.0
     # Choose among option sets on an inner item-cold holdout inside training
     # (select.auto_select): each entry "key=value,key=value" (values JSON; "" = as
@@ -190,6 +197,11 @@ class ModelConfig:
                 raise ValueError(f"{name}: must be at least 1")
         if self.temperature <= 0:
             raise ValueError("temperature: must be positive")
+
+    def harness_only(self) -> list[str]:
+        """The experiment options switched on here that only the harness can score (no
+        serving path reads them: export and ``coldstart train`` refuse them)."""
+        return [name for name in HARNESS_ONLY if getattr(self, name)]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -9,7 +9,7 @@ exact same samples.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,10 @@ class ModelData:
     seg_counts: np.ndarray
     seg_sizes: np.ndarray
     n_pos_users: int
+    # The items each user rated below the positive threshold, oldest first
+    # (ModelConfig.unliked_pool); None when not built.
+    unliked_items: np.ndarray | None = None
+    unliked_offsets: np.ndarray | None = None
 
     @property
     def n_users(self) -> int:
@@ -55,6 +59,11 @@ class ModelData:
 
     def history(self, user: int) -> np.ndarray:
         return self.user_items[self.user_offsets[user] : self.user_offsets[user + 1]]
+
+    def unliked(self, user: int) -> np.ndarray:
+        if self.unliked_items is None or self.unliked_offsets is None:
+            return np.zeros(0, dtype=np.int64)
+        return self.unliked_items[self.unliked_offsets[user] : self.unliked_offsets[user + 1]]
 
     def sample_user_pos(self) -> tuple[np.ndarray, np.ndarray]:
         """(user, position in that user's list) of every training sample."""
@@ -170,7 +179,7 @@ def from_train_data(
     )
     pos = np.ones(len(train.train), dtype=bool) if rated else ds.positive_mask(train.train)
     interest = user_interest_vectors(list(ds.users.text)) if ds.users.has_text() else None
-    return build_model_data(
+    data = build_model_data(
         content=np.asarray(train.item_vectors, dtype=np.float32),
         item_vocab=item_vocab,
         item_attrs=item_attrs,
@@ -182,6 +191,17 @@ def from_train_data(
         item_vec_dim=item_vec_dim,
         max_history=max_history,
         interest=interest,
+    )
+    if rated:
+        return data
+    low = np.flatnonzero(~pos)
+    tr = train.train
+    low = low[np.lexsort((tr.timestamp[low], tr.user[low]))]
+    counts = np.bincount(tr.user[low], minlength=data.n_users)
+    return replace(
+        data,
+        unliked_items=tr.item[low].astype(np.int64),
+        unliked_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
     )
 
 

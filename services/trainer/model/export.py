@@ -156,8 +156,9 @@ def export_onnx(bundle: Bundle, folder: Path, seed: int = 0) -> dict[str, Any]:
     """Write the three graphs and check them against torch; returns the parity report."""
     import onnxruntime as ort
 
-    if bundle.config.rated_history:
-        raise ExportError("rated_history=true: an experiment of the harness, not servable yet")
+    experiments = bundle.config.harness_only()
+    if experiments:
+        raise ExportError(f"{'=true, '.join(experiments)}=true: harness experiments, not servable")
     if bundle.config.user_history != "pooled":
         # Serving pools the ANN index rows (item-tower outputs) into the user tower.
         raise ExportError(

@@ -55,6 +55,7 @@ class ScoringModel:
         user_attrs: np.ndarray,
         histories: list[np.ndarray],
         interest: np.ndarray | None = None,
+        unliked: list[np.ndarray] | None = None,
     ) -> np.ndarray:
         codes = (
             np.zeros(len(histories), dtype=np.int64)
@@ -62,7 +63,14 @@ class ScoringModel:
             else self.data.user_codes[users].astype(np.int64)
         )
         return user_vectors(
-            self.result.towers, self.data, user_attrs, codes, histories, self.item_vecs, interest
+            self.result.towers,
+            self.data,
+            user_attrs,
+            codes,
+            histories,
+            self.item_vecs,
+            interest,
+            unliked,
         )
 
     def score(
@@ -78,7 +86,7 @@ class ScoringModel:
         """(n_users, n_candidates) scores. ``histories``: each user's liked items;
         ``unliked``: the items they rated below the positive threshold (only the new-item
         blend reads them)."""
-        uvecs = self.user_vecs(users, user_attrs, histories, interest)
+        uvecs = self.user_vecs(users, user_attrs, histories, interest, unliked)
         tower = uvecs @ self.item_vecs[candidates].T  # (n_users, n_candidates)
         ranker = self.result.ranker
         # The no-content ablation has no content for the blend either.

@@ -151,15 +151,19 @@ class UserTower(nn.Module):
         temperature: float,
         use_content: bool = True,
         hist_scale: float | None = None,
+        unliked_pool: bool = False,
     ) -> None:
         super().__init__()
         self.dim = dim
+        self.unliked_pool = unliked_pool
         self.temperature = temperature
         # What the pooled history is multiplied by: the temperature for item-tower
         # outputs (they carry the 1/temperature scale), 1 for raw history rows.
         self.hist_scale = temperature if hist_scale is None else hist_scale
         self.content_gate = 1.0 if use_content else 0.0
         n_in = n_attrs + text_dim + 1 + item_vec_dim + 2
+        if unliked_pool:
+            n_in += item_vec_dim + 2
         self.mlp = nn.Sequential(
             nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU()
         )
@@ -175,20 +179,28 @@ class UserTower(nn.Module):
         has_interest: torch.Tensor,
         hist_vec: torch.Tensor,
         hist_len: torch.Tensor,
+        unliked_vec: torch.Tensor | None = None,
+        unliked_len: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # Item vectors carry the 1/temperature scale; undo it so inputs are O(1).
         pooled = hist_vec * self.hist_scale
-        x = torch.cat(
-            [
-                user_attrs,
-                interest * self.content_gate,
-                has_interest,
-                pooled,
-                torch.log1p(hist_len),
-                (hist_len == 0).to(hist_vec.dtype),
-            ],
-            dim=1,
-        )
+        parts = [
+            user_attrs,
+            interest * self.content_gate,
+            has_interest,
+            pooled,
+            torch.log1p(hist_len),
+            (hist_len == 0).to(hist_vec.dtype),
+        ]
+        if self.unliked_pool:
+            if unliked_vec is None or unliked_len is None:
+                raise ValueError("unliked_pool: the user tower needs unliked_vec and unliked_len")
+            parts += [
+                unliked_vec * self.hist_scale,
+                torch.log1p(unliked_len),
+                (unliked_len == 0).to(hist_vec.dtype),
+            ]
+        x = torch.cat(parts, dim=1)
         u = self.out(self.mlp(x)) + self.id_emb(user_id)
         u = F.normalize(u, dim=1)
         return torch.cat([u, torch.ones_like(u[:, :1])], dim=1)
@@ -213,6 +225,7 @@ class TwoTower(nn.Module):
         cold_content_dims: int = -1,
         item_id_inside: bool = False,
         user_history: str = "pooled",
+        unliked_pool: bool = False,
     ) -> None:
         super().__init__()
         self.item = ItemTower(
@@ -237,6 +250,7 @@ class TwoTower(nn.Module):
             temperature,
             use_content,
             hist_scale=1.0 if raw else None,
+            unliked_pool=unliked_pool,
         )
         if cold_content_dims >= 0:
             self.item.add_cold_branch(cold_content_dims)

@@ -156,7 +156,8 @@ class TowerBatcher:
         positions, hist_mask, hist_lens = self.history_positions(local, length)
         hist_items = data.user_items[np.where(hist_mask, starts[:, None] + positions, 0)]
 
-        items = np.unique(np.concatenate([candidates, hist_items[hist_mask]]))
+        unliked = self.unliked_draw(users, step_rng) if cfg.unliked_pool else []
+        items = np.unique(np.concatenate([candidates, hist_items[hist_mask], *unliked]))
         # History pooling as a (local batch x items) averaging matrix: one matmul
         # forward and backward instead of a gather + scatter over (batch, history).
         pool = np.zeros((len(local), len(items)), dtype=np.float32)
@@ -175,6 +176,9 @@ class TowerBatcher:
         interest = data.interest[users] * keep_interest[local][:, None]
         content = self.augmented_content(items, step_rng) * keep_content[items, None]
         extra: Batch = {}
+        if cfg.unliked_pool:
+            extra["unliked_pool"] = self.pool_matrix(unliked, items)
+            extra["unliked_len"] = np.array([[len(u)] for u in unliked], dtype=np.float32)
         if cfg.user_history == "raw":
             # History rows read every item's own text and id (no dropout, as serving).
             extra = {
@@ -198,6 +202,25 @@ class TowerBatcher:
             "target": target.astype(np.int64),
             "exclude": sub,
         }
+
+    def unliked_draw(self, users: np.ndarray, rng: np.random.Generator) -> list[np.ndarray]:
+        """Per sample, a random subset of the user's unliked items whose size is uniform in
+        0..min(count, max_history), as the history is drawn ("set")."""
+        out = []
+        for u in users:
+            own = self.data.unliked(int(u))
+            k = int(rng.integers(0, min(len(own), self.cfg.max_history) + 1))
+            out.append(rng.choice(own, size=k, replace=False) if k else own[:0])
+        return out
+
+    @staticmethod
+    def pool_matrix(rows: list[np.ndarray], items: np.ndarray) -> np.ndarray:
+        """(len(rows), len(items)) averaging matrix: row r averages the items of rows[r]."""
+        pool = np.zeros((len(rows), len(items)), dtype=np.float32)
+        for r, own in enumerate(rows):
+            if len(own):
+                np.add.at(pool[r], np.searchsorted(items, own), 1.0 / len(own))
+        return pool
 
     def augmented_content(self, items: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """The items' content vectors with the training-time augmentation (swap, noise)."""
@@ -288,8 +311,20 @@ class TowerLoss(nn.Module):
             )
         else:
             hist = b["hist_pool"] @ item_vecs
+        unliked = {}
+        if "unliked_pool" in b:
+            unliked = {
+                "unliked_vec": b["unliked_pool"] @ item_vecs,
+                "unliked_len": b["unliked_len"],
+            }
         user_vecs = self.towers.user(
-            b["user_attrs"], b["user_id"], b["interest"], b["has_interest"], hist, b["hist_len"]
+            b["user_attrs"],
+            b["user_id"],
+            b["interest"],
+            b["has_interest"],
+            hist,
+            b["hist_len"],
+            **unliked,
         )
         cand = b["cand_index"]
         loss = self._loss(user_vecs @ item_vecs[cand].T, b)  # (B, C) logits
@@ -464,12 +499,21 @@ def user_vectors(
     histories: list[np.ndarray],
     item_vecs: np.ndarray,
     interest: np.ndarray | None = None,
+    unliked: list[np.ndarray] | None = None,
 ) -> np.ndarray:
-    from services.common.recsys_features import user_tower_inputs
+    """``unliked``: each user's items rated below the threshold, read only by towers
+    trained with ``unliked_pool`` (None: none)."""
+    from services.common.recsys_features import pool_history, user_tower_inputs
 
     towers.eval()
     table = history_table(towers, data, item_vecs)
     inputs = user_tower_inputs(data.spec, user_attrs, user_codes, histories, table, interest)
+    if towers.user.unliked_pool:
+        none = np.zeros(0, dtype=np.int64)
+        rows = [none] * len(histories) if unliked is None else unliked
+        inputs["unliked_vec"], inputs["unliked_len"] = pool_history(
+            rows, item_vecs, data.spec.max_history
+        )
     out = towers.user(**{k: torch.from_numpy(v) for k, v in inputs.items()})
     return out.numpy().astype(np.float32)
 
@@ -753,6 +797,7 @@ def make_towers(data: ModelData, cfg: ModelConfig) -> TwoTower:
         cold_content_dims=cfg.cold_content_dims,
         item_id_inside=cfg.item_id_inside,
         user_history=cfg.user_history,
+        unliked_pool=cfg.unliked_pool,
     )
     towers.item.set_content_projection(torch.from_numpy(np.asarray(data.content)))
     return towers

@@ -100,8 +100,10 @@ def parse_config(args: argparse.Namespace) -> Any:
         cfg = ModelConfig().with_options(**options)
     except (ValueError, TypeError) as exc:
         raise UsageError(f"--option: {exc}") from None
-    if cfg.rated_history:  # checked here, not after a whole training run fails to export
-        raise UsageError("--option: rated_history is a harness experiment: it cannot be served")
+    experiments = cfg.harness_only()  # checked here, not after a whole run fails to export
+    if experiments:
+        names = ", ".join(experiments)
+        raise UsageError(f"--option: {names}: harness experiments, they cannot be served")
     if cfg.batch_size % args.workers:
         raise UsageError(
             f"--batch-size: {cfg.batch_size} is not a multiple of --workers {args.workers}"

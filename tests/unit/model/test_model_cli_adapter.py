@@ -25,6 +25,7 @@ from services.trainer.model.config import ModelConfig
         (["--data", "x", "--resume"], "--resume"),
         (["--data", "x", "--loss", "hinge"], "--loss"),
         (["--data", "x", "--option", "rated_history=true"], "rated_history"),
+        (["--data", "x", "--option", "unliked_pool=true"], "unliked_pool"),
         (["--workers", "2"], "--data"),
     ],
 )
@@ -146,3 +147,38 @@ def test_rated_history_trains_on_every_rated_item_and_is_not_exported(tmp_path: 
     result = model._model.result  # the adapter's fitted ScoringModel
     with pytest.raises(ExportError, match="rated_history"):
         publish(load_bundle(saved_run(result, tmp_path, {})), tmp_path / "registry")
+
+
+def test_unliked_pool_reads_the_low_rated_items_and_is_not_exported(tmp_path: Path) -> None:
+    """Run 10's experiment: the user tower's second pooled input, the items rated low."""
+    from services.trainer.model.bundle import load_bundle
+    from services.trainer.model.dataset import from_train_data
+    from services.trainer.model.export import ExportError, publish
+    from services.trainer.model.harness_adapter import ColdStartRecommender
+    from tests.unit.model.test_export_parity import saved_run
+
+    assert ModelConfig().unliked_pool is False
+    ds, vectors = _tiny_dataset()
+    values = np.where(np.arange(len(ds.interactions)) % 3 == 0, 2.0, 5.0).astype(np.float32)
+    inter = Interactions(
+        ds.interactions.user, ds.interactions.item, values, ds.interactions.timestamp
+    )
+    data = TrainData(ds, vectors, inter, sp.csr_matrix((ds.n_users, ds.n_items)), seed=1)
+    md = from_train_data(data, 9, 20)
+    low = values < 4
+    for u in range(ds.n_users):  # every user's low-rated items, oldest first
+        rows = np.flatnonzero(low & (inter.user == u))
+        rows = rows[np.argsort(inter.timestamp[rows], kind="stable")]
+        np.testing.assert_array_equal(md.unliked(u), inter.item[rows])
+    model = create("coldstart", 1, {"epochs": 1, "dim": 8, "hidden": 16, "batch_size": 64,
+                                     "n_negatives": 8, "use_ranker": False, "unliked_pool": True})  # fmt: skip
+    model.fit(data)
+    assert isinstance(model, ColdStartRecommender)
+    sm = model._model
+    user = int(np.argmax([len(md.unliked(u)) for u in range(ds.n_users)]))
+    attrs, hist = sm.data.user_attrs[[user]], [sm.data.history(user)]
+    with_low = sm.user_vecs(np.array([user]), attrs, hist, unliked=[md.unliked(user)])
+    without = sm.user_vecs(np.array([user]), attrs, hist)
+    assert not np.allclose(with_low, without)  # the tower reads the second pool
+    with pytest.raises(ExportError, match="unliked_pool"):
+        publish(load_bundle(saved_run(sm.result, tmp_path, {})), tmp_path / "registry")

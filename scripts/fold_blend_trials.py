@@ -219,6 +219,69 @@ def summary(path: str) -> None:
         print(f"    fold vs part grid correlation {corr:.3f}")
 
 
+def knn_variant(
+    content: np.ndarray,
+    hist: np.ndarray,
+    cands: np.ndarray,
+    th: np.ndarray,
+    all_th: np.ndarray,
+    pop: np.ndarray,
+    kind: str,
+) -> np.ndarray:
+    """The knn term computed another way (KNN=1): "idf" each history item weighted by
+    1 / log(2 + its training count); "p3" cosines cubed; "sym" the neighbour test from
+    either side (the candidate among the history item's nearest too); "both" from both."""
+    if len(hist) == 0:
+        return np.zeros(len(cands))
+    sims = content[cands] @ content[hist].T
+    mine = sims >= th[:, None]
+    theirs = sims >= all_th[hist][None, :]
+    keep = {"sym": mine | theirs, "both": mine & theirs}.get(kind, mine)
+    vals = np.maximum(sims, 0.0) ** (3 if kind == "p3" else 1)
+    if kind == "idf":
+        vals = vals / np.log(2.0 + pop[hist])[None, :]
+    out: np.ndarray = np.where(keep, vals, 0.0).sum(axis=1)
+    return out
+
+
+KNN_KINDS = ("idf", "p3", "sym", "both")
+
+
+def knn_trials(d: str, part: str, seeds: list[int]) -> None:
+    """KNN=1: the default blend with both knn terms (liked and unliked) computed each
+    ``KNN_KINDS`` way instead; one JSON line per seed like COMPARE's."""
+    ds, vecs = open_data(d, OUT)
+    for seed in seeds:
+        split = make_split("item-cold", ds, seed)
+        data = train_data(ds, split, vecs.astype(np.float32))
+        task = split.tasks_for(part)[0]
+        users = np.asarray(task.users, dtype=np.int64)
+        none = np.zeros(0, dtype=np.int64)
+        unliked_all = data.unliked_by_user()
+        unl = [unliked_all.get(int(u), none) for u in users]
+        hists = [np.asarray(h, dtype=np.int64) for h in task.history]
+        model = create("coldstart-no-ranker", seed, {})
+        model.fit(data)
+        sm = model._model
+        content = np.asarray(sm.data.content, dtype=np.float32)
+        all_th = np.asarray(sm.thresholds)
+        rec = terms(sm.result.towers, sm.data, content, all_th, users, hists, unl,
+                    list(task.targets), np.asarray(task.candidates, dtype=np.int64))  # fmt: skip
+        line: dict[str, Any] = {"data": d, "part": part, "seed": seed, "default": recall(rec, DEFAULT)}
+        pop = np.asarray(sm.data.pop, dtype=np.float64)
+        for kind in KNN_KINDS:
+            alt = dict(rec)
+            for key, rows in (("knn", hists), ("uknn", unl)):
+                alt[key] = np.stack([
+                    knn_variant(content, h, rec["items"][r], all_th[rec["items"][r]], all_th, pop, kind)
+                    for r, h in enumerate(rows)
+                ])  # fmt: skip
+            line[kind] = recall(alt, DEFAULT)
+        with open(OUT / "results.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(line, flush=True)
+
+
 def compare_summary(lines: list[dict[str, Any]]) -> None:
     for d in sorted({x["data"] for x in lines}):
         rows = [x for x in lines if x["data"] == d]
@@ -271,6 +334,9 @@ def compare(d: str, part: str, seeds: list[int], option: str) -> None:
 def main() -> None:
     if sys.argv[1] == "summary":
         summary(sys.argv[2])
+        return
+    if os.environ.get("KNN"):
+        knn_trials(sys.argv[1], sys.argv[2], [int(x) for x in sys.argv[3:]])
         return
     if os.environ.get("COMPARE"):
         compare(sys.argv[1], sys.argv[2], [int(x) for x in sys.argv[3:]], os.environ["COMPARE"])

@@ -6,6 +6,10 @@ Per split seed, fits the towers (``coldstart-no-ranker``) with model seeds s, s+
 (``FITS``, default 4) on the same item-cold split and scores ``PART``: each fit alone
 (towers, default blend) and the K-fit ensemble (z-scored tower and map scores averaged over
 the fits, the blend over the ensemble's top 100). One JSON line per split seed.
+
+SOUP=1: every fit starts from the same initial weights (those of model seed s; only the
+batch order and dropout masks differ), and the fits' averaged weights ("soup": one model,
+served as one) are scored beside them.
 """
 
 import json
@@ -21,6 +25,7 @@ from services.common.recsys_features import content_knn_scores, content_map
 from services.trainer.model.train import item_vectors, user_vectors
 
 OUT = Path(os.environ.get("OUT", ".run/trials/ensemble-fits"))
+SOUP = os.environ.get("SOUP") == "1"
 FITS = int(os.environ.get("FITS", "4"))
 WEIGHTS = (0.7, 0.7, 0.2)  # knn, map, unliked knn: the default blend
 
@@ -48,6 +53,37 @@ def blend(
     return out
 
 
+def same_init(seed: int) -> None:
+    """Every tower fit from now on starts from the initial weights of model seed ``seed``."""
+    import services.trainer.model.train as train_mod
+
+    make = train_mod.make_towers
+
+    def make_towers(data, cfg):  # type: ignore[no-untyped-def]
+        return make(data, cfg.with_options(seed=seed))
+
+    train_mod.make_towers = make_towers  # type: ignore[assignment]
+
+
+def soup_of(results: list) -> object:  # type: ignore[type-arg]
+    """A ScoringModel over the first result with every fit's tower weights averaged."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from services.trainer.model.recommender import ScoringModel
+
+    towers = copy.deepcopy(results[0].towers)
+    states = [r.towers.state_dict() for r in results]
+    avg = {
+        k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype)
+        for k, v in states[0].items()
+    }
+    towers.load_state_dict(avg)
+    return ScoringModel(dataclasses.replace(results[0], towers=towers))
+
+
 def main() -> None:
     d, part = sys.argv[1:3]
     ds, vecs = open_data(d, OUT)
@@ -65,11 +101,17 @@ def main() -> None:
         targets = list(task.targets)
         has = np.array([len(h) > 0 for h in hists])
         knn = uknn = None
-        tzs, mzs, rows = [], [], []
-        for f in range(FITS):
-            model = create("coldstart-no-ranker", split_seed + 1000 * f, {})
-            model.fit(data)
-            sm = model._model
+        tzs, mzs, rows, results = [], [], [], []
+        if SOUP:
+            same_init(split_seed)
+        for f in range(FITS + (1 if SOUP else 0)):
+            if f < FITS:
+                model = create("coldstart-no-ranker", split_seed + 1000 * f, {})
+                model.fit(data)
+                sm = model._model
+                results.append(sm.result)
+            else:
+                sm = soup_of(results)
             md = sm.data
             if knn is None:
                 th = np.asarray(sm.thresholds)[cands]
@@ -94,8 +136,9 @@ def main() -> None:
             )
             cmap = content_map(md.content, iv, md.pop > 0)
             tz, mz = z(uv @ iv[cands].T), z(uv @ (md.content[cands] @ cmap).T)
-            tzs.append(tz)
-            mzs.append(mz)
+            if f < FITS:
+                tzs.append(tz)
+                mzs.append(mz)
             rows.append({"towers": recall_at_20(tz, targets, cands),
                          "blend": recall_at_20(blend(tz, mz, knn, uknn, has), targets, cands)})  # fmt: skip
         ens = {}

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from trial_common import create, make_split, open_data, train_data, z
+from fold_blend_trials import item_cold_queries
+from trial_common import create, open_data, z
 
 from services.common.recsys_features import content_knn_scores, content_map
 from services.trainer.model.train import item_vectors, user_vectors
@@ -89,14 +90,7 @@ def main() -> None:
     ds, vecs = open_data(d, OUT)
     for split_seed in map(int, sys.argv[3:]):
         t0 = time.time()
-        split = make_split("item-cold", ds, split_seed)
-        data = train_data(ds, split, vecs.astype(np.float32))
-        task = split.tasks_for(part)[0]
-        users = np.asarray(task.users, dtype=np.int64)
-        hists = [np.asarray(h, dtype=np.int64) for h in task.history]
-        none = np.zeros(0, dtype=np.int64)
-        unliked_all = data.unliked_by_user()
-        unl = [unliked_all.get(int(u), none) for u in users]
+        data, task, users, hists, unl = item_cold_queries(ds, vecs, split_seed, part)
         cands = np.asarray(task.candidates, dtype=np.int64)
         targets = list(task.targets)
         has = np.array([len(h) > 0 for h in hists])

@@ -58,6 +58,20 @@ DEFAULT = (0.7, 0.7, 0.2, 0.0)
 FEATURES = os.environ.get("FEATURES", "all")
 
 
+def item_cold_queries(ds: Any, vecs: np.ndarray, seed: int, part: str) -> tuple[Any, ...]:
+    """(training data, the item-cold split's ``part`` task, its users, their liked
+    histories, their below-threshold training items) for split ``seed``."""
+    split = make_split("item-cold", ds, seed)
+    data = train_data(ds, split, vecs.astype(np.float32))
+    task = split.tasks_for(part)[0]
+    users = np.asarray(task.users, dtype=np.int64)
+    none = np.zeros(0, dtype=np.int64)
+    unliked_all = data.unliked_by_user()
+    unliked = [unliked_all.get(int(u), none) for u in users]
+    hists = [np.asarray(h, dtype=np.int64) for h in task.history]
+    return data, task, users, hists, unliked
+
+
 def terms(
     towers: Any,
     data: Any,
@@ -252,14 +266,7 @@ def knn_trials(d: str, part: str, seeds: list[int]) -> None:
     ``KNN_KINDS`` way instead; one JSON line per seed like COMPARE's."""
     ds, vecs = open_data(d, OUT)
     for seed in seeds:
-        split = make_split("item-cold", ds, seed)
-        data = train_data(ds, split, vecs.astype(np.float32))
-        task = split.tasks_for(part)[0]
-        users = np.asarray(task.users, dtype=np.int64)
-        none = np.zeros(0, dtype=np.int64)
-        unliked_all = data.unliked_by_user()
-        unl = [unliked_all.get(int(u), none) for u in users]
-        hists = [np.asarray(h, dtype=np.int64) for h in task.history]
+        data, task, users, hists, unl = item_cold_queries(ds, vecs, seed, part)
         model = create("coldstart-no-ranker", seed, {})
         model.fit(data)
         sm = model._model
@@ -267,7 +274,12 @@ def knn_trials(d: str, part: str, seeds: list[int]) -> None:
         all_th = np.asarray(sm.thresholds)
         rec = terms(sm.result.towers, sm.data, content, all_th, users, hists, unl,
                     list(task.targets), np.asarray(task.candidates, dtype=np.int64))  # fmt: skip
-        line: dict[str, Any] = {"data": d, "part": part, "seed": seed, "default": recall(rec, DEFAULT)}
+        line: dict[str, Any] = {
+            "data": d,
+            "part": part,
+            "seed": seed,
+            "default": recall(rec, DEFAULT),
+        }
         pop = np.asarray(sm.data.pop, dtype=np.float64)
         for kind in KNN_KINDS:
             alt = dict(rec)
@@ -299,14 +311,7 @@ def compare(d: str, part: str, seeds: list[int], option: str) -> None:
     ds, vecs = open_data(d, OUT)
     for seed in seeds:
         t0 = time.time()
-        split = make_split("item-cold", ds, seed)
-        data = train_data(ds, split, vecs.astype(np.float32))
-        task = next(iter(split.tasks_for(part)))
-        users = np.asarray(task.users, dtype=np.int64)
-        none = np.zeros(0, dtype=np.int64)
-        unliked_all = data.unliked_by_user()
-        unl = [unliked_all.get(int(u), none) for u in users]
-        hists = [np.asarray(h, dtype=np.int64) for h in task.history]
+        data, task, users, hists, unl = item_cold_queries(ds, vecs, seed, part)
         line: dict[str, Any] = {"data": d, "part": part, "seed": seed, "option": option}
         for on in (False, True):
             model = create("coldstart-no-ranker", seed, {option: on})
@@ -345,8 +350,7 @@ def main() -> None:
     ds, vecs = open_data(d, OUT)
     for seed in map(int, sys.argv[3:]):
         t0 = time.time()
-        split = make_split("item-cold", ds, seed)
-        data = train_data(ds, split, vecs.astype(np.float32))
+        data, task, users, hists, unl = item_cold_queries(ds, vecs, seed, part)
         model = create("coldstart-no-ranker", seed, {})
         model.fit(data)
         sm = model._model
@@ -355,11 +359,6 @@ def main() -> None:
         thresholds = np.asarray(sm.thresholds)
         none = np.zeros(0, dtype=np.int64)
         unliked_all = data.unliked_by_user()
-
-        task = next(iter(split.tasks_for(part)))
-        users = np.asarray(task.users, dtype=np.int64)
-        hists = [np.asarray(h, dtype=np.int64) for h in task.history]
-        unl = [unliked_all.get(int(u), none) for u in users]
         cands = np.asarray(task.candidates, dtype=np.int64)
         rec_part = terms(
             sm.result.towers, md, content, thresholds, users, hists, unl, list(task.targets), cands

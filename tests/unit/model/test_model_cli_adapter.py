@@ -121,6 +121,17 @@ def test_unliked_by_user_is_each_users_low_ratings_oldest_first() -> None:
     assert got[0].dtype == np.int64
 
 
+def _with_low_ratings() -> TrainData:
+    """The tiny dataset's interactions with every third one rated 2 (below the threshold
+    of 4), the rest 5: training data for the experiments that read the low ratings."""
+    ds, vectors = _tiny_dataset()
+    values = np.where(np.arange(len(ds.interactions)) % 3 == 0, 2.0, 5.0).astype(np.float32)
+    inter = Interactions(
+        ds.interactions.user, ds.interactions.item, values, ds.interactions.timestamp
+    )
+    return TrainData(ds, vectors, inter, sp.csr_matrix((ds.n_users, ds.n_items)), seed=1)
+
+
 def test_rated_history_trains_on_every_rated_item_and_is_not_exported(tmp_path: Path) -> None:
     """Run 9's experiment: the towers on liked and low-rated items alike (worse: kept off)."""
     from services.trainer.model.bundle import load_bundle
@@ -130,13 +141,8 @@ def test_rated_history_trains_on_every_rated_item_and_is_not_exported(tmp_path: 
     from tests.unit.model.test_export_parity import saved_run
 
     assert ModelConfig().rated_history is False
-    ds, vectors = _tiny_dataset()
-    values = np.where(np.arange(len(ds.interactions)) % 3 == 0, 2.0, 5.0).astype(np.float32)
-    inter = Interactions(
-        ds.interactions.user, ds.interactions.item, values, ds.interactions.timestamp
-    )
-    positives = sp.csr_matrix((ds.n_users, ds.n_items))
-    data = TrainData(ds, vectors, inter, positives, seed=1)
+    data = _with_low_ratings()
+    values = data.train.value
     liked = from_train_data(data, 9, 20)
     rated = from_train_data(data, 9, 20, rated=True)
     assert liked.n_samples == int((values >= 4).sum()) and rated.n_samples == len(values)
@@ -158,12 +164,8 @@ def test_unliked_pool_reads_the_low_rated_items_and_is_not_exported(tmp_path: Pa
     from tests.unit.model.test_export_parity import saved_run
 
     assert ModelConfig().unliked_pool is False
-    ds, vectors = _tiny_dataset()
-    values = np.where(np.arange(len(ds.interactions)) % 3 == 0, 2.0, 5.0).astype(np.float32)
-    inter = Interactions(
-        ds.interactions.user, ds.interactions.item, values, ds.interactions.timestamp
-    )
-    data = TrainData(ds, vectors, inter, sp.csr_matrix((ds.n_users, ds.n_items)), seed=1)
+    data = _with_low_ratings()
+    ds, values, inter = data.dataset, data.train.value, data.train
     md = from_train_data(data, 9, 20)
     low = values < 4
     for u in range(ds.n_users):  # every user's low-rated items, oldest first

@@ -2,6 +2,7 @@
 
     [FEATURES=all|z|none] OUT=DIR python scripts/fold_blend_trials.py DATA PART SEED [SEED ...]
     COMPARE=OPTION OUT=DIR python scripts/fold_blend_trials.py DATA PART SEED [SEED ...]
+    KNN=1 | TITLE=1 OUT=DIR python scripts/fold_blend_trials.py DATA PART SEED [SEED ...]
     python scripts/fold_blend_trials.py summary OUT/results.jsonl
 
 The blend's weights (content-knn, map, unliked knn) were chosen by hand on both catalogs'
@@ -26,7 +27,9 @@ One JSON line per seed goes to OUT/results.jsonl: the default's, the fold-chosen
 
 COMPARE=OPTION instead fits the towers without and with a boolean model option (e.g.
 ``unliked_pool``) on each seed's split and records ``PART``'s Recall@20 of the towers alone
-and of the default blend for both; ``summary`` reads either kind of file.
+and of the default blend for both; ``summary`` reads either kind of file. KNN=1 scores other forms of
+the knn term (``knn_trials``), TITLE=1 a knn term over the title alone (``title_trials``);
+each writes one JSON line per seed with the default's recall beside the variants'.
 """
 
 import itertools
@@ -294,6 +297,58 @@ def knn_trials(d: str, part: str, seeds: list[int]) -> None:
         print(line, flush=True)
 
 
+TITLE_WEIGHTS = (0.35, 0.5, 0.7, 1.0, 1.5, 2.0)
+
+
+def title_trials(d: str, part: str, seeds: list[int]) -> None:
+    """TITLE=1: the default blend plus w x z(knn over the title alone, its "(year)" cut off,
+    encoded by the same MiniLM; 200 neighbours): a franchise or a remake shares a name more
+    than a genre list. Also with the unliked items' title knn at 0.2 x w beside it, and with
+    the full-text knn terms left out. One JSON line per seed like KNN's."""
+    import re
+
+    from services.common.recsys_features import content_thresholds
+    from services.trainer.data.vectors import MINILM, cached_vectors
+
+    ds, vecs = open_data(d, OUT)
+    titles = [re.sub(r"\s*\(\d{4}\)\s*$", "", t) for t in ds.items.text_fields["title"]]
+    title_vecs = np.asarray(cached_vectors(titles, MINILM), dtype=np.float32)
+    title_vecs /= np.maximum(np.linalg.norm(title_vecs, axis=1, keepdims=True), 1e-9)
+    title_th = content_thresholds(title_vecs)
+    for seed in seeds:
+        data, task, users, hists, unl = item_cold_queries(ds, vecs, seed, part)
+        model = create("coldstart-no-ranker", seed, {})
+        model.fit(data)
+        sm = model._model
+        rec = terms(sm.result.towers, sm.data, np.asarray(sm.data.content, dtype=np.float32),
+                    np.asarray(sm.thresholds), users, hists, unl, list(task.targets),
+                    np.asarray(task.candidates, dtype=np.int64))  # fmt: skip
+        knn_t = np.stack([
+            content_knn_scores(title_vecs, h, rec["items"][r], title_th[rec["items"][r]])
+            for r, h in enumerate(hists)
+        ])  # fmt: skip
+        uknn_t = np.stack([
+            content_knn_scores(title_vecs, u, rec["items"][r], title_th[rec["items"][r]])
+            for r, u in enumerate(unl)
+        ])  # fmt: skip
+        line: dict[str, Any] = {
+            "data": d,
+            "part": part,
+            "seed": seed,
+            "default": recall(rec, DEFAULT),
+        }
+        no_knn = (0.0, DEFAULT[1], 0.0, DEFAULT[3])
+        for w in TITLE_WEIGHTS:
+            rec["title"] = z(knn_t)
+            line[f"title:{w:g}"] = recall(rec, DEFAULT, extra=("title", w))
+            line[f"title-only-knn:{w:g}"] = recall(rec, no_knn, extra=("title", w))
+            rec["title"] = z(knn_t) + 0.2 * z(uknn_t)
+            line[f"title+unliked:{w:g}"] = recall(rec, DEFAULT, extra=("title", w))
+        with open(OUT / "results.jsonl", "a") as f:
+            f.write(json.dumps(line) + "\n")
+        print(line, flush=True)
+
+
 def compare_summary(lines: list[dict[str, Any]]) -> None:
     for d in sorted({x["data"] for x in lines}):
         rows = [x for x in lines if x["data"] == d]
@@ -339,6 +394,9 @@ def compare(d: str, part: str, seeds: list[int], option: str) -> None:
 def main() -> None:
     if sys.argv[1] == "summary":
         summary(sys.argv[2])
+        return
+    if os.environ.get("TITLE"):
+        title_trials(sys.argv[1], sys.argv[2], [int(x) for x in sys.argv[3:]])
         return
     if os.environ.get("KNN"):
         knn_trials(sys.argv[1], sys.argv[2], [int(x) for x in sys.argv[3:]])

@@ -194,13 +194,20 @@ def from_train_data(
     )
     if rated:
         return data
-    low = np.flatnonzero(~pos)
     tr = train.train
-    low = low[np.lexsort((tr.timestamp[low], tr.user[low]))]
-    counts = np.bincount(tr.user[low], minlength=data.n_users)
+    low = np.flatnonzero(~pos)
+    low = low[np.argsort(tr.timestamp[low], kind="stable")]
+    return with_unliked(data, tr.user[low], tr.item[low])
+
+
+def with_unliked(data: ModelData, users: np.ndarray, items: np.ndarray) -> ModelData:
+    """``data`` with its below-threshold (user, item) pairs (``ModelData.unliked``): each
+    user's in the order given (oldest first)."""
+    order = np.argsort(users, kind="stable")
+    counts = np.bincount(users, minlength=data.n_users)
     return replace(
         data,
-        unliked_items=tr.item[low].astype(np.int64),
+        unliked_items=np.asarray(items, dtype=np.int64)[order],
         unliked_offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
     )
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from services.trainer.model.config import ModelConfig
-from services.trainer.model.dataset import ModelData, build_model_data
+from services.trainer.model.dataset import ModelData, build_model_data, with_unliked
 
 log = logging.getLogger("coldstart.trainer.model")
 
@@ -54,7 +54,7 @@ def without_items(data: ModelData, items: np.ndarray) -> ModelData:
     keep = ~drop[data.user_items]
     # user_items is each user's positives oldest first: the position is a valid time.
     order = np.arange(len(data.user_items), dtype=np.int64)
-    return build_model_data(
+    sub = build_model_data(
         content=data.content,
         item_vocab=data.spec.item_vocab,
         item_attrs=data.item_attrs,
@@ -67,6 +67,12 @@ def without_items(data: ModelData, items: np.ndarray) -> ModelData:
         max_history=data.spec.max_history,
         interest=data.interest,
     )
+    if data.unliked_items is None or data.unliked_offsets is None:
+        return sub
+    # The held-out items' low ratings leave too: a new item has no interactions at all.
+    low_users = np.repeat(np.arange(data.n_users), np.diff(data.unliked_offsets))
+    low_keep = ~drop[data.unliked_items]
+    return with_unliked(sub, low_users[low_keep], data.unliked_items[low_keep])
 
 
 def holdout_folds(data: ModelData, cfg: ModelConfig) -> list[np.ndarray]:

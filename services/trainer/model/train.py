@@ -182,6 +182,7 @@ class TowerBatcher:
         if cfg.user_history == "raw":
             # History rows read every item's own text and id (no dropout, as serving).
             extra = {
+                **extra,
                 "hist_content": data.content[items].astype(np.float32),
                 "hist_item_id": data.item_codes[items].astype(np.int64),
             }

@@ -57,6 +57,24 @@ def test_without_items_makes_them_new() -> None:
         np.testing.assert_array_equal(sub.history(u), h[~np.isin(h, held)])
 
 
+def test_without_items_drops_their_low_ratings_too() -> None:
+    """A held-out item plays new: no one's below-threshold rating of it stays either."""
+    from services.trainer.model.dataset import with_unliked
+
+    data = synthetic_model_data()
+    held = holdout_folds(data, small_config())[0]
+    rng = np.random.default_rng(0)
+    users = rng.integers(0, data.n_users, size=300)
+    items = rng.integers(0, data.n_items, size=300)
+    data = with_unliked(data, users, items)
+    for u in range(data.n_users):  # grouped by user, each user's in the given order
+        np.testing.assert_array_equal(data.unliked(u), items[users == u])
+    sub = without_items(data, held)
+    for u in range(data.n_users):
+        mine = items[users == u]
+        np.testing.assert_array_equal(sub.unliked(u), mine[~np.isin(mine, held)])
+
+
 def test_auto_select_picks_by_holdout_recall() -> None:
     torch.set_num_threads(1)
     data = synthetic_model_data()

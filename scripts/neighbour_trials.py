@@ -248,17 +248,14 @@ def mixes(extras: list[str]) -> list[Mix]:
             out.append((f"tall:{c:g}", 0.7, {"tcf_3": 0.7, "tall": c}))
             out.append((f"tcfall:{c:g}", 0.7, {"tcfall": c}))
         return out
-    if os.environ.get("ROUND", "1") == "6":
+    if os.environ.get("ROUND", "1") in ("5", "6"):  # one extra term on top of the default
+        prefix, weights = (
+            ("lpop", WEIGHTS[1:6]) if os.environ["ROUND"] == "5" else ("tmean", WEIGHTS[1:7])
+        )
         out = [("tcf_3:0.7", 0.7, {"tcf_3": 0.7})]
         for extra in extras:
-            if extra.startswith("tmean"):
-                out += [(f"{extra}:{w:g}", 0.7, {"tcf_3": 0.7, extra: w}) for w in WEIGHTS[1:7]]
-        return out
-    if os.environ.get("ROUND", "1") == "5":
-        out = [("tcf_3:0.7", 0.7, {"tcf_3": 0.7})]
-        for extra in extras:
-            if extra.startswith("lpop"):
-                out += [(f"{extra}:{w:g}", 0.7, {"tcf_3": 0.7, extra: w}) for w in WEIGHTS[1:6]]
+            if extra.startswith(prefix):
+                out += [(f"{extra}:{w:g}", 0.7, {"tcf_3": 0.7, extra: w}) for w in weights]
         return out
     if os.environ.get("ROUND", "1") == "4":
         out = [("tcf_3:0.7", 0.7, {"tcf_3": 0.7})]

@@ -134,6 +134,12 @@ class ModelConfig:
     ranker_auto_gate: bool = True
     ranker_holdout: float = 0.15
     ranker_loss: str = "bce"  # or "softmax" (measured: bce gives the better NDCG)
+    # The ranker's new-user queries scored by towers that never saw the user: with K >= 2
+    # the users fall into K seeded folds, the towers are fitted once more per fold
+    # without it, and a user's new-user queries take that fold's towers (0: the main
+    # towers, which trained on every user's positives). A new user at serving time is
+    # one the towers never saw; see docs/MODEL.md, run 11.
+    ranker_fresh_folds: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -182,6 +188,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}: {value} is not in [0, 1]")
+        if self.ranker_fresh_folds < 0 or self.ranker_fresh_folds == 1:
+            raise ValueError("ranker_fresh_folds: must be 0 (off) or at least 2")
         if self.content_noise < 0:
             raise ValueError("content_noise: must be >= 0")
         for name in (

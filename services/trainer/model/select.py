@@ -50,8 +50,28 @@ def without_items(data: ModelData, items: np.ndarray) -> ModelData:
     no id code, no popularity), everything else as it was."""
     drop = np.zeros(data.n_items, dtype=bool)
     drop[items] = True
+    return _keep_rows(data, ~drop[data.user_items], None, drop)
+
+
+def without_users(data: ModelData, users: np.ndarray) -> ModelData:
+    """The training data with every positive of ``users`` removed (they become new users:
+    no id code, no history), everything else as it was."""
+    drop = np.zeros(data.n_users, dtype=bool)
+    drop[users] = True
+    owner = np.repeat(np.arange(data.n_users), np.diff(data.user_offsets))
+    return _keep_rows(data, ~drop[owner], drop, None)
+
+
+def _keep_rows(
+    data: ModelData,
+    keep: np.ndarray,
+    drop_users: np.ndarray | None,
+    drop_items: np.ndarray | None,
+) -> ModelData:
+    """``data`` with only the positives ``keep`` marks (rows of ``user_items``); the low
+    ratings of ``drop_users`` / on ``drop_items`` leave too (a new user or item has no
+    interactions at all)."""
     users = np.repeat(np.arange(data.n_users), np.diff(data.user_offsets))
-    keep = ~drop[data.user_items]
     # user_items is each user's positives oldest first: the position is a valid time.
     order = np.arange(len(data.user_items), dtype=np.int64)
     sub = build_model_data(
@@ -69,10 +89,21 @@ def without_items(data: ModelData, items: np.ndarray) -> ModelData:
     )
     if data.unliked_items is None or data.unliked_offsets is None:
         return sub
-    # The held-out items' low ratings leave too: a new item has no interactions at all.
     low_users = np.repeat(np.arange(data.n_users), np.diff(data.unliked_offsets))
-    low_keep = ~drop[data.unliked_items]
+    low_keep = np.ones(len(low_users), dtype=bool)
+    if drop_users is not None:
+        low_keep &= ~drop_users[low_users]
+    if drop_items is not None:
+        low_keep &= ~drop_items[data.unliked_items]
     return with_unliked(sub, low_users[low_keep], data.unliked_items[low_keep])
+
+
+def user_folds(data: ModelData, n_folds: int, seed: int) -> list[np.ndarray]:
+    """``n_folds`` disjoint, seeded sets of the users with training positives, together
+    all of them."""
+    eligible = np.flatnonzero(np.diff(data.user_offsets) > 0)
+    order = np.random.default_rng([abs(seed), 78]).permutation(eligible)
+    return [np.sort(f) for f in np.array_split(order, n_folds) if len(f)]
 
 
 def holdout_folds(data: ModelData, cfg: ModelConfig) -> list[np.ndarray]:

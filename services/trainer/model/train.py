@@ -519,10 +519,17 @@ def user_vectors(
     return out.numpy().astype(np.float32)
 
 
-def build_ranker_queries(towers: TwoTower, data: ModelData, cfg: ModelConfig) -> RankerQueries:
+def build_ranker_queries(
+    towers: TwoTower,
+    data: ModelData,
+    cfg: ModelConfig,
+    fresh: list[tuple[np.ndarray, TwoTower, ModelData]] | None = None,
+) -> RankerQueries:
     """Queries that look like the three situations the ranker must handle.
 
-    - a cold user: the first 0..8 positives revealed (0 most often), no user id;
+    - a cold user: the first 0..8 positives revealed (0 most often), no user id; with
+      ``fresh`` ((users, towers, data) per fold, ``fresh_fold_towers``) scored by the
+      towers fitted without the user's fold, as a real new user is;
     - a warm user: the first 80% of positives revealed, with the user id;
     - new items: a random 20% of items play "new" (content-only vectors, no counts);
       the user's other positives are the history, candidates come only from the new ones.
@@ -542,8 +549,13 @@ def build_ranker_queries(towers: TwoTower, data: ModelData, cfg: ModelConfig) ->
     kinds = rng.random((len(eligible), cfg.ranker_queries_per_user))
     # k = 0 (attributes only) is where popularity is hardest to beat: give it weight.
     cold_cut_choices = np.array([0, 0, 0, 0, 1, 1, 2, 3, 3, 4, 5, 5, 6, 8])
-    # (user, history, pseudo-new items or None, keep the user id)
-    pending: list[tuple[int, np.ndarray, np.ndarray | None, bool]] = []
+    # Which towers score a query: 0 the main ones, f + 1 those fitted without fold f.
+    scorers = [(towers, data)] + [(t, d) for _, t, d in fresh or []]
+    fold_of = np.full(data.n_users, -1, dtype=np.int64)
+    for f, (fold_users, _, _) in enumerate(fresh or []):
+        fold_of[fold_users] = f
+    # (user, history, pseudo-new items or None, keep the user id, scorer)
+    pending: list[tuple[int, np.ndarray, np.ndarray | None, bool, int]] = []
     for qi, user in enumerate(eligible.tolist()):
         items = data.history(user)
         for kind in kinds[qi]:
@@ -552,38 +564,21 @@ def build_ranker_queries(towers: TwoTower, data: ModelData, cfg: ModelConfig) ->
                 is_new = np.isin(items, pseudo)
                 if not is_new.any() or is_new.all():
                     continue
-                pending.append((user, items[~is_new], pseudo, True))
+                pending.append((user, items[~is_new], pseudo, True, 0))
             elif kind < cfg.ranker_cold_item_share + (1 - cfg.ranker_cold_item_share) / 2:
                 cut = int(min(rng.choice(cold_cut_choices), len(items) - 1))
-                pending.append((user, items[:cut], None, False))
+                pending.append((user, items[:cut], None, False, int(fold_of[user]) + 1))
             else:
                 cut = len(items) - max(1, round(0.2 * len(items)))
-                pending.append((user, items[:cut], None, True))
-    # Vectorised in chunks: user vectors for all pending queries.
+                pending.append((user, items[:cut], None, True, 0))
+    # Vectorised in chunks: user vectors for all pending queries, scorer by scorer.
     chunk = 256
-    for start in range(0, len(pending), chunk):
-        part = pending[start : start + chunk]
-        users = np.array([p[0] for p in part])
-        hists = [p[1] for p in part]
-        codes = np.array([data.user_codes[p[0]] if p[3] else 0 for p in part], dtype=np.int64)
-        uvecs = user_vectors(towers, data, data.user_attrs[users], codes, hists, full)
-        for j, (u, hist, new_set, _) in enumerate(part):
-            if new_set is not None:
-                scores = content_only[new_set] @ uvecs[j]
-                top = new_set[_topk(scores[None], n_cand)[0]]
-                top_scores = content_only[top] @ uvecs[j]
-                new = np.ones(len(top), dtype=bool)
-            else:
-                scores = full @ uvecs[j]
-                scores[hist] = -np.inf
-                top = _topk(scores[None], n_cand)[0]
-                top_scores = scores[top]
-                new = np.zeros(len(top), dtype=bool)
-            future = np.setdiff1d(data.history(u), hist)
-            labels = np.isin(top, future)
-            if not labels.any() or len(top) < n_cand:
-                continue
-            rows.append((u, hist, top, top_scores, labels, new))
+    for s_index, (s_towers, s_data) in enumerate(scorers):
+        mine = [p for p in pending if p[4] == s_index]
+        s_full = full if s_index == 0 else item_vectors(s_towers, s_data)
+        for start in range(0, len(mine), chunk):
+            part = mine[start : start + chunk]
+            rows += _score_queries(part, s_towers, s_data, s_full, content_only, n_cand, data)
     if not rows:
         raise ValueError("no ranker training queries (too little data)")
     cands = np.stack([r[2] for r in rows])
@@ -598,6 +593,62 @@ def build_ranker_queries(towers: TwoTower, data: ModelData, cfg: ModelConfig) ->
         new_items=np.stack([r[5] for r in rows]),
         exclude_self=np.take_along_axis(own, cands, axis=1).astype(np.float32),
     )
+
+
+def _score_queries(
+    part: list[tuple[int, np.ndarray, np.ndarray | None, bool, int]],
+    towers: TwoTower,
+    scorer_data: ModelData,
+    full: np.ndarray,
+    content_only: np.ndarray,
+    n_cand: int,
+    data: ModelData,
+) -> list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """(user, history, candidates, tower scores, labels, new) of each pending query with a
+    label among its candidates: the towers' top ``n_cand`` (of the pseudo-new items,
+    scored content-only, for a new-item query). ``towers``/``scorer_data``/``full`` score
+    the users; labels come from ``data``, the full training data."""
+    users = np.array([p[0] for p in part])
+    hists = [p[1] for p in part]
+    codes = np.array([scorer_data.user_codes[p[0]] if p[3] else 0 for p in part], dtype=np.int64)
+    uvecs = user_vectors(towers, scorer_data, data.user_attrs[users], codes, hists, full)
+    rows = []
+    for j, (u, hist, new_set, _, _) in enumerate(part):
+        if new_set is not None:
+            scores = content_only[new_set] @ uvecs[j]
+            top = new_set[_topk(scores[None], n_cand)[0]]
+            top_scores = content_only[top] @ uvecs[j]
+            new = np.ones(len(top), dtype=bool)
+        else:
+            scores = full @ uvecs[j]
+            scores[hist] = -np.inf
+            top = _topk(scores[None], n_cand)[0]
+            top_scores = scores[top]
+            new = np.zeros(len(top), dtype=bool)
+        future = np.setdiff1d(data.history(u), hist)
+        labels = np.isin(top, future)
+        if not labels.any() or len(top) < n_cand:
+            continue
+        rows.append((u, hist, top, top_scores, labels, new))
+    return rows
+
+
+def fresh_fold_towers(
+    data: ModelData, cfg: ModelConfig
+) -> list[tuple[np.ndarray, TwoTower, ModelData]]:
+    """(fold users, towers fitted without them, the data they were fitted on) for each of
+    ``ranker_fresh_folds`` seeded user folds; [] when off. In-process on one CPU worker
+    (like ``select.auto_select``): the same on every worker of a distributed run."""
+    from services.trainer.model.select import user_folds, without_users
+
+    if cfg.ranker_fresh_folds < 2:
+        return []
+    fold_cfg = cfg.with_options(use_ranker=False, ranker_fresh_folds=0, auto_select=())
+    out = []
+    for users in user_folds(data, cfg.ranker_fresh_folds, cfg.seed):
+        sub = without_users(data, users)
+        out.append((users, train(sub, fold_cfg, DistContext.single()).towers, sub))
+    return out
 
 
 def ranker_tables(data: ModelData, use_content: bool = True) -> RankerTables:
@@ -923,7 +974,10 @@ def train(
     held: RankerQueries | None = None
     if ranker is not None and stage == "ranker":
         t0 = time.perf_counter()
-        queries, held = split_ranker_queries(build_ranker_queries(towers_cpu, data, cfg), cfg)
+        fresh = fresh_fold_towers(data, cfg)
+        queries, held = split_ranker_queries(
+            build_ranker_queries(towers_cpu, data, cfg, fresh), cfg
+        )
         towers.to(ctx.device)
         rbatcher = RankerBatcher(data, queries, cfg, ctx.rank, ctx.world_size)
         if ranker_state.global_step == 0:

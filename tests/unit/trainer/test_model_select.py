@@ -12,7 +12,9 @@ from services.trainer.model.select import (
     holdout_folds,
     item_cold_recall,
     parse_candidate,
+    user_folds,
     without_items,
+    without_users,
 )
 from services.trainer.model.synthetic import small_config, synthetic_model_data
 from services.trainer.model.train import RunOptions, train
@@ -107,3 +109,33 @@ def test_item_cold_recall_is_the_harness_protocol() -> None:
     result = train(sub, small_config(epochs=1, use_ranker=False), DistContext.single())
     r = item_cold_recall(result.towers, data, sub, held)
     assert 0.0 < r <= 1.0
+
+
+def test_without_users_makes_them_new() -> None:
+    """A fold of users plays new: no id, no history, their positives and low ratings gone
+    from every count; everyone else exactly as before."""
+    from services.trainer.model.dataset import with_unliked
+
+    data = synthetic_model_data()
+    rng = np.random.default_rng(0)
+    data = with_unliked(
+        data, rng.integers(0, data.n_users, 300), rng.integers(0, data.n_items, 300)
+    )
+    folds = user_folds(data, 3, seed=5)
+    with_positives = np.flatnonzero(np.diff(data.user_offsets) > 0)
+    np.testing.assert_array_equal(np.sort(np.concatenate(folds)), with_positives)
+    again, other = user_folds(data, 3, seed=5), user_folds(data, 3, seed=6)
+    assert all(np.array_equal(f, g) for f, g in zip(folds, again, strict=True))
+    assert not np.array_equal(folds[0], other[0])
+    held = folds[0]
+    sub = without_users(data, held)
+    assert (sub.user_codes[held] == 0).all()
+    for u in range(data.n_users):
+        if u in set(held.tolist()):
+            assert len(sub.history(u)) == 0 and len(sub.unliked(u)) == 0
+        else:
+            np.testing.assert_array_equal(sub.history(u), data.history(u))
+            np.testing.assert_array_equal(sub.unliked(u), data.unliked(u))
+            assert sub.user_codes[u] == data.user_codes[u]
+    gone = np.bincount(np.concatenate([data.history(int(u)) for u in held]), minlength=data.n_items)
+    np.testing.assert_array_equal(sub.pop, data.pop - gone)

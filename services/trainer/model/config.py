@@ -133,6 +133,8 @@ class ModelConfig:
     # of a held-out share of users (those users' queries are not trained on).
     ranker_auto_gate: bool = True
     ranker_holdout: float = 0.15
+    # How clear the held-out gain must be (paired t statistic over the band's queries).
+    ranker_gate_min_t: float = 2.0
     ranker_loss: str = "bce"  # or "softmax" (measured: bce gives the better NDCG)
     # The ranker's new-user queries scored by towers that never saw the user: with K >= 2
     # the users fall into K seeded folds, the towers are fitted once more per fold
@@ -188,6 +190,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name}: {value} is not in [0, 1]")
+        if not 0.0 <= self.ranker_holdout < 1.0:
+            raise ValueError("ranker_holdout: must be in [0, 1)")
+        if self.ranker_gate_min_t < 0:
+            raise ValueError("ranker_gate_min_t: must be >= 0")
         if self.ranker_fresh_folds < 0 or self.ranker_fresh_folds == 1:
             raise ValueError("ranker_fresh_folds: must be 0 (off) or at least 2")
         if self.content_noise < 0:

@@ -1007,7 +1007,7 @@ def train(
     result_cfg = cfg
     if ranker_out is not None and rbatcher is not None and held is not None and len(held):
         check = gate_check(ranker_out, rbatcher, held)
-        lo, hi = choose_gate({band: r - t for band, (t, r) in check.items()})
+        lo, hi = choose_gate({band: r - t for band, (t, r) in check.items()}, cfg.ranker_gate_min_t)
         result_cfg = cfg.with_options(ranker_min_history=lo, ranker_max_history=hi)
         gate = {
             f"{b[0]}..{b[1] if b[1] >= 0 else ''}": {

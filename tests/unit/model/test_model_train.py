@@ -151,6 +151,10 @@ def test_config_rejects_bad_values() -> None:
         ModelConfig().with_options(colour="blue")
     with pytest.raises(ValueError, match="ranker_fresh_folds"):
         ModelConfig(ranker_fresh_folds=1)
+    with pytest.raises(ValueError, match="ranker_gate_min_t"):
+        ModelConfig(ranker_gate_min_t=-1.0)
+    with pytest.raises(ValueError, match="ranker_holdout"):
+        ModelConfig(ranker_holdout=1.0)
 
 
 def test_ranker_gate_keeps_tower_order_without_history_or_among_new_items(
@@ -221,6 +225,9 @@ def test_ndcg_at_and_choose_gate() -> None:
     assert choose_gate({(0, 0): down, (1, 8): up, (9, -1): down * 3}) == (1, 8)
     assert choose_gate({(0, 0): up, (1, 8): down / 2, (9, -1): down}) == (0, 0)
     assert choose_gate({(0, 0): flat, (1, 8): down}) == (NEVER, -1)  # gain, but not clear
+    weak = np.array([0.1, -0.03, 0.12, 0.0])  # paired t about 1.3
+    assert choose_gate({(0, 0): down, (1, 8): weak}) == (NEVER, -1)
+    assert choose_gate({(0, 0): down, (1, 8): weak}, min_t=1.0) == (1, 8)
 
 
 def test_auto_gate_is_chosen_on_held_out_users(tiny_data: ModelData) -> None:

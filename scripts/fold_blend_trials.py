@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from trial_common import create, make_split, open_data, train_data, z
+from trial_common import append_result, fit_towers, make_split, open_data, train_data, z
 
 from services.common.recsys_features import content_knn_scores, content_map
 from services.trainer.model.distributed import DistContext
@@ -270,9 +270,7 @@ def knn_trials(d: str, part: str, seeds: list[int]) -> None:
     ds, vecs = open_data(d, OUT)
     for seed in seeds:
         data, task, users, hists, unl = item_cold_queries(ds, vecs, seed, part)
-        model = create("coldstart-no-ranker", seed, {})
-        model.fit(data)
-        sm = model._model
+        sm = fit_towers(data, seed)
         content = np.asarray(sm.data.content, dtype=np.float32)
         all_th = np.asarray(sm.thresholds)
         rec = terms(sm.result.towers, sm.data, content, all_th, users, hists, unl,
@@ -292,9 +290,7 @@ def knn_trials(d: str, part: str, seeds: list[int]) -> None:
                     for r, h in enumerate(rows)
                 ])  # fmt: skip
             line[kind] = recall(alt, DEFAULT)
-        with open(OUT / "results.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
-        print(line, flush=True)
+        append_result(OUT, line)
 
 
 TITLE_WEIGHTS = (0.35, 0.5, 0.7, 1.0, 1.5, 2.0)
@@ -317,9 +313,7 @@ def title_trials(d: str, part: str, seeds: list[int]) -> None:
     title_th = content_thresholds(title_vecs)
     for seed in seeds:
         data, task, users, hists, unl = item_cold_queries(ds, vecs, seed, part)
-        model = create("coldstart-no-ranker", seed, {})
-        model.fit(data)
-        sm = model._model
+        sm = fit_towers(data, seed)
         rec = terms(sm.result.towers, sm.data, np.asarray(sm.data.content, dtype=np.float32),
                     np.asarray(sm.thresholds), users, hists, unl, list(task.targets),
                     np.asarray(task.candidates, dtype=np.int64))  # fmt: skip
@@ -344,9 +338,7 @@ def title_trials(d: str, part: str, seeds: list[int]) -> None:
             line[f"title-only-knn:{w:g}"] = recall(rec, no_knn, extra=("title", w))
             rec["title"] = z(knn_t) + 0.2 * z(uknn_t)
             line[f"title+unliked:{w:g}"] = recall(rec, DEFAULT, extra=("title", w))
-        with open(OUT / "results.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
-        print(line, flush=True)
+        append_result(OUT, line)
 
 
 def compare_summary(lines: list[dict[str, Any]]) -> None:
@@ -369,9 +361,7 @@ def compare(d: str, part: str, seeds: list[int], option: str) -> None:
         data, task, users, hists, unl = item_cold_queries(ds, vecs, seed, part)
         line: dict[str, Any] = {"data": d, "part": part, "seed": seed, "option": option}
         for on in (False, True):
-            model = create("coldstart-no-ranker", seed, {option: on})
-            model.fit(data)
-            sm = model._model
+            sm = fit_towers(data, seed, {option: on})
             rec = terms(
                 sm.result.towers,
                 sm.data,
@@ -386,9 +376,7 @@ def compare(d: str, part: str, seeds: list[int], option: str) -> None:
             line[f"towers_{on}"] = recall(rec, (0.0, 0.0, 0.0, 0.0))
             line[f"blend_{on}"] = recall(rec, DEFAULT)
         line["secs"] = round(time.time() - t0, 1)
-        with open(OUT / "results.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
-        print(line, flush=True)
+        append_result(OUT, line)
 
 
 def main() -> None:
@@ -409,9 +397,7 @@ def main() -> None:
     for seed in map(int, sys.argv[3:]):
         t0 = time.time()
         data, task, users, hists, unl = item_cold_queries(ds, vecs, seed, part)
-        model = create("coldstart-no-ranker", seed, {})
-        model.fit(data)
-        sm = model._model
+        sm = fit_towers(data, seed)
         md, cfg = sm.data, sm.cfg
         content = np.asarray(md.content, dtype=np.float32)
         thresholds = np.asarray(sm.thresholds)
@@ -469,8 +455,7 @@ def main() -> None:
             "grid_fold": grid_fold,
             "grid_part": grid_part,
         }
-        with open(OUT / "results.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
+        append_result(OUT, line, echo=False)
         print(d, seed, line["secs"], line["default_recall"], gb, flush=True)
 
 

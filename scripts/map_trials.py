@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from fold_blend_trials import DEFAULT, item_cold_queries, recall, terms
-from trial_common import create, open_data
+from trial_common import append_result, fit_towers, open_data
 
 from services.common.recsys_features import content_map
 from services.trainer.model.train import item_vectors, user_vectors
@@ -109,9 +109,7 @@ def main() -> None:
     for seed in map(int, sys.argv[3:]):
         t0 = time.time()
         data, task, users, hists, unl = item_cold_queries(ds, vecs, seed, part)
-        model = create("coldstart-no-ranker", seed, {})
-        model.fit(data)
-        sm = model._model
+        sm = fit_towers(data, seed)
         md = sm.data
         content = np.asarray(md.content, dtype=np.float32)
         rec = terms(sm.result.towers, md, content, np.asarray(sm.thresholds), users, hists,
@@ -143,9 +141,7 @@ def main() -> None:
         rec["map"] = base_map
         line["ridge:map1.5"] = recall(rec, (0.7, 1.5, 0.2, 0.0))
         line["secs"] = round(time.time() - t0, 1)
-        with open(OUT / "results.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
-        print(json.dumps(line), flush=True)
+        append_result(OUT, line)
 
 
 def summary(path: str) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 from fold_blend_trials import item_cold_queries, terms
-from trial_common import create, open_data, z
+from trial_common import append_result, create, fit_towers, open_data, z
 
 from services.common.recsys_features import content_knn_scores, content_thresholds
 from services.trainer.baselines.base import ScoreRequest
@@ -89,9 +89,7 @@ def main() -> None:
         cands = np.asarray(task.candidates, dtype=np.int64)
         fits = []
         for s in (seed, seed + 1000, seed + 2000):
-            model = create("coldstart-no-ranker", s, {})
-            model.fit(data)
-            fits.append(model._model)
+            fits.append(fit_towers(data, s))
         sm = fits[0]
         md = sm.data
         content = np.asarray(md.content, dtype=np.float32)
@@ -155,9 +153,7 @@ def main() -> None:
         line["in-sample best"] = coordinate_ascent(rec, {**DEFAULT, **LEADS})
         line["in-sample best, default terms"] = coordinate_ascent(rec, DEFAULT)
         line["secs"] = round(time.time() - t0, 1)
-        with open(OUT / "results.jsonl", "a") as f:
-            f.write(json.dumps(line) + "\n")
-        print(json.dumps(line), flush=True)
+        append_result(OUT, line)
 
 
 def summary(path: str) -> None:

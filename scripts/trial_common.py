@@ -2,7 +2,9 @@
 the harness functions they call, the per-row standardisation they mix with, and the set-up.
 """
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -11,7 +13,17 @@ from services.trainer.data.model import Dataset
 from services.trainer.evaluation.runner import evaluate_task, train_data
 from services.trainer.evaluation.splits import make_split
 
-__all__ = ["create", "evaluate_task", "head_mix", "make_split", "open_data", "train_data", "z"]
+__all__ = [
+    "append_result",
+    "create",
+    "evaluate_task",
+    "fit_towers",
+    "head_mix",
+    "make_split",
+    "open_data",
+    "train_data",
+    "z",
+]
 
 
 def z(s: np.ndarray) -> np.ndarray:
@@ -62,3 +74,20 @@ def open_data(name: str, out: Path) -> tuple[Dataset, np.ndarray]:
     ds = load_dataset(name)
     out.mkdir(parents=True, exist_ok=True)
     return ds, cached_vectors(ds.items.text, MINILM)
+
+
+def fit_towers(data: Any, seed: int, options: dict[str, Any] | None = None) -> Any:
+    """The towers alone (``coldstart-no-ranker``) fitted on the harness's ``data``: the
+    fitted ``ScoringModel`` (``.result.towers``, ``.data``, ``.thresholds``, ``.cfg``)."""
+    model = create("coldstart-no-ranker", seed, options or {})
+    model.fit(data)
+    return model._model  # type: ignore[attr-defined]
+
+
+def append_result(out: Path, line: dict[str, Any], echo: bool = True) -> None:
+    """One JSON line appended to ``out``/results.jsonl (and printed, unless ``echo`` is
+    off for a caller that prints its own summary)."""
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(line) + "\n")
+    if echo:
+        print(json.dumps(line), flush=True)

@@ -4,7 +4,10 @@ Items get a topic; their text is drawn from that topic's vocabulary (real
 words, so a pretrained text model sees the topic too) and their category
 agrees with the topic most of the time. Users' attributes shift which topics
 they like, and a popularity skew makes some items far more common, so every
-baseline has something to find: popularity, segments, content and ids.
+baseline has something to find: popularity, segments, content and ids. Most
+users also state an interest: a few words of the topic they like best, the
+text a sign-up form would collect, which is what a new user brings besides
+attributes.
 """
 
 from __future__ import annotations
@@ -34,6 +37,23 @@ TOPICS: dict[str, tuple[str, ...]] = {
 AGE_BANDS = ("18-24", "25-34", "35-49", "50+")
 REGIONS = ("north", "south", "west")
 FORMATS = ("book", "video", "podcast")
+
+
+INTEREST_SHARE = 0.7  # users who state an interest; the rest leave it empty
+
+
+def stated_interests(taste: np.ndarray, topics: list[str], seed: int) -> list[str]:
+    """Per user, three words of their favourite topic ("rocket, moon and comet"), or ""
+    for the users who state none. Its own random stream: the rest of the data is the
+    same as before users had interests."""
+    rng = np.random.default_rng([seed, 1])
+    out = []
+    for row in taste:
+        words = list(rng.choice(TOPICS[topics[int(np.argmax(row))]], size=3, replace=False))
+        out.append(
+            f"{words[0]}, {words[1]} and {words[2]}" if rng.random() < INTEREST_SHARE else ""
+        )
+    return out
 
 
 def generate(
@@ -84,6 +104,7 @@ def generate(
             "age_band": Categorical.from_values("age_band", [AGE_BANDS[a] for a in age_idx]),
             "region": Categorical.from_values("region", [REGIONS[r] for r in region_idx]),
         },
+        text=stated_interests(taste, topics, seed),
     )
 
     rows_u: list[np.ndarray] = []

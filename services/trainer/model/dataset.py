@@ -10,7 +10,7 @@ exact same samples.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -22,6 +22,9 @@ from services.common.recsys_features import (
     derived_item_attributes,
     segment_tables,
 )
+
+if TYPE_CHECKING:
+    from services.trainer.data.vectors import EmbedderSpec
 
 
 @dataclass(frozen=True)
@@ -212,11 +215,12 @@ def with_unliked(data: ModelData, users: np.ndarray, items: np.ndarray) -> Model
     )
 
 
-def user_interest_vectors(texts: list[str]) -> np.ndarray:
-    """Stated-interest text -> vectors with the harness's cached encoder; "" -> zero row."""
+def user_interest_vectors(texts: list[str], embedder: EmbedderSpec | None = None) -> np.ndarray:
+    """Stated-interest text -> vectors with the cached ``embedder`` (MiniLM by default; the
+    one that encoded the item text, so both live in one space); "" -> zero row."""
     from services.trainer.data.vectors import MINILM, cached_vectors
 
-    vectors = cached_vectors([t or "-" for t in texts], MINILM)
+    vectors = cached_vectors([t or "-" for t in texts], embedder or MINILM)
     empty = np.array([not t for t in texts])
     vectors = vectors.copy()
     vectors[empty] = 0.0

@@ -195,7 +195,7 @@ def run_worker(args: argparse.Namespace, cfg: Any, out: Path) -> int:
         if dataset.users.has_text():
             from services.trainer.model.dataset import user_interest_vectors
 
-            interest = user_interest_vectors(list(dataset.users.text))
+            interest = user_interest_vectors(list(dataset.users.text), spec)
         data = build_model_data(
             content=vectors,
             item_vocab=item_vocab,

@@ -592,12 +592,21 @@ def prior_fields(spec: FeatureSpec) -> tuple[str, ...]:
     return tuple(name for _, name in small[:2])
 
 
-def short_history_prior_applies(history_len: int, max_history: int, head_is_new: bool) -> bool:
+def short_history_prior_applies(
+    history_len: int, max_history: int, head_is_new: bool, has_interest: bool = False
+) -> bool:
     """Whether a user's head is re-scored with the segment prior (``blend_standardised``
     of the model's head scores and ``segment_prior``): a history of at most
-    ``max_history`` items (< 0: never), and not a head of new items (which have no
-    counts; the new-item blend handles those). Serving must apply the same rule."""
-    return max_history >= 0 and history_len <= max_history and not head_is_new
+    ``max_history`` items (< 0: never), not a head of new items (which have no counts;
+    the new-item blend handles those), and not a user who stated an interest (the towers
+    read it; the prior would pull their list back to what their segment takes:
+    docs/MODEL.md, run 11). Serving must apply the same rule."""
+    return max_history >= 0 and history_len <= max_history and not head_is_new and not has_interest
+
+
+def has_stated_interest(interest: np.ndarray | None) -> bool:
+    """Whether an interest vector says anything (None or all zeros: no stated interest)."""
+    return interest is not None and bool(np.any(interest))
 
 
 def segment_prior(

@@ -45,6 +45,7 @@ from services.common.recsys_features import (
     RankerTables,
     blend_standardised,
     derived_item_attributes,
+    has_stated_interest,
     item_tower_inputs,
     new_item_head,
     new_item_head_scores,
@@ -460,6 +461,7 @@ class RecsysModelVersion(ModelVersion):
                 len(users[n].history_rows),
                 self.prior_max_history,
                 new_item_head(self._head_pop(padded[j, : sizes[n]]), self.max_new_share),
+                has_stated_interest(users[n].interest),
             )
         ]
         if not chosen:

@@ -114,6 +114,7 @@ def test_user_vector_and_ranker_scores_equal_the_torch_model(
 ) -> None:
     from services.common.recsys_features import (
         blend_standardised,
+        has_stated_interest,
         prior_fields,
         ranker_applies,
         ranker_features,
@@ -199,7 +200,8 @@ def test_user_vector_and_ranker_scores_equal_the_torch_model(
             cfg.ranker_max_history,
         ):
             want = feats[0, :, 0]  # outside the trained gate the tower scores stand
-        if short_history_prior_applies(len(history), cfg.prior_max_history, False):
+        stated = has_stated_interest(interest if len(interest) else None)
+        if short_history_prior_applies(len(history), cfg.prior_max_history, False, stated):
             prior = segment_prior(
                 bundle.spec,
                 bundle.ranker_tables(),

@@ -19,6 +19,7 @@ from services.common.recsys_features import (
     FeatureSpec,
     RankerTables,
     blend_standardised,
+    has_stated_interest,
     item_tower_inputs,
     new_item_head,
     new_item_head_scores,
@@ -187,7 +188,10 @@ class OnnxVersion:
             scores[rows] = out.reshape(n, c)
         if self.prior_weight > 0:
             for r, hist in enumerate(histories):
-                if short_history_prior_applies(len(hist), self.prior_max_history, new_head[r]):
+                stated = has_stated_interest(None if interest is None else interest[r])
+                if short_history_prior_applies(
+                    len(hist), self.prior_max_history, new_head[r], stated
+                ):
                     prior = segment_prior(
                         self.spec,
                         self.tables,

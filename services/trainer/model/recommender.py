@@ -15,6 +15,7 @@ from services.common.recsys_features import (
     blend_standardised,
     content_map,
     content_thresholds,
+    has_stated_interest,
     new_item_head,
     new_item_head_scores,
     prior_fields,
@@ -158,7 +159,9 @@ class ScoringModel:
             for i in range(len(rows)):
                 out[rows[i], head[rows[i]]] = s[i]
         if prior_on:
-            self._blend_prior(out, tower, head, ranked, new_head, user_attrs, histories, candidates)
+            self._blend_prior(
+                out, tower, head, ranked, new_head, user_attrs, histories, candidates, interest
+            )
         return out
 
     def _blend_prior(
@@ -171,6 +174,7 @@ class ScoringModel:
         user_attrs: np.ndarray,
         histories: list[np.ndarray],
         candidates: np.ndarray,
+        interest: np.ndarray | None,
     ) -> None:
         """The short-history prior, in place: each such user's head (ranker scores where
         the ranker ran, else tower scores) blended with the segment prior, the rest of
@@ -178,7 +182,10 @@ class ScoringModel:
         spec = self.data.spec
         fields = prior_fields(spec)
         for r, hist in enumerate(histories):
-            if not short_history_prior_applies(len(hist), self.cfg.prior_max_history, new_head[r]):
+            stated = has_stated_interest(None if interest is None else interest[r])
+            if not short_history_prior_applies(
+                len(hist), self.cfg.prior_max_history, new_head[r], stated
+            ):
                 continue
             cands = candidates[head[r]]
             prior = segment_prior(spec, self.tables, user_attrs[r : r + 1], cands[None], fields)

@@ -15,6 +15,7 @@ from services.common.recsys_features import (
     FeatureSpec,
     RankerTables,
     blend_standardised,
+    has_stated_interest,
     prior_fields,
     segment_prior,
     short_history_prior_applies,
@@ -58,6 +59,9 @@ def test_the_rule_covers_short_histories_outside_new_item_heads() -> None:
     assert not short_history_prior_applies(2, 1, False)
     assert not short_history_prior_applies(0, 1, True)  # new items: the new-item blend's
     assert not short_history_prior_applies(0, -1, False)  # -1: off
+    assert not short_history_prior_applies(0, 1, False, has_interest=True)  # the towers read it
+    assert has_stated_interest(np.array([0.0, 0.2])) and not has_stated_interest(np.zeros(2))
+    assert not has_stated_interest(None)
     assert ModelConfig().prior_weight == 1.0 and ModelConfig().prior_max_history == 1
     with pytest.raises(ValueError, match="prior_weight"):
         ModelConfig(prior_weight=-0.1)
@@ -131,3 +135,29 @@ def test_harness_and_exported_version_apply_the_prior_alike(
         moved += not np.array_equal(np.argsort(-want), np.argsort(-before[r, head[r]]))
     assert moved  # the prior reordered a head: a real comparison
     np.testing.assert_array_equal(scores[2:], before[2:])  # 3 and 5 items: untouched
+
+
+def test_a_stated_interest_keeps_the_model_order(tiny_trained: TrainResult, tmp_path: Path) -> None:
+    """A new user who stated an interest gets the towers' (and ranker's) order, in the
+    harness and in the exported version alike: the prior applies to the others only."""
+    cfg = tiny_trained.config.with_options(prior_weight=1.0, prior_max_history=1)
+    trained = TrainResult(**{**tiny_trained.__dict__, "config": cfg})
+    data = trained.data
+    _, path = publish(load_bundle(saved_run(trained, tmp_path, {})), tmp_path / "registry")
+    served = OnnxVersion(path)
+    model = ScoringModel(trained)
+    off = ScoringModel(
+        TrainResult(**{**tiny_trained.__dict__, "config": cfg.with_options(prior_weight=0.0)})
+    )
+    users = np.arange(2)
+    hists = [np.zeros(0, dtype=np.int64)] * 2
+    attrs = data.user_attrs[users]
+    interest = np.zeros((2, data.content.shape[1]), dtype=np.float32)
+    interest[1] = data.content[7]  # user 1 states one, user 0 none
+    candidates = np.arange(data.n_items)
+    scores = model.score(users, attrs, hists, candidates, interest=interest)
+    before = off.score(users, attrs, hists, candidates, interest=interest)
+    head, onnx_scores = served.rank(attrs, data.user_codes[users], hists, candidates, interest)
+    np.testing.assert_array_equal(scores[1], before[1])
+    np.testing.assert_allclose(onnx_scores[1], before[1, head[1]], atol=1e-4)
+    assert not np.allclose(scores[0, head[0]], before[0, head[0]])  # user 0: the prior moved it

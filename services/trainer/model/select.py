@@ -50,7 +50,7 @@ def without_items(data: ModelData, items: np.ndarray) -> ModelData:
     no id code, no popularity), everything else as it was."""
     drop = np.zeros(data.n_items, dtype=bool)
     drop[items] = True
-    return _keep_rows(data, ~drop[data.user_items], None, drop)
+    return _without(data, drop_items=drop)
 
 
 def without_users(data: ModelData, users: np.ndarray) -> ModelData:
@@ -58,20 +58,27 @@ def without_users(data: ModelData, users: np.ndarray) -> ModelData:
     no id code, no history), everything else as it was."""
     drop = np.zeros(data.n_users, dtype=bool)
     drop[users] = True
-    owner = np.repeat(np.arange(data.n_users), np.diff(data.user_offsets))
-    return _keep_rows(data, ~drop[owner], drop, None)
+    return _without(data, drop_users=drop)
 
 
-def _keep_rows(
+def _without(
     data: ModelData,
-    keep: np.ndarray,
-    drop_users: np.ndarray | None,
-    drop_items: np.ndarray | None,
+    drop_users: np.ndarray | None = None,
+    drop_items: np.ndarray | None = None,
 ) -> ModelData:
-    """``data`` with only the positives ``keep`` marks (rows of ``user_items``); the low
-    ratings of ``drop_users`` / on ``drop_items`` leave too (a new user or item has no
-    interactions at all)."""
+    """``data`` less every positive and low rating of the users / on the items the bool
+    masks mark (a new user or item has no interactions at all)."""
+
+    def kept(users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        keep = np.ones(len(users), dtype=bool)
+        if drop_users is not None:
+            keep &= ~drop_users[users]
+        if drop_items is not None:
+            keep &= ~drop_items[items]
+        return keep
+
     users = np.repeat(np.arange(data.n_users), np.diff(data.user_offsets))
+    keep = kept(users, data.user_items)
     # user_items is each user's positives oldest first: the position is a valid time.
     order = np.arange(len(data.user_items), dtype=np.int64)
     sub = build_model_data(
@@ -90,11 +97,7 @@ def _keep_rows(
     if data.unliked_items is None or data.unliked_offsets is None:
         return sub
     low_users = np.repeat(np.arange(data.n_users), np.diff(data.unliked_offsets))
-    low_keep = np.ones(len(low_users), dtype=bool)
-    if drop_users is not None:
-        low_keep &= ~drop_users[low_users]
-    if drop_items is not None:
-        low_keep &= ~drop_items[data.unliked_items]
+    low_keep = kept(low_users, data.unliked_items)
     return with_unliked(sub, low_users[low_keep], data.unliked_items[low_keep])
 
 

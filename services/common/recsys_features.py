@@ -125,6 +125,21 @@ class AttributeVocab:
                         out[r, j] = 1.0
         return out
 
+    def decode(self, rows: np.ndarray) -> list[tuple[dict[str, str], tuple[str, ...]]]:
+        """Per multi-hot row, what filters and display fields read: the fields with one
+        value as attributes, the values of fields with several as tags."""
+        columns = self.columns  # column 0: always on
+        out = []
+        for row in rows:
+            values: dict[str, list[str]] = {}
+            for j in np.flatnonzero(row[1:] > 0) + 1:
+                name, value = columns[int(j)]
+                values.setdefault(name, []).append(value)
+            attributes = {name: vs[0] for name, vs in values.items() if len(vs) == 1}
+            tags = tuple(v for vs in values.values() if len(vs) > 1 for v in vs)
+            out.append((attributes, tags))
+        return out
+
     def from_blocks(self, n: int, blocks: Mapping[str, Any]) -> np.ndarray:
         """Multi-hot rows from per-field 0/1 matrices (anything with ``toarray`` or an array).
 

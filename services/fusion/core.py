@@ -77,6 +77,9 @@ class Scored:
     score: float
     reason: str = ""
 
+    # The catalog's record of the item, for display fields on request (a reference,
+    # no copy: answers that do not ask for display pay nothing).
+    meta: ItemMeta | None = field(default=None, compare=False)
 
 @dataclass(frozen=True)
 class Result:
@@ -440,7 +443,7 @@ class Recommender:
             ):
                 if is_similar:
                     liked = index.meta(int(best_row[u, i]))
-                    reasons.append(f"similar to {liked.text or liked.item_id}")
+                    reasons.append(f"similar to {liked.title or liked.item_id}")
                 elif is_match:
                     reasons.append("matches your interests")
                 else:
@@ -554,8 +557,8 @@ class Recommender:
         return [
             Result(
                 [
-                    Scored(meta(row).item_id, score, reason)
-                    for row, score, reason in zip(top.tolist(), values, why, strict=True)
+                    Scored(item.item_id, score, reason, item)
+                    for item, score, reason in zip(map(meta, top.tolist()), values, why, strict=True)
                 ],
                 model.version,
                 request.new_user,
@@ -623,8 +626,9 @@ class Recommender:
         order = np.argsort(-scores, kind="stable")
         reasons = self._reasons(model, user, rows[order])
         items = [
-            Scored(model.index.meta(int(rows[i])).item_id, float(scores[i]), reason)
-            for i, reason in zip(order, reasons, strict=True)
+            Scored(item.item_id, float(scores[i]), reason, item)
+            for i, item, reason in zip(order, metas, reasons, strict=True)
+        metas = [model.index.meta(int(rows[i])) for i in order]
         ]
         return Result(items, model.version, new_user, unknown)
 
@@ -640,10 +644,10 @@ class Recommender:
         rows, scores = model.index.search(
             model.similarity_query(row), k, excluded=np.asarray([row])
         )
-        reason = f"similar to {meta.text or meta.item_id}"
+        reason = f"similar to {meta.title or meta.item_id}"
         items = [
-            Scored(model.index.meta(int(r)).item_id, float(s), reason)
-            for r, s in zip(rows, scores, strict=True)
+            Scored(item.item_id, float(s), reason, item)
+            for item, s in zip(map(model.index.meta, rows.tolist()), scores, strict=True)
         ]
         return Result(items, model.version)
 

@@ -83,6 +83,12 @@ class ItemMeta:
     attributes: Mapping[str, str] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
 
+    @property
+    def title(self) -> str:
+        """What a person calls the item: its text up to the first " | " (catalog texts
+        are "title | genres | ..."), the whole text when it has no such part."""
+        return self.text.split(" | ", 1)[0].strip()
+
 
 @dataclass(frozen=True)
 class _View:

@@ -628,14 +628,8 @@ def item_attributes(attributes: Mapping[str, str], text: str) -> dict[str, str]:
 def _metas_from_attributes(
     ids: Sequence[str], item_attrs: np.ndarray, spec: FeatureSpec
 ) -> list[ItemMeta]:
-    columns = spec.item_vocab.columns  # column 0: always on
-    metas = []
-    for item_id, row in zip(ids, item_attrs, strict=True):
-        values: dict[str, list[str]] = {}
-        for j in np.flatnonzero(row[1:] > 0) + 1:
-            name, value = columns[int(j)]
-            values.setdefault(name, []).append(value)
-        attributes = {name: vs[0] for name, vs in values.items() if len(vs) == 1}
-        tags = tuple(v for vs in values.values() if len(vs) > 1 for v in vs)
-        metas.append(ItemMeta(item_id=item_id, attributes=attributes, tags=tags))
-    return metas
+    """Versions written before items.jsonl: display fields from the attribute rows."""
+    return [
+        ItemMeta(item_id=item_id, attributes=attributes, tags=tags)
+        for item_id, (attributes, tags) in zip(ids, spec.item_vocab.decode(item_attrs), strict=True)
+    ]

@@ -20,18 +20,37 @@ def _query(user: common_pb2.UserContext) -> UserQuery:
     )
 
 
-def _items(items: Sequence[Scored]) -> list[common_pb2.ScoredItem]:
-    return [common_pb2.ScoredItem(item_id=i.item_id, score=i.score, reason=i.reason) for i in items]
+def _display(item: Scored) -> common_pb2.ItemDisplay:
+    meta = item.meta
+    if meta is None:
+        return common_pb2.ItemDisplay()
+    return common_pb2.ItemDisplay(title=meta.title, attributes=meta.attributes, tags=meta.tags)
 
 
-def _recommend_response(result: Result) -> fusion_pb2.RecommendResponse:
+def _items(items: Sequence[Scored], include_display: bool = False) -> list[common_pb2.ScoredItem]:
+    return [
+        common_pb2.ScoredItem(
+            item_id=i.item_id,
+            score=i.score,
+            reason=i.reason,
+            display=_display(i) if include_display else None,
+        )
+        for i in items
+    ]
+
+
+def _recommend_response(result: Result, include_display: bool) -> fusion_pb2.RecommendResponse:
     # Items added in place: no intermediate ScoredItem messages copied into the list.
     response = fusion_pb2.RecommendResponse(
         model_version=result.model_version, new_user=result.new_user
     )
     add = response.items.add
-    for item in result.items:
-        add(item_id=item.item_id, score=item.score, reason=item.reason)
+    if include_display:
+        for item in result.items:
+            add(item_id=item.item_id, score=item.score, reason=item.reason, display=_display(item))
+    else:
+        for item in result.items:
+            add(item_id=item.item_id, score=item.score, reason=item.reason)
     return response
 
 
@@ -58,7 +77,7 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
             filters,
             deadline=None if remaining is None else time.monotonic() + remaining,
         )
-        return _recommend_response(result)
+        return _recommend_response(result, request.include_display)
 
     def Rank(
         self, request: fusion_pb2.RankRequest, context: grpc.ServicerContext
@@ -76,7 +95,8 @@ class FusionServicer(fusion_pb2_grpc.FusionServiceServicer):
     ) -> fusion_pb2.SimilarItemsResponse:
         result = self.core.similar_items(request.item_id, request.k)
         return fusion_pb2.SimilarItemsResponse(
-            items=_items(result.items), model_version=result.model_version
+            items=_items(result.items, request.include_display),
+            model_version=result.model_version,
         )
 
     def UpsertItems(

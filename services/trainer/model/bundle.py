@@ -2,14 +2,14 @@
 
 model.pt      config, FeatureSpec (JSON), tower and ranker state dicts
 tables.npz    content, item/user attribute rows, id codes, popularity, segment counts
-ids.json      item and user ids in row order
+ids.json      item and user ids in row order, and the items' texts (display titles)
 meta.json     dataset, training interactions, data offsets, metrics (free-form)
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,8 @@ class Bundle:
     item_ids: list[str]
     user_ids: list[str]
     meta: dict[str, Any]
+    # The dataset's text of each item (row order): what a person reads; "" where none.
+    item_texts: list[str] = field(default_factory=list)
 
     @property
     def n_pos_users(self) -> int:
@@ -58,6 +60,7 @@ def save_bundle(
     item_ids: list[str],
     user_ids: list[str],
     meta: dict[str, Any],
+    item_texts: list[str] | None = None,
 ) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     data = result.data
@@ -83,7 +86,12 @@ def save_bundle(
         seg_sizes=data.seg_sizes,
         n_pos_users=np.array(data.n_pos_users),
     )
-    (folder / "ids.json").write_text(json.dumps({"items": item_ids, "users": user_ids}))
+    texts = list(item_texts) if item_texts is not None else [""] * len(item_ids)
+    if len(texts) != len(item_ids):
+        raise ValueError(f"item_texts: {len(texts)} texts for {len(item_ids)} items")
+    (folder / "ids.json").write_text(
+        json.dumps({"items": item_ids, "users": user_ids, "item_texts": texts})
+    )
     (folder / "meta.json").write_text(json.dumps(meta, indent=1, default=str))
     return folder
 
@@ -120,4 +128,5 @@ def load_bundle(folder: Path) -> Bundle:
         ranker = make_ranker(shape, cfg)
         ranker.load_state_dict(state["ranker"])
         ranker.eval()
-    return Bundle(cfg, spec, towers, ranker, tables, ids["items"], ids["users"], meta)
+    texts = ids.get("item_texts") or [""] * len(ids["items"])  # bundles from before titles
+    return Bundle(cfg, spec, towers, ranker, tables, ids["items"], ids["users"], meta, texts)

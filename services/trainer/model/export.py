@@ -63,6 +63,7 @@ FILES = {
     "segment_counts": "segment_counts.npy",
     "segment_sizes": "segment_sizes.npy",
     "index": "items.faiss",
+    "items": "items.jsonl",
 }
 USER_INPUTS = ("user_attrs", "user_id", "interest", "has_interest", "hist_vec", "hist_len")
 ITEM_INPUTS = ("content", "item_attrs", "item_id")
@@ -248,6 +249,17 @@ def build_index(
     return index, ann.describe(index)
 
 
+def write_item_records(path: Path, bundle: Bundle) -> None:
+    """items.jsonl: per item (row order) its text and the attributes and tags that
+    filters and display fields read, decoded from the rows the model was trained on."""
+    decoded = bundle.spec.item_vocab.decode(bundle.tables["item_attrs"])
+    texts = bundle.item_texts or [""] * len(bundle.item_ids)
+    with path.open("w") as handle:
+        for text, (attributes, tags) in zip(texts, decoded, strict=True):
+            record = {"text": text, "attributes": attributes, "tags": list(tags)}
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
 def write_version(
     bundle: Bundle,
     folder: Path,
@@ -274,6 +286,7 @@ def write_version(
     np.save(folder / FILES["segment_counts"], t["seg_counts"].astype(np.float32))
     np.save(folder / FILES["segment_sizes"], t["seg_sizes"].astype(np.float32))
     (folder / FILES["item_ids"]).write_text(json.dumps(bundle.item_ids))
+    write_item_records(folder / FILES["items"], bundle)
     user_codes = {u: int(c) for u, c in zip(bundle.user_ids, t["user_codes"], strict=True) if c}
     (folder / FILES["user_codes"]).write_text(json.dumps(user_codes))
     # Attributes of the users known at training time, for the gate's scorer (serving

@@ -255,6 +255,7 @@ def run_worker(args: argparse.Namespace, cfg: Any, out: Path) -> int:
             [str(x) for x in dataset.items.ids.tolist()],
             [str(x) for x in dataset.users.ids.tolist()],
             meta,
+            item_texts=[str(t) for t in dataset.items.text] if dataset.items.text else None,
         )
         print(
             f"trained in {seconds:.1f}s on {ctx.world_size} worker(s); "

@@ -40,6 +40,29 @@ FORMATS = ("book", "video", "podcast")
 
 
 INTEREST_SHARE = 0.7  # users who state an interest; the rest leave it empty
+# Two of an item's topic words make a title a person can read and judge; the
+# other words follow in a subtitle, so the text carries every word it had.
+TITLE_TEMPLATES = (
+    "The {a} and the {b}",
+    "{a} of the {b}",
+    "Notes on {a} and {b}",
+    "{a}, {b} and Beyond",
+    "A Year of {a} and {b}",
+    "Inside the {a}: {b} Stories",
+    "The {a} {b} Handbook",
+    "Of {a} and {b}",
+)
+
+
+def readable_titles(words: list[list[str]], seed: int) -> list[str]:
+    """Per item, a title made of its first two words ("The Rocket and the Moon"). Its
+    own random stream, as for the interests: the words and the rest stay as they were."""
+    rng = np.random.default_rng([seed, 2])
+    picks = rng.integers(0, len(TITLE_TEMPLATES), size=len(words))
+    return [
+        TITLE_TEMPLATES[int(p)].format(a=w[0].capitalize(), b=w[1].capitalize())
+        for w, p in zip(words, picks, strict=True)
+    ]
 
 
 def stated_interests(taste: np.ndarray, topics: list[str], seed: int) -> list[str]:
@@ -68,17 +91,22 @@ def generate(
     n_topics = len(topics)
 
     item_topic = rng.integers(0, n_topics, size=n_items)
-    titles: list[str] = []
+    item_words: list[list[str]] = []
     for t in item_topic:
         vocab = TOPICS[topics[t]]
-        words = list(rng.choice(vocab, size=3, replace=False))
+        words = [str(w) for w in rng.choice(vocab, size=3, replace=False)]
         # A stray word from another topic keeps text from being a perfect label.
         words.append(str(rng.choice(TOPICS[topics[rng.integers(n_topics)]])))
-        titles.append(" ".join(words))
+        item_words.append(words)
     noisy = rng.random(n_items) < 0.2
     category_idx = np.where(noisy, rng.integers(0, n_topics, size=n_items), item_topic)
     categories = [topics[c] for c in category_idx]
     formats = [FORMATS[f] for f in rng.integers(0, len(FORMATS), size=n_items)]
+    titles = readable_titles(item_words, seed)
+    subtitles = [
+        f"a {f} about {w[2]}, with a note on {w[3]}"
+        for f, w in zip(formats, item_words, strict=True)
+    ]
     items = Entities(
         ids=np.asarray([f"i{i:05d}" for i in range(n_items)], dtype=object),
         categorical={
@@ -86,7 +114,9 @@ def generate(
             "format": Categorical.from_values("format", formats),
         },
         text_fields={"title": titles},
-        text=[f"{t} | {c}" for t, c in zip(titles, categories, strict=True)],
+        text=[
+            f"{t} | {sub} | {c}" for t, sub, c in zip(titles, subtitles, categories, strict=True)
+        ],
     )
     popularity = rng.lognormal(0.0, 1.2, size=n_items)
 

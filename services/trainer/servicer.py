@@ -29,6 +29,8 @@ def run_message(record: RunRecord | None) -> trainer_pb2.TrainingRun:
         candidate_metrics=_numbers(record.candidate_metrics),
         current_metrics=_numbers(record.current_metrics),
         message=record.message,
+        reason=record.reason,
+        published_version=record.published_version,
     )
 
 

@@ -27,9 +27,8 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from services.common import metrics
+from services.common import metrics, reflection
 from services.common.errors import DomainError, StartupError
 from services.common.heap import freeze_long_lived
 from services.common.logs import configure_logging

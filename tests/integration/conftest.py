@@ -1,0 +1,36 @@
+"""Integration fixtures: the pinned Go tools (services/common/gotools.py).
+
+Each is built at most once per session (and once per checkout: the binary
+stays in .cache/bin). Where Go is absent and the tool is not on the PATH, the
+tests that ask for it skip and say why.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from services.common.gotools import GoToolError, go_tool
+
+
+def _pinned_tool(name: str) -> Path:
+    try:
+        return go_tool(name, use_path=False)
+    except GoToolError as exc:
+        pytest.skip(f"{name} unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def grpcurl() -> Path:
+    return _pinned_tool("grpcurl")
+
+
+@pytest.fixture(scope="session")
+def ghz() -> Path:
+    return _pinned_tool("ghz")
+
+
+@pytest.fixture(scope="session")
+def kustomize() -> Path:
+    return _pinned_tool("kustomize")

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from services.common.paths import cache_dir
 
-# name -> module@version for `go install`.
+# name -> module@version for `go install`. ghz: the module proxy's version list
+# (and so `@latest`) stops at v0.93.0, yet the v0.120.0 tag resolves and builds.
 GO_TOOLS: dict[str, str] = {
     "grpcurl": "github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3",
     "ghz": "github.com/bojand/ghz/cmd/ghz@v0.120.0",

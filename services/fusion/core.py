@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 from prometheus_client import Counter, Gauge
 
+from services.common.batcher import MicroBatcher
 from services.common.errors import InvalidArgument, NotFound
 from services.common.heap import freeze_long_lived
 from services.common.registry import ModelRegistry, RegistryError
-from services.fusion.batcher import MicroBatcher
 from services.fusion.index import ItemMeta, contained
+from services.fusion.metrics import BATCHER_METRICS
 from services.fusion.model_version import ModelLoadError, ModelVersion, UserInputs
 from services.fusion.online_state import ItemEvent, UserState, UserStore
 
@@ -304,7 +305,7 @@ class _Request:
 
 class Recommender:
     """The calls. With ``max_batch`` > 1 concurrent Recommend calls are served in
-    micro-batches (``services.fusion.batcher``); the answers are the same."""
+    micro-batches (``services.common.batcher``); the answers are the same."""
 
     def __init__(
         self,
@@ -327,6 +328,8 @@ class Recommender:
                 wait_s=batch_wait_ms / 1000,
                 max_batch=max_batch,
                 workers=batch_workers,
+                metrics=BATCHER_METRICS,
+                name="fusion",
             )
             if max_batch > 1
             else None

@@ -46,7 +46,7 @@ class FusionSettings(ServerSettings):
     # ONNX Runtime threads per call; 1 suits many concurrent calls on few cores.
     intra_op_threads: int = 1
     max_k: int = 1_000
-    # Micro-batching of concurrent Recommend calls (services/fusion/batcher.py): a batch
+    # Micro-batching of concurrent Recommend calls (services/common/batcher.py): a batch
     # is topped up until its oldest call waited batch_wait_ms (only when the previous
     # batch held more than one call), at most max_batch calls; max_batch 1 = no batching.
     # 10 ms: under load the handler threads feed the queue slowly (they share the GIL),

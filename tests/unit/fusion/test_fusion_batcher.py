@@ -1,21 +1,21 @@
-"""The micro-batcher alone (fan-out, deadlines, errors) and batched Recommend
-calls against one-at-a-time ones (same answers, one version per batch)."""
+"""Batched Recommend calls against one-at-a-time ones (same answers, one version
+per batch) and fusion's batcher metrics; the common micro-batcher itself is
+tested in tests/unit/common/test_batcher.py."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
-from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from services.common.errors import InvalidArgument
 from services.common.registry import ModelRegistry
 from services.fusion import index as index_module
-from services.fusion.batcher import MicroBatcher
 from services.fusion.core import (
     Filters,
     ItemInput,
@@ -28,145 +28,9 @@ from services.fusion.core import (
 from services.fusion.model_version import ModelVersion
 from services.fusion.online_state import UserStore
 from services.fusion.synthetic import publish_version
-
-C = TypeVar("C")
-R = TypeVar("R")
+from tests.support.concurrency import run_concurrently
 
 
-def run_concurrently(calls: Sequence[C], target: Callable[[C], R]) -> list[R | BaseException]:
-    """Call ``target(call)`` for every call on its own thread; results (or exceptions) in order."""
-    results: list[R | BaseException] = [RuntimeError("not run")] * len(calls)
-    start = threading.Barrier(len(calls))
-
-    def one(n: int) -> None:
-        start.wait()
-        try:
-            results[n] = target(calls[n])
-        except BaseException as exc:
-            results[n] = exc
-
-    threads = [threading.Thread(target=one, args=(n,)) for n in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    return results
-
-
-class Recorder:
-    """A ``serve`` that records its batches; a slow first batch lets a queue build up."""
-
-    def __init__(self, first_delay_s: float = 0.0) -> None:
-        self.batches: list[list[int]] = []
-        self.first_delay_s = first_delay_s
-        self.lock = threading.Lock()
-
-    def __call__(self, items: Sequence[int]) -> list[int | BaseException]:
-        with self.lock:
-            first = not self.batches
-            self.batches.append(list(items))
-        if first:
-            time.sleep(self.first_delay_s)
-        return [ValueError(f"odd {i}") if i % 7 == 6 else i * 10 for i in items]
-
-
-def test_results_fan_out_to_their_own_callers_in_batches() -> None:
-    recorder = Recorder(first_delay_s=0.1)
-    batcher: MicroBatcher[int, int] = MicroBatcher(recorder, wait_s=0.005, max_batch=8)
-    try:
-        results = run_concurrently(list(range(40)), batcher.submit)
-    finally:
-        batcher.close()
-    for n, result in enumerate(results):
-        if n % 7 == 6:  # an exception for one item reaches that caller only
-            assert isinstance(result, ValueError) and str(result) == f"odd {n}"
-        else:
-            assert result == n * 10
-    sizes = [len(b) for b in recorder.batches]
-    assert sum(sizes) == 40 and max(sizes) <= 8
-    assert max(sizes) > 1  # calls that queued behind the slow first batch were served together
-    assert sorted(i for b in recorder.batches for i in b) == list(range(40))
-
-
-def test_a_lone_call_is_served_at_once() -> None:
-    batcher: MicroBatcher[int, int] = MicroBatcher(Recorder(), wait_s=5.0, max_batch=32)
-    try:
-        started = time.monotonic()
-        assert batcher.submit(3) == 30
-        assert batcher.submit(4) == 40
-        assert time.monotonic() - started < 2.0  # no 5 s collection wait for single calls
-    finally:
-        batcher.close()
-
-
-def test_expired_requests_are_dropped_not_served() -> None:
-    release = threading.Event()
-    served: list[int] = []
-
-    def serve(items: Sequence[int]) -> list[int]:
-        served.extend(items)
-        if items[0] == 0:
-            release.wait(10)  # hold the only worker while the others queue and expire
-        return list(items)
-
-    batcher: MicroBatcher[int, int] = MicroBatcher(serve, wait_s=0.0, max_batch=8)
-    outcomes: dict[int, object] = {}
-
-    def call(item: int, deadline: float | None) -> None:
-        try:
-            outcomes[item] = batcher.submit(item, deadline)
-        except BaseException as exc:
-            outcomes[item] = exc
-
-    try:
-        first = threading.Thread(target=call, args=(0, None))
-        first.start()
-        while not served:
-            time.sleep(0.001)
-        soon = time.monotonic() + 0.05
-        threads = [
-            threading.Thread(target=call, args=(n, deadline))
-            for n, deadline in ((1, soon), (2, soon), (3, None))
-        ]
-        for thread in threads:
-            thread.start()
-        threads[0].join(timeout=10)
-        threads[1].join(timeout=10)
-        # Their callers gave up at the deadline...
-        assert isinstance(outcomes[1], DeadlineExceeded)
-        assert isinstance(outcomes[2], DeadlineExceeded)
-        release.set()
-        for thread in (first, threads[2]):
-            thread.join(timeout=10)
-    finally:
-        release.set()
-        batcher.close()
-    assert outcomes[0] == 0 and outcomes[3] == 3
-    assert 1 not in served and 2 not in served  # ...and the batcher never ran them
-
-
-def test_a_failing_batch_fails_its_callers_and_the_batcher_lives_on() -> None:
-    calls = 0
-
-    def serve(items: Sequence[int]) -> list[int]:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            raise RuntimeError("boom")
-        return list(items)
-
-    batcher: MicroBatcher[int, int] = MicroBatcher(serve, wait_s=0.0, max_batch=4)
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            batcher.submit(1)
-        assert batcher.submit(2) == 2
-    finally:
-        batcher.close()
-    with pytest.raises(Unavailable):
-        batcher.submit(3)
-
-
-# -- batched Recommend -----------------------------------------------------------
 @pytest.fixture()
 def registry(tmp_path: Path, version_path: Path) -> ModelRegistry:
     import shutil
@@ -344,3 +208,17 @@ def test_calls_queued_across_a_swap_keep_the_version_they_started_on(
         "new-2": new,
     }
     assert sorted(batches[1]) == sorted([old, old, new, new])  # one batch, both versions
+
+
+def test_batched_calls_report_fusions_batch_metrics(registry: ModelRegistry) -> None:
+    def count() -> float:
+        return REGISTRY.get_sample_value("coldstart_fusion_batch_size_count") or 0.0
+
+    core = make_core(registry, max_batch=8, batch_wait_ms=5.0)
+    before = count()
+    try:
+        results = run_concurrently([UserQuery()] * 4, lambda query: core.recommend(query, 3))
+    finally:
+        core.close()
+    assert all(isinstance(r, Result) for r in results)
+    assert 1 <= count() - before <= 4  # one observation per batch served

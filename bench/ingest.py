@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.runner import write_results
-from services.common.events import make_consumer, make_producer, new_event, produce_and_wait
+from services.common.events import make_producer, new_event, produce_and_wait
+from services.common.kafka_consumer import make_consumer
 from services.common.registry import ModelRegistry
 from services.trainer.event_log import EventLog
 from services.trainer.ingest import Ingestor, KafkaDeadLetterSink
@@ -142,7 +143,7 @@ def trainer_rate(
     bootstrap: str, topic: str, n: int, work: Path, max_records: int, crcs: bool, processes: int
 ) -> float:
     """The service's own ingest (`Ingestor.start`: with ``processes`` consumer
-    processes feeding the log writer, or the in-process loop for 0), timed from
+    processes feeding the log writer), timed from
     its first non-empty poll to the moment the n-th event is durable in the log."""
     import threading
 
@@ -357,14 +358,6 @@ def main(argv: list[str]) -> int:
                  f"{best_applied / best_bare:.0%} of bare; target >= 20000 and >= 50%"}
             )  # fmt: skip
             meta["ingest_ok"] = best_applied >= 20_000 and best_applied >= 0.5 * best_bare
-            if procs:
-                # The in-process loop (ingest_processes=0), for reference.
-                serial = trainer_rate(bootstrap, topic, args.events, work, polled, crcs, 0)
-                rows.append(
-                    {"measure": "trainer ingest, in-process loop", "value": round(serial),
-                     "unit": "events/s",
-                     "notes": f"ingest_processes=0, one run; {serial / best_bare:.0%} of bare"}
-                )  # fmt: skip
             # The same pair with kafka-python's CRC checks flipped, for reference.
             bare_crc = bare_loop_rate(bootstrap, topic, args.events, polled, not crcs)
             applied_crc = trainer_rate(bootstrap, topic, args.events, work, polled, not crcs, procs)

@@ -1,6 +1,6 @@
 """The event envelope that travels on the events topic: building, encoding,
-decoding with validation, and the Kafka producer/consumer settings every
-service uses (acks=all producers; consumers that commit by hand)."""
+decoding with validation, and the Kafka producer settings every service uses
+(acks=all). Consumers are built and watched in ``services.common.kafka_consumer``."""
 
 from __future__ import annotations
 
@@ -123,29 +123,3 @@ def produce_and_wait(
             future.get(timeout=timeout_s)
     except KafkaError as exc:
         raise Unavailable(f"event broker unavailable: {type(exc).__name__}") from None
-
-
-def make_consumer(
-    bootstrap: str, group_id: str, topics: Iterable[str] = (), **overrides: Any
-) -> Any:
-    """A KafkaConsumer whose offsets move only when the caller commits them."""
-    from kafka import KafkaConsumer
-
-    options: dict[str, Any] = {
-        "bootstrap_servers": bootstrap,
-        "group_id": group_id,
-        "enable_auto_commit": False,
-        "auto_offset_reset": "earliest",
-        "max_poll_records": 2000,
-        "fetch_max_wait_ms": 50,
-    }
-    options.update(overrides)
-    consumer = KafkaConsumer(**options)
-    topics = list(topics)
-    if topics:
-        # Fetch their metadata first: a group leader that does not know the
-        # partitions yet assigns nothing until the next metadata refresh.
-        for topic in topics:
-            consumer.partitions_for_topic(topic)
-        consumer.subscribe(topics)
-    return consumer

@@ -36,7 +36,8 @@ APPLY_BATCH_SECONDS = Histogram(
 )
 CONSUMER_RESTARTS = Counter(
     "coldstart_trainer_consumer_restarts_total",
-    "Consumer processes restarted: exited (crash, kill) or stalled (silent, killed).",
+    "Consumers replaced: exited (process crash, kill), stalled (process silent, killed) "
+    "or not_fetching (empty polls with a backlog: consumer recreated in its process).",
     ["reason"],
 )
 LOG_WRITE_FAILURES = Counter(

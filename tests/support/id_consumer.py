@@ -10,7 +10,8 @@ import sys
 
 from kafka import TopicPartition
 
-from services.common.events import decode_event, make_consumer
+from services.common.events import decode_event
+from services.common.kafka_consumer import make_consumer
 
 
 def main() -> int:

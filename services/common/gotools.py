@@ -71,3 +71,24 @@ def find_go_tool(name: str) -> Path | None:
         return go_tool(name)
     except GoToolError:
         return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m services.common.gotools NAME``: print the tool's path, building it
+    once, e.g. ``$(python -m services.common.gotools kustomize) build k8s/overlays/cpu``."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m services.common.gotools")
+    parser.add_argument("name", choices=sorted(GO_TOOLS))
+    args = parser.parse_args(argv)
+    try:
+        print(go_tool(args.name))
+    except GoToolError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

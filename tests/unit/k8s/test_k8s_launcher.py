@@ -10,7 +10,9 @@ import yaml
 
 from k8s.tools import pytorchjob_launcher as launcher
 from k8s.tools.validate import validate_resource
-from tests.unit.k8s.k8s_support import config_map, rendered
+from services.common.paths import REPO_ROOT
+
+TEMPLATE = REPO_ROOT / "k8s" / "base" / "config" / "retrain-pytorchjob.yaml"
 
 
 class FakeApi:
@@ -39,10 +41,9 @@ class FakeApi:
 
 
 def template() -> dict[str, Any]:
-    text = config_map(rendered("overlays/cpu"), "coldstart-config")["data"][
-        "retrain-pytorchjob.yaml"
-    ]
-    loaded: dict[str, Any] = yaml.safe_load(text)
+    # The file kustomize puts in the ConfigMap as it is (the rendered one is
+    # checked in tests/integration/k8s/test_k8s_manifests.py).
+    loaded: dict[str, Any] = yaml.safe_load(TEMPLATE.read_text())
     return loaded
 
 

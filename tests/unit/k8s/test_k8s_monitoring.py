@@ -10,7 +10,6 @@ import pytest
 
 from k8s.tools import monitoring
 from services.common.paths import REPO_ROOT
-from tests.unit.k8s.k8s_support import find, rendered
 
 
 def all_queries() -> list[str]:
@@ -56,30 +55,6 @@ def test_rules_cover_issue_9() -> None:
     assert 'outcome="failed"' in expressions["ColdstartTrainingRunFailed"]
     assert 'outcome="gated"' in expressions["ColdstartTrainingGatedOut"]
     assert "coldstart_gateway_degraded_responses_total" in by_metric  # degraded answers
-
-
-def test_prometheus_rule_carries_the_rules_file() -> None:
-    rule = find(rendered("monitoring"), "PrometheusRule", "coldstart")
-    assert rule["spec"]["groups"] == monitoring.load_rules()["groups"]
-
-
-def test_service_monitors_scrape_every_service_and_keep_its_service_label() -> None:
-    resources = rendered("monitoring")
-    for service in ("gateway", "encoder", "fusion", "trainer"):
-        monitor = find(resources, "ServiceMonitor", f"coldstart-{service}")
-        service_object = find(rendered("overlays/cpu"), "Service", f"coldstart-{service}")
-        assert (
-            monitor["spec"]["selector"]["matchLabels"].items()
-            <= service_object["metadata"]["labels"].items()
-        )
-        (endpoint,) = monitor["spec"]["endpoints"]
-        assert endpoint["port"] == "metrics"
-        assert "metrics" in {p["name"] for p in service_object["spec"]["ports"]}
-        # The exported "service" label must not become exported_service.
-        assert endpoint["honorLabels"] is True
-    dashboard = find(resources, "ConfigMap", "coldstart-grafana-dashboard")
-    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert json.loads(dashboard["data"]["coldstart.json"]) == monitoring.dashboard()
 
 
 def test_plain_scrape_config_keeps_coldstart_pods_metrics_ports() -> None:

@@ -1,14 +1,15 @@
-"""Rendered manifests of k8s/, shared by the k8s unit tests (rendered once)."""
+"""Manifests of k8s/ as the real kustomize renders them (the pinned binary of
+services/common/gotools.py), shared by the k8s integration tests."""
 
 from __future__ import annotations
 
 import copy
-import functools
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import yaml
 
-from k8s.tools.kustomize import render
 from services.common.paths import REPO_ROOT
 
 K8S = REPO_ROOT / "k8s"
@@ -24,14 +25,33 @@ PORTS = {
 }
 
 
-@functools.cache
-def _rendered(tree: str) -> tuple[Any, ...]:
-    return tuple(render(K8S / tree))
+def kustomize_build(kustomize: Path, folder: Path) -> list[dict[str, Any]]:
+    """The resources ``kustomize build folder`` prints, parsed."""
+    result = subprocess.run(
+        [str(kustomize), "build", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"kustomize build {folder} failed: {result.stderr.strip()}")
+    return [document for document in yaml.safe_load_all(result.stdout) if document is not None]
 
 
-def rendered(tree: str) -> list[dict[str, Any]]:
-    """The resources of one kustomization (a fresh copy the caller may change)."""
-    return copy.deepcopy(list(_rendered(tree)))
+class Rendered:
+    """``rendered(tree)``: the resources of one kustomization under k8s/, a fresh
+    copy the caller may change; each tree is built once (the fixture that makes
+    this lives for the session)."""
+
+    def __init__(self, kustomize: Path) -> None:
+        self.kustomize = kustomize
+        self._built: dict[str, list[dict[str, Any]]] = {}
+
+    def __call__(self, tree: str) -> list[dict[str, Any]]:
+        if tree not in self._built:
+            self._built[tree] = kustomize_build(self.kustomize, K8S / tree)
+        return copy.deepcopy(self._built[tree])
 
 
 def find(resources: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -51,7 +71,7 @@ def config_map(resources: list[dict[str, Any]], prefix: str) -> dict[str, Any]:
     return matches[0]
 
 
-def retrain_job(tree: str) -> dict[str, Any]:
+def retrain_job(rendered: Rendered, tree: str) -> dict[str, Any]:
     """The retraining PyTorchJob template of an overlay, filled as the launcher fills it."""
     from k8s.tools.pytorchjob_launcher import build_job
 

@@ -1,6 +1,7 @@
-"""Every rendered manifest validates offline, and the manifests do what issue 9
-asks of them (probes, resources, security, disruption budgets, autoscaling,
-load spreading, network policies, GPU overlay, settings)."""
+"""Every manifest the real kustomize renders validates offline, and the
+manifests do what issue 9 asks of them (probes, resources, security,
+disruption budgets, autoscaling, load spreading, network policies, GPU
+overlay, settings)."""
 
 from __future__ import annotations
 
@@ -16,16 +17,18 @@ import yaml
 from k8s.tools.validate import KUBERNETES_VERSIONS, SchemaNotFound, validate_all, validate_resource
 from services.common.paths import REPO_ROOT
 from services.common.settings import load_settings
-from tests.unit.k8s.k8s_support import (
+from tests.integration.k8s.k8s_support import (
     PORTS,
     SERVICES,
     SERVING,
     TREES,
+    Rendered,
     config_map,
     find,
-    rendered,
     retrain_job,
 )
+
+pytestmark = pytest.mark.integration
 
 
 def pod_spec(resources: list[dict[str, Any]], service: str) -> dict[str, Any]:
@@ -50,18 +53,18 @@ def test_versions_checked_are_recent() -> None:
 
 
 @pytest.mark.parametrize("tree", TREES)
-def test_rendered_manifests_validate(tree: str) -> None:
+def test_rendered_manifests_validate(tree: str, rendered: Rendered) -> None:
     problems = validate_all(rendered(tree))
     assert not problems, "\n".join(map(str, problems))
 
 
 @pytest.mark.parametrize("tree", ["overlays/cpu", "overlays/gpu"])
-def test_retraining_pytorchjob_validates(tree: str) -> None:
-    problems = validate_all([retrain_job(tree)])
+def test_retraining_pytorchjob_validates(tree: str, rendered: Rendered) -> None:
+    problems = validate_all([retrain_job(rendered, tree)])
     assert not problems, "\n".join(map(str, problems))
 
 
-def test_custom_resources_use_the_schemas_kept_in_the_repo() -> None:
+def test_custom_resources_use_the_schemas_kept_in_the_repo(rendered: Rendered) -> None:
     kinds = {(r["apiVersion"], r["kind"]) for tree in TREES for r in rendered(tree)}
     assert ("monitoring.coreos.com/v1", "ServiceMonitor") in kinds
     assert ("kafka.strimzi.io/v1beta2", "KafkaTopic") in kinds
@@ -120,7 +123,7 @@ _POD = ["spec", "template", "spec"]
     ],
 )
 def test_broken_manifests_fail_validation(
-    kind: str, name: str, path: list[Any], value: Any, expected: str
+    kind: str, name: str, path: list[Any], value: Any, expected: str, rendered: Rendered
 ) -> None:
     resource = find(rendered("overlays/cpu"), kind, name)
     assert not validate_resource(resource)
@@ -129,8 +132,8 @@ def test_broken_manifests_fail_validation(
     assert any(expected in str(p) for p in problems), problems
 
 
-def test_broken_custom_resources_fail_validation() -> None:
-    job = retrain_job("overlays/cpu")
+def test_broken_custom_resources_fail_validation(rendered: Rendered) -> None:
+    job = retrain_job(rendered, "overlays/cpu")
     for path, value in (
         (["spec", "runPolicy", "backofflimit"], 1),
         (["spec", "pytorchReplicaSpecs", "Master", "replicas"], "one"),
@@ -169,7 +172,9 @@ def test_unknown_kinds_are_an_error_not_a_pass() -> None:
 
 
 @pytest.mark.parametrize("service", SERVICES)
-def test_probes_are_grpc_health_checks_on_the_service_port(service: str) -> None:
+def test_probes_are_grpc_health_checks_on_the_service_port(
+    service: str, rendered: Rendered
+) -> None:
     main = container(rendered("overlays/cpu"), service)
     grpc_port, metrics_port = PORTS[service]
     assert {p["name"]: p["containerPort"] for p in main["ports"]} == {
@@ -188,7 +193,7 @@ def test_probes_are_grpc_health_checks_on_the_service_port(service: str) -> None
 
 @pytest.mark.parametrize("tree", ["overlays/cpu", "overlays/gpu"])
 @pytest.mark.parametrize("service", SERVICES)
-def test_security_context_and_resources(tree: str, service: str) -> None:
+def test_security_context_and_resources(tree: str, service: str, rendered: Rendered) -> None:
     resources = rendered(tree)
     spec = pod_spec(resources, service)
     main = container(resources, service)
@@ -212,7 +217,9 @@ def test_security_context_and_resources(tree: str, service: str) -> None:
 
 
 @pytest.mark.parametrize("service", SERVING)
-def test_serving_deployments_have_pdb_hpa_and_a_service_that_spreads_grpc(service: str) -> None:
+def test_serving_deployments_have_pdb_hpa_and_a_service_that_spreads_grpc(
+    service: str, rendered: Rendered
+) -> None:
     resources = rendered("overlays/cpu")
     deployment = find(resources, "Deployment", f"coldstart-{service}")
     labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -237,7 +244,9 @@ def test_serving_deployments_have_pdb_hpa_and_a_service_that_spreads_grpc(servic
         assert svc["spec"]["clusterIP"] == "None"
 
 
-def test_trainer_consumer_is_a_single_writer_deployment_with_rbac_for_pytorchjobs() -> None:
+def test_trainer_consumer_is_a_single_writer_deployment_with_rbac_for_pytorchjobs(
+    rendered: Rendered,
+) -> None:
     resources = rendered("overlays/cpu")
     trainer = find(resources, "Deployment", "coldstart-trainer")
     assert trainer["spec"]["replicas"] == 1
@@ -259,7 +268,7 @@ def test_trainer_consumer_is_a_single_writer_deployment_with_rbac_for_pytorchjob
         assert pod_spec(resources, service)["automountServiceAccountToken"] is False
 
 
-def test_registry_is_on_a_read_write_many_volume_mounted_everywhere() -> None:
+def test_registry_is_on_a_read_write_many_volume_mounted_everywhere(rendered: Rendered) -> None:
     resources = rendered("overlays/cpu")
     claim = find(resources, "PersistentVolumeClaim", "coldstart-shared")
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -267,7 +276,7 @@ def test_registry_is_on_a_read_write_many_volume_mounted_everywhere() -> None:
         mounts = {m["name"]: m for m in container(resources, service)["volumeMounts"]}
         assert mounts["shared"]["mountPath"] == "/var/lib/coldstart/shared"
         assert mounts["shared"].get("readOnly", False) is (service != "trainer")
-    job = retrain_job("overlays/cpu")
+    job = retrain_job(rendered, "overlays/cpu")
     for replica in job["spec"]["pytorchReplicaSpecs"].values():
         volumes = replica["template"]["spec"]["volumes"]
         assert {
@@ -279,7 +288,7 @@ def test_registry_is_on_a_read_write_many_volume_mounted_everywhere() -> None:
         assert settings[service]["registry_dir"].startswith("/var/lib/coldstart/shared/")
 
 
-def test_secrets_are_referenced_never_embedded() -> None:
+def test_secrets_are_referenced_never_embedded(rendered: Rendered) -> None:
     resources = rendered("overlays/cpu")
     assert not [r for r in resources if r["kind"] == "Secret"]
     gateway = container(resources, "gateway")
@@ -331,7 +340,7 @@ def _reachable_from_outside(
     return open_to
 
 
-def test_network_policies_let_only_the_gateway_in_from_outside() -> None:
+def test_network_policies_let_only_the_gateway_in_from_outside(rendered: Rendered) -> None:
     resources = rendered("overlays/cpu")
     policies = [r for r in resources if r["kind"] == "NetworkPolicy"]
     deny = find(resources, "NetworkPolicy", "coldstart-default-deny-ingress")
@@ -356,7 +365,7 @@ def test_network_policies_let_only_the_gateway_in_from_outside() -> None:
 # -- GPU overlay -------------------------------------------------------------------
 
 
-def test_gpu_overlay_requests_gpus_and_trains_with_nccl() -> None:
+def test_gpu_overlay_requests_gpus_and_trains_with_nccl(rendered: Rendered) -> None:
     cpu, gpu = rendered("overlays/cpu"), rendered("overlays/gpu")
     for service in ("encoder", "fusion"):
         assert "nvidia.com/gpu" not in container(cpu, service)["resources"]["limits"]
@@ -377,22 +386,22 @@ def test_gpu_overlay_requests_gpus_and_trains_with_nccl() -> None:
     assert encoder_env["COLDSTART_ENCODER_PROVIDER"] == "cuda"
     trainer_env = {e["name"]: e.get("value") for e in container(gpu, "trainer")["env"]}
     assert trainer_env["COLDSTART_TRAINER_DEVICE"] == "cuda"
-    job = retrain_job("overlays/gpu")
+    job = retrain_job(rendered, "overlays/gpu")
     for replica in job["spec"]["pytorchReplicaSpecs"].values():
         main = replica["template"]["spec"]["containers"][0]
         assert main["name"] == "pytorch"
         assert main["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert "cuda" in main["args"]
         assert any(e["name"] == "NCCL_DEBUG" for e in main["env"])
-    cpu_job = retrain_job("overlays/cpu")
+    cpu_job = retrain_job(rendered, "overlays/cpu")
     for replica in cpu_job["spec"]["pytorchReplicaSpecs"].values():
         main = replica["template"]["spec"]["containers"][0]
         assert "nvidia.com/gpu" not in main["resources"]["limits"]
         assert "cpu" in main["args"]
 
 
-def test_retraining_job_has_n_ranks() -> None:
-    job = retrain_job("overlays/cpu")
+def test_retraining_job_has_n_ranks(rendered: Rendered) -> None:
+    job = retrain_job(rendered, "overlays/cpu")
     specs = job["spec"]["pytorchReplicaSpecs"]
     assert specs["Master"]["replicas"] + specs["Worker"]["replicas"] == 4
     assert job["spec"]["nprocPerNode"] == "1"
@@ -411,7 +420,7 @@ SETTINGS_CLASSES = {
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_config_map_settings_load_with_the_service_settings_class(
-    service: str, tmp_path: Path
+    service: str, tmp_path: Path, rendered: Rendered
 ) -> None:
     text = config_map(rendered("overlays/cpu"), "coldstart-config")["data"]["coldstart.toml"]
     document = tomllib.loads(text)
@@ -433,7 +442,7 @@ def test_config_map_settings_load_with_the_service_settings_class(
     assert settings.port == PORTS[service][0]
 
 
-def test_trainer_train_command_runs_the_pytorchjob_launcher() -> None:
+def test_trainer_train_command_runs_the_pytorchjob_launcher(rendered: Rendered) -> None:
     text = config_map(rendered("overlays/cpu"), "coldstart-config")["data"]["coldstart.toml"]
     command = tomllib.loads(text)["trainer"]["train_command"]
     assert command.startswith("{python} -m k8s.tools.pytorchjob_launcher ")
@@ -442,7 +451,7 @@ def test_trainer_train_command_runs_the_pytorchjob_launcher() -> None:
         assert placeholder in command
 
 
-def test_kafka_topics_match_what_the_services_use() -> None:
+def test_kafka_topics_match_what_the_services_use(rendered: Rendered) -> None:
     topics = {r["spec"]["topicName"]: r for r in rendered("kafka")}
     settings = tomllib.loads(
         config_map(rendered("overlays/cpu"), "coldstart-config")["data"]["coldstart.toml"]

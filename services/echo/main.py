@@ -10,13 +10,14 @@ import grpc
 from coldstart.v1 import echo_pb2, echo_pb2_grpc
 
 from services.common.errors import InvalidArgument
+from services.common.ports import ECHO_PORT
 from services.common.server import ServiceApp, ServiceParts
 from services.common.settings import ServerSettings, SettingsError
 
 
 @dataclass(frozen=True)
 class EchoSettings(ServerSettings):
-    port: int = 50060
+    port: int = ECHO_PORT
     # Longest sleep a caller may ask for (graceful-shutdown tests use it).
     max_sleep_ms: int = 60_000
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.paths import run_dir
+from services.common.ports import DEFAULT_PORTS
 from services.common.settings import ServerSettings, SettingsError, check_positive
 
 PROVIDERS = ("auto", "cpu", "cuda")
@@ -17,7 +18,7 @@ def default_registry_dir() -> Path:
 
 @dataclass(frozen=True)
 class EncoderSettings(ServerSettings):
-    port: int = 50051
+    port: int = DEFAULT_PORTS["encoder"].grpc
 
     # -- which model -------------------------------------------------------
     # An exported version folder (manifest.json, model.onnx, tokenizer/);

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.ports import DEFAULT_PORTS
 from services.common.settings import ServerSettings, SettingsError, check_positive
 
 
 @dataclass(frozen=True)
 class FusionSettings(ServerSettings):
-    port: int = 50052
+    port: int = DEFAULT_PORTS["fusion"].grpc
     # Model registry root; empty = ``run_dir()/registry/recommender``.
     registry_dir: str = ""
     # Seconds between looks at the registry's CURRENT pointer.

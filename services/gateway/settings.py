@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.common.ports import DEFAULT_PORTS, default_address
 from services.common.settings import ServerSettings, SettingsError, check_positive
 
 
 @dataclass(frozen=True)
 class GatewaySettings(ServerSettings):
-    port: int = 50050
-    fusion_address: str = "127.0.0.1:50052"
-    encoder_address: str = "127.0.0.1:50051"
+    port: int = DEFAULT_PORTS["gateway"].grpc
+    fusion_address: str = default_address("fusion")
+    encoder_address: str = default_address("encoder")
     kafka_bootstrap: str = "127.0.0.1:9092"
     events_topic: str = "coldstart.events"
     # Registry the popularity/content fallback reads when fusion is down.

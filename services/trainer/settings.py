@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.paths import run_dir
+from services.common.ports import DEFAULT_PORTS
 from services.common.settings import ServerSettings, SettingsError, check_positive
 
 # The training command the retrainer runs when ``train_command`` is empty. The
@@ -27,7 +28,7 @@ _SCORER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 @dataclass(frozen=True)
 class TrainerSettings(ServerSettings):
-    port: int = 50054
+    port: int = DEFAULT_PORTS["trainer"].grpc
 
     # -- consumption ------------------------------------------------------
     kafka_bootstrap: str = "127.0.0.1:9092"

@@ -11,18 +11,14 @@ from typing import Any
 import yaml
 
 from services.common.paths import REPO_ROOT
+from services.common.ports import DEFAULT_PORTS
 
 K8S = REPO_ROOT / "k8s"
 TREES = ("overlays/cpu", "overlays/gpu", "monitoring", "kafka")
 SERVING = ("gateway", "encoder", "fusion")
 SERVICES = ("gateway", "encoder", "fusion", "trainer")
 # The ports issue 9 fixed for each service: (gRPC, metrics).
-PORTS = {
-    "gateway": (50050, 9100),
-    "encoder": (50051, 9101),
-    "fusion": (50052, 9102),
-    "trainer": (50053, 9103),
-}
+PORTS = {name: (ports.grpc, ports.metrics) for name, ports in DEFAULT_PORTS.items()}
 
 
 def kustomize_build(kustomize: Path, folder: Path) -> list[dict[str, Any]]:

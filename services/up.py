@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,24 +19,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.common.gotools import find_go_tool
 from services.common.kafka.local_broker import KafkaError, LocalKafka
-from services.common.paths import REPO_ROOT, cache_dir, run_dir
+from services.common.paths import REPO_ROOT, run_dir
+from services.common.ports import DEFAULT_PORTS
 from services.common.registry import ModelRegistry
 
-GRPCURL_MODULE = "github.com/fullstorydev/grpcurl/cmd/grpcurl@v1.9.3"
 DEV_TOKEN = "dev-token"
 
 
 @dataclass(frozen=True)
 class Ports:
-    gateway: int = 50050
-    encoder: int = 50051
-    fusion: int = 50052
-    trainer: int = 50053
+    gateway: int = DEFAULT_PORTS["gateway"].grpc
+    encoder: int = DEFAULT_PORTS["encoder"].grpc
+    fusion: int = DEFAULT_PORTS["fusion"].grpc
+    trainer: int = DEFAULT_PORTS["trainer"].grpc
     kafka: int = 9092
 
     def metrics(self, service: str) -> int:
-        return {"gateway": 9100, "encoder": 9101, "fusion": 9102, "trainer": 9103}[service]
+        return DEFAULT_PORTS[service].metrics
 
 
 def state_file() -> Path:
@@ -179,21 +179,10 @@ def _alive(pid: int) -> bool:
 
 
 def grpcurl_path() -> str | None:
-    """grpcurl from PATH, else built once from the Go module proxy into .cache/bin."""
-    found = shutil.which("grpcurl")
-    if found:
-        return found
-    local = cache_dir() / "bin" / "grpcurl"
-    if local.exists():
-        return str(local)
-    if shutil.which("go") is None:
-        return None
-    print("==> building grpcurl from the Go module proxy (once)", flush=True)
-    env = {**os.environ, "GOBIN": str(local.parent), "GOFLAGS": "-mod=mod"}
-    result = subprocess.run(
-        ["go", "install", GRPCURL_MODULE], env=env, capture_output=True, text=True, check=False
-    )
-    return str(local) if result.returncode == 0 and local.exists() else None
+    """grpcurl from PATH, else the pinned one built once from the Go module proxy."""
+    print("==> grpcurl (built once from the Go module proxy where missing)", flush=True)
+    found = find_go_tool("grpcurl")
+    return str(found) if found is not None else None
 
 
 def how_to_call(ports: Ports, grpcurl: str | None) -> str:

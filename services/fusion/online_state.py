@@ -1,6 +1,10 @@
 """Online user state materialised from the events topic, and its snapshots.
 
-One consumer thread applies events in partition order into ``UserStore``.
+One consumer thread applies events in partition order into ``UserStore``,
+watched by the shared stall guard (``services.common.kafka_consumer``): a poll
+loop silent for ``STALLED_AFTER_S`` is abandoned and a new consumer and thread
+take over from the offsets applied so far; a consumer whose polls return
+nothing while the partitions have a backlog is recreated in its thread.
 Every replica must see every event, so the consumer ``assign()``s itself all
 partitions (no consumer group, nothing committed to Kafka); the offsets live in
 the snapshot next to the state they produced. A snapshot is taken in the
@@ -34,6 +38,14 @@ from coldstart.v1 import events_pb2
 from prometheus_client import Counter, Gauge
 
 from services.common.events import EventDecodeError, decode_event
+from services.common.kafka_consumer import (
+    STALLED_AFTER_S,
+    ConsumerGuard,
+    ConsumerStalled,
+    close_consumer,
+    consumer_options,
+    make_consumer,
+)
 
 log = logging.getLogger("coldstart.fusion.state")
 
@@ -48,6 +60,12 @@ EVENTS_SKIPPED = Counter(
 ONLINE_USERS = Gauge("coldstart_fusion_online_users", "Users held in the online state.")
 SNAPSHOTS = Counter(
     "coldstart_fusion_snapshots_total", "Snapshots written, by outcome.", ["outcome"]
+)
+CONSUMER_RESTARTS = Counter(
+    "coldstart_fusion_consumer_restarts_total",
+    "Event consumers replaced by the stall guard: stalled (poll loop silent; a new "
+    "thread takes over) or not_fetching (empty polls with a backlog).",
+    ["reason"],
 )
 
 SNAPSHOT_FILE = "state.json"
@@ -272,7 +290,14 @@ def read_snapshot(path: Path) -> dict[str, Any] | None:
 
 
 class EventConsumer:
-    """The thread that keeps ``UserStore`` up to date from the events topic."""
+    """The thread that keeps ``UserStore`` up to date from the events topic.
+
+    Only the current *generation*'s thread applies events: the stall watchdog
+    bumps the generation under ``_lock`` before it starts a replacement, and a
+    thread checks it under the same lock before applying a batch, so an
+    abandoned thread whose poll returns late applies nothing (the replacement
+    re-reads that batch from the applied offsets).
+    """
 
     def __init__(
         self,
@@ -285,8 +310,10 @@ class EventConsumer:
         poll_timeout_ms: int = 50,
         export_items: Callable[[], list[dict[str, Any]]] = list,
         restore_items: Callable[[Iterable[Mapping[str, Any]]], None] | None = None,
+        stalled_after_s: float | None = None,
+        consumer_factory: Callable[[], Any] | None = None,
     ) -> None:
-        from kafka import KafkaConsumer, TopicPartition
+        from kafka import TopicPartition
         from kafka.errors import KafkaError
 
         self.store = store
@@ -295,20 +322,26 @@ class EventConsumer:
         self.snapshot_interval_s = snapshot_interval_s
         self.poll_timeout_ms = poll_timeout_ms
         self.export_items = export_items
+        self.stalled_after_s = STALLED_AFTER_S if stalled_after_s is None else stalled_after_s
+
+        def new_consumer() -> Any:
+            # No group (assign(): every replica reads every partition).
+            options = consumer_options(
+                client_id=f"fusion-{uuid.uuid4().hex[:8]}", fetch_max_wait_ms=poll_timeout_ms
+            )
+            return make_consumer(bootstrap, None, **options)
+
+        self._new_consumer = consumer_factory or new_consumer
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watchdog: threading.Thread | None = None
         self._writer_lock = threading.Lock()
+        # Held while a batch is applied and while the generation changes.
+        self._lock = threading.Lock()
+        self._generation = 0
         self.applied = 0
         try:
-            self.consumer = KafkaConsumer(
-                bootstrap_servers=bootstrap,
-                group_id=None,  # assign(): every replica reads every partition
-                enable_auto_commit=False,
-                auto_offset_reset="earliest",
-                fetch_max_wait_ms=poll_timeout_ms,
-                max_poll_records=2000,
-                client_id=f"fusion-{uuid.uuid4().hex[:8]}",
-            )
+            self.consumer = self._new_consumer()
         except KafkaError as exc:
             raise ConnectionError(f"kafka_bootstrap {bootstrap}: {type(exc).__name__}") from None
         partitions: set[int] | None = None
@@ -321,65 +354,169 @@ class EventConsumer:
             self.consumer.close()
             raise ConnectionError(f"events_topic {topic!r}: not found on {bootstrap}")
         self.partitions = [TopicPartition(topic, p) for p in sorted(partitions)]
-        self.consumer.assign(self.partitions)
         snapshot = read_snapshot(snapshot_path)
-        offsets: dict[str, int] = {}
+        # partition -> next offset after what the store holds (a replacement seeks here)
+        self._offsets: dict[int, int] = {}
         if snapshot is not None and snapshot.get("topic") == topic:
             store.restore(snapshot)
             if restore_items is not None:
                 restore_items(snapshot.get("items", []))
-            offsets = {str(k): int(v) for k, v in snapshot.get("offsets", {}).items()}
+            self._offsets = {int(k): int(v) for k, v in snapshot.get("offsets", {}).items()}
             log.info(
                 "snapshot loaded",
-                extra={"users": len(store), "offsets": offsets, "path": str(snapshot_path)},
+                extra={"users": len(store), "offsets": self._offsets, "path": str(snapshot_path)},
             )
+        self._assign(self.consumer, self._offsets)
+        self._guard = self._make_guard()
+
+    @staticmethod
+    def _make_guard() -> ConsumerGuard:
+        return ConsumerGuard("fusion", lambda reason: CONSUMER_RESTARTS.labels(reason).inc())
+
+    def _assign(self, consumer: Any, offsets: Mapping[int, int]) -> None:
+        consumer.assign(self.partitions)
         for tp in self.partitions:
-            if str(tp.partition) in offsets:
-                self.consumer.seek(tp, offsets[str(tp.partition)])
+            if tp.partition in offsets:
+                consumer.seek(tp, offsets[tp.partition])
             else:
-                self.consumer.seek_to_beginning(tp)
+                consumer.seek_to_beginning(tp)
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="fusion-events", daemon=True)
+        self._guard.started()
+        self._start_loop(self._generation, self.consumer, self._guard)
+        self._watchdog = threading.Thread(
+            target=self._watch, name="fusion-events-watchdog", daemon=True
+        )
+        self._watchdog.start()
+
+    def _start_loop(self, generation: int, consumer: Any, guard: ConsumerGuard) -> None:
+        self._thread = threading.Thread(
+            target=self._run, args=(generation, consumer, guard), name="fusion-events", daemon=True
+        )
         self._thread.start()
 
-    def _run(self) -> None:
+    def _current(self, generation: int) -> bool:
+        return generation == self._generation and not self._stop.is_set()
+
+    def _run(self, generation: int, consumer: Any, guard: ConsumerGuard) -> None:
         last_snapshot = time.monotonic()
         dirty = False
-        while not self._stop.is_set():
+        while self._current(generation):
             try:
-                batches = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
+                batches = guard.poll(consumer, timeout_ms=self.poll_timeout_ms)
+            except ConsumerStalled:  # (logged and counted by the guard)
+                replaced = self._renew(generation, consumer, guard)
+                if replaced is None:
+                    return
+                consumer = replaced
+                continue
             except Exception:
+                if not self._current(generation):
+                    return  # an abandoned consumer, closed under it
                 # A broker hiccup: kafka-python reconnects on the next poll.
                 log.exception("poll failed; retrying")
                 self._stop.wait(0.5)
                 continue
-            for records in batches.values():
-                for record in records:
-                    dirty = True
-                    try:
-                        event = decode_event(record.value)
-                    except EventDecodeError as exc:
-                        EVENTS_SKIPPED.labels(exc.reason).inc()
-                        continue
-                    try:
-                        if self.store.apply(event):
-                            self.applied += 1
-                    except Exception:
-                        # One bad event must not stop the state for everyone.
-                        EVENTS_SKIPPED.labels("apply_failed").inc()
-                        log.exception(
-                            "applying an event failed", extra={"event_id": event.event_id}
-                        )
-            if dirty and time.monotonic() - last_snapshot >= self.snapshot_interval_s:
-                self._snapshot_async(self._capture())
-                last_snapshot = time.monotonic()
-                dirty = False
-        # Final snapshot on a clean stop, written before close returns.
-        self._write(self._capture())
+            with self._lock:
+                if generation != self._generation:
+                    return  # superseded: the replacement re-reads this batch
+                for records in batches.values():
+                    for record in records:
+                        dirty = True
+                        self._offsets[record.partition] = record.offset + 1
+                        self._apply(record.value)
+                        guard.progress()  # a long batch (encoder calls) is no stall
+                if dirty and time.monotonic() - last_snapshot >= self.snapshot_interval_s:
+                    self._snapshot_async(self._capture(consumer))
+                    last_snapshot = time.monotonic()
+                    dirty = False
+        with self._lock:
+            if generation != self._generation:
+                return
+            # Final snapshot on a clean stop, written before close returns.
+            document = self._capture(consumer)
+        self._write(document)
 
-    def _capture(self) -> dict[str, Any]:
-        offsets = {str(tp.partition): int(self.consumer.position(tp)) for tp in self.partitions}
+    def _apply(self, value: bytes | None) -> None:
+        try:
+            event = decode_event(value)
+        except EventDecodeError as exc:
+            EVENTS_SKIPPED.labels(exc.reason).inc()
+            return
+        try:
+            if self.store.apply(event):
+                self.applied += 1
+        except Exception:
+            # One bad event must not stop the state for everyone.
+            EVENTS_SKIPPED.labels("apply_failed").inc()
+            log.exception("applying an event failed", extra={"event_id": event.event_id})
+
+    def _renew(self, generation: int, old: Any, guard: ConsumerGuard) -> Any | None:
+        """A new consumer for this thread at the applied offsets; None if superseded."""
+        close_consumer(old)
+        while self._current(generation):
+            with self._lock:
+                offsets = dict(self._offsets)
+            try:
+                consumer = self._new_consumer()
+                self._assign(consumer, offsets)
+            except Exception:
+                log.exception("cannot make a new event consumer; retrying")
+                self._stop.wait(1.0)
+                continue
+            guard.started()
+            with self._lock:
+                if generation == self._generation:
+                    self.consumer = consumer
+                    return consumer
+            close_consumer(consumer)
+        return None
+
+    def _watch(self) -> None:
+        """Replace a poll loop that stopped moving (a poll that never returns)."""
+        period = min(1.0, self.stalled_after_s / 4)
+        while not self._stop.wait(period):
+            guard = self._guard
+            silent = guard.silent_for()
+            if silent <= self.stalled_after_s:
+                continue
+            with self._lock:
+                if self._stop.is_set():
+                    return
+                self._generation += 1
+                generation = self._generation
+                stuck = self.consumer
+                offsets = dict(self._offsets)
+            guard.stalled("stalled", f"poll loop silent for {silent:.0f} s")
+            # Its close may hang as its poll did: not on this thread.
+            threading.Thread(
+                target=close_consumer, args=(stuck,), name="fusion-events-close", daemon=True
+            ).start()
+            guard = self._make_guard()
+            while not self._stop.is_set():
+                try:
+                    consumer = self._new_consumer()
+                    self._assign(consumer, offsets)
+                    break
+                except Exception:
+                    log.exception("cannot make a new event consumer; retrying")
+                    self._stop.wait(1.0)
+            else:
+                return
+            with self._lock:
+                if self._stop.is_set():
+                    close_consumer(consumer)
+                    return
+                self.consumer, self._guard = consumer, guard
+            self._start_loop(generation, consumer, guard)
+
+    def _capture(self, consumer: Any | None) -> dict[str, Any]:
+        """State and offsets; ``consumer``'s positions (it just returned from its
+        poll) or, without one, the offsets applied so far."""
+        if consumer is not None:
+            offsets = {str(tp.partition): int(consumer.position(tp)) for tp in self.partitions}
+        else:
+            offsets = {str(p): o for p, o in self._offsets.items()}
         return {
             "format": SNAPSHOT_FORMAT,
             "topic": self.topic,
@@ -412,6 +549,21 @@ class EventConsumer:
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=timeout_s)
-        self.consumer.close()
+        if self._watchdog is not None:
+            self._watchdog.join(timeout=timeout_s)
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout=timeout_s)
+        if thread is not None and thread.is_alive():
+            # Stuck in a poll: take the final snapshot from what was applied.
+            log.warning("event consumer thread did not stop; snapshot from applied offsets")
+            with self._lock:
+                self._generation += 1
+                document = self._capture(None)
+            self._write(document)
+            threading.Thread(
+                target=close_consumer, args=(self.consumer,), name="fusion-events-close",
+                daemon=True,
+            ).start()  # fmt: skip
+        else:
+            close_consumer(self.consumer)

@@ -1,13 +1,21 @@
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from coldstart.v1 import events_pb2
+from kafka import TopicPartition
 
-from services.common.events import new_event
+from services.common import kafka_consumer
+from services.common.events import encode_event, new_event
 from services.fusion.online_state import (
+    CONSUMER_RESTARTS,
     SNAPSHOT_FORMAT,
+    EventConsumer,
     ItemEvent,
     UserStore,
     read_snapshot,
@@ -163,3 +171,172 @@ def test_snapshot_keeps_ratings_and_an_old_snapshot_restores_all_liked() -> None
     state = old.get("u")
     assert state is not None
     assert state.recent_item_ids == ("a", "b", "c") and dict(state.ratings) == {}
+
+
+# -- the consumer and its stall guard (fake consumers, no broker) -------------
+
+TOPIC = "events"
+
+
+class FakeRecord:
+    def __init__(self, partition: int, offset: int, value: bytes) -> None:
+        self.partition, self.offset, self.key, self.value = partition, offset, b"k", value
+
+
+class FakeConsumer:
+    """An assign()ed KafkaConsumer stand-in over ``log`` (partition -> values).
+
+    ``hang_after``: polls with records before every later poll blocks until
+    ``close`` (a poll that never returns); ``dry_after``: polls with records
+    before every later poll returns nothing though records are left."""
+
+    def __init__(
+        self, log: dict[int, list[bytes]], *, hang_after: int = -1, dry_after: int = -1
+    ) -> None:
+        self.log = log
+        self.hang_after = hang_after
+        self.dry_after = dry_after
+        self.positions: dict[int, int] = {}
+        self.seeks: list[tuple[int, int]] = []
+        self.polls_with_records = 0
+        self.hanging = threading.Event()
+        self.closed = threading.Event()
+        self.late: list[FakeRecord] = []  # what a hung poll returns once released
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return set(self.log)
+
+    def assign(self, partitions: list[TopicPartition]) -> None:
+        self.assigned = list(partitions)
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self.assigned)
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks.append((tp.partition, offset))
+        self.positions[tp.partition] = offset
+
+    def seek_to_beginning(self, tp: TopicPartition) -> None:
+        self.seek(tp, 0)
+
+    def position(self, tp: TopicPartition, timeout_ms: int | None = None) -> int:
+        return self.positions[tp.partition]
+
+    def end_offsets(
+        self, tps: list[TopicPartition], timeout_ms: int | None = None
+    ) -> dict[TopicPartition, int]:
+        return {tp: len(self.log[tp.partition]) for tp in tps}
+
+    def poll(self, timeout_ms: int) -> dict[TopicPartition, list[FakeRecord]]:
+        if 0 <= self.hang_after <= self.polls_with_records:
+            self.hanging.set()
+            self.closed.wait(30)
+            # Returns late, with a batch the abandoned thread must not apply.
+            return {TopicPartition(TOPIC, 0): self.late}
+        if 0 <= self.dry_after <= self.polls_with_records:
+            time.sleep(0.005)
+            return {}
+        out: dict[TopicPartition, list[FakeRecord]] = {}
+        for p, values in self.log.items():
+            pos = self.positions[p]
+            if pos < len(values):
+                out[TopicPartition(TOPIC, p)] = [FakeRecord(p, pos, values[pos])]
+                self.positions[p] = pos + 1
+        if out:
+            self.polls_with_records += 1
+        else:
+            time.sleep(0.005)
+        return out
+
+    def close(self, autocommit: bool = True, timeout_ms: int | None = None) -> None:
+        self.closed.set()
+
+
+def views(user: str, n: int) -> list[bytes]:
+    return [encode_event(interaction(user, f"i{k}")) for k in range(n)]
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def consumer_over(
+    tmp_path: Path, consumers: list[FakeConsumer], stalled_after_s: float = 0.3
+) -> tuple[EventConsumer, UserStore]:
+    store = UserStore(history_length=1000)
+    made = iter(consumers)
+    consumer = EventConsumer(
+        store, "unused", TOPIC, tmp_path / "state.json", snapshot_interval_s=60,
+        stalled_after_s=stalled_after_s, consumer_factory=lambda: next(made),
+    )  # fmt: skip
+    return consumer, store
+
+
+def test_a_poll_that_never_returns_is_abandoned_and_a_new_consumer_reads_on(
+    tmp_path: Path,
+) -> None:
+    """The first consumer hangs in poll after three records; the watchdog counts
+    a stall, starts a second consumer at the applied offsets, and the first
+    one's late batch (once its close releases it) is never applied."""
+    log = {0: views("u", 8), 1: views("v", 2)}
+    stuck = FakeConsumer(log, hang_after=3)
+    stuck.late = [FakeRecord(0, 99, encode_event(interaction("late", "x")))]
+    fresh = FakeConsumer(log)
+    consumer, store = consumer_over(tmp_path, [stuck, fresh])
+    before = CONSUMER_RESTARTS.labels("stalled")._value.get()
+    consumer.start()
+    try:
+        assert wait_for(lambda: consumer.applied == 10)
+        assert stuck.hanging.is_set() and stuck.closed.is_set()
+        time.sleep(0.1)  # room for the released poll's thread to (not) apply
+    finally:
+        consumer.stop()
+    assert CONSUMER_RESTARTS.labels("stalled")._value.get() == before + 1
+    # Resumed where the store was: three polls had applied offsets 0-2 of p0, 0-1 of p1.
+    assert sorted(fresh.seeks) == [(0, 3), (1, 2)]
+    state = store.get("u")
+    assert state is not None and len(state.recent_item_ids) == 8
+    assert store.get("late") is None
+    assert consumer.applied == 10
+    snapshot = read_snapshot(tmp_path / "state.json")
+    assert snapshot is not None and snapshot["offsets"] == {"0": 8, "1": 2}
+
+
+def test_a_consumer_that_stops_fetching_with_a_backlog_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kafka_consumer, "NOT_FETCHING_AFTER_S", 0.2)
+    monkeypatch.setattr(kafka_consumer, "LAG_INTERVAL_S", 0.01)
+    log = {0: views("u", 6)}
+    dry = FakeConsumer(log, dry_after=2)
+    fresh = FakeConsumer(log)
+    consumer, _store = consumer_over(tmp_path, [dry, fresh], stalled_after_s=30)
+    before = CONSUMER_RESTARTS.labels("not_fetching")._value.get()
+    consumer.start()
+    try:
+        assert wait_for(lambda: consumer.applied == 6)
+    finally:
+        consumer.stop()
+    assert dry.closed.is_set()
+    assert fresh.seeks == [(0, 2)]
+    assert CONSUMER_RESTARTS.labels("not_fetching")._value.get() == before + 1
+
+
+def test_a_quiet_topic_is_neither_stalled_nor_not_fetching(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kafka_consumer, "NOT_FETCHING_AFTER_S", 0.1)
+    monkeypatch.setattr(kafka_consumer, "LAG_INTERVAL_S", 0.01)
+    log = {0: views("u", 1)}
+    only = FakeConsumer(log)
+    consumer, _store = consumer_over(tmp_path, [only], stalled_after_s=0.2)
+    consumer.start()
+    try:
+        time.sleep(1.0)  # five stall periods, nothing to read after the first record
+    finally:
+        consumer.stop()
+    assert consumer.applied == 1
+    assert only.seeks == [(0, 0)]  # never replaced

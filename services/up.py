@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,8 @@ from services.common.kafka.local_broker import KafkaError, LocalKafka
 from services.common.paths import REPO_ROOT, run_dir
 from services.common.ports import DEFAULT_PORTS
 from services.common.registry import ModelRegistry
+from services.trainer.retrain import RunRecord
+from services.trainer.settings import TrainerSettings
 
 DEV_TOKEN = "dev-token"
 
@@ -62,31 +65,84 @@ def _run_step(title: str, command: list[str]) -> None:
         )
 
 
+# A retraining run starts after this many new events in the main job: a demo burst
+# of a few hundred interactions is enough to see the loop turn.
+RETRAIN_EVERY_EVENTS = 200
+DATA_MARKER = "up-data"  # in the recommender registry: the dataset its versions came from
+
+
+def trainer_settings(data: str) -> TrainerSettings:
+    """The main job's trainer: its own log and the shared registry, the first model's
+    data as its base data, and a retrain trigger on."""
+    _, model_registry = registry_dirs()
+    return TrainerSettings(
+        registry_dir=str(model_registry),
+        log_dir=str(run_dir() / "trainer"),
+        initial_data=data,
+        retrain_every_events=RETRAIN_EVERY_EVENTS,
+        workers=1,
+    )
+
+
 def ensure_models(data: str, retrain: bool) -> None:
+    """An encoder export and a first recommender version, made once.
+
+    The first version is a retraining run of the trainer (base data plus whatever
+    its event log holds, the newest interactions held out), run here before the
+    services start, so every version the registry ever holds is made and gated the
+    same way and later runs compare like with like.
+    """
     encoder_registry, model_registry = registry_dirs()
     if ModelRegistry(encoder_registry).current() is None:
         _run_step(
             "exporting the text encoder to ONNX",
             _coldstart("export", "encoder", "--registry-dir", str(encoder_registry), "--int8"),
         )
-    if retrain or ModelRegistry(model_registry).current() is None:
-        _run_step(
-            f"training a first model on {data}",
-            _coldstart(
-                "train",
-                "--data",
-                data,
-                "--workers",
-                "1",
-                "--registry",
-                str(model_registry),
-                "--quiet",
-            ),
+    marker = model_registry / DATA_MARKER
+    previous = marker.read_text().strip() if marker.is_file() else None
+    if previous is not None and previous != data:
+        print(f"==> the registry's versions were trained on {previous}, not {data}", flush=True)
+        retrain = True
+    if not retrain and ModelRegistry(model_registry).current() is not None:
+        return
+    # A first version of other data (or one the user asked to replace) is no bar
+    # for the new one's gate: start the registry afresh.
+    shutil.rmtree(model_registry, ignore_errors=True)
+    print(f"==> training a first model on {data} (a trainer run)", flush=True)
+    record = train_first_version(trainer_settings(data))
+    if record.state != "published":
+        raise SystemExit(
+            f"coldstart up: the first training run {record.state}: {record.message} "
+            f"(log: {run_dir() / 'trainer' / 'runs' / record.run_id / 'train.log'})"
         )
+    model_registry.mkdir(parents=True, exist_ok=True)
+    marker.write_text(data + "\n")
+    print(f"    published {record.published_version}: {record.message}", flush=True)
 
 
-def service_settings(service: str, ports: Ports, kafka: str) -> dict[str, object]:
+def train_first_version(settings: TrainerSettings) -> RunRecord:
+    """One retraining run, in this process, on the trainer's log and registry
+    (the trainer service must not be running on them)."""
+    from services.trainer.event_log import EventLog
+    from services.trainer.retrain import Retrainer
+
+    settings.validate()
+    log_dir = settings.log_path()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    event_log = EventLog(log_dir / "events.sqlite", synchronous=settings.sqlite_synchronous)
+    try:
+        registry = ModelRegistry(settings.registry_path())
+        registry.root.mkdir(parents=True, exist_ok=True)
+        retrainer = Retrainer(settings, event_log, registry)
+        retrainer.recover()
+        return retrainer.run(f"first model on {settings.initial_data}")
+    finally:
+        event_log.close()
+
+
+def service_settings(service: str, ports: Ports, kafka: str, data: str) -> dict[str, object]:
     encoder_registry, model_registry = registry_dirs()
+    trainer = trainer_settings(data)
     common: dict[str, object] = {
         "port": getattr(ports, service),
         "metrics_port": ports.metrics(service),
@@ -100,9 +156,12 @@ def service_settings(service: str, ports: Ports, kafka: str) -> dict[str, object
             "snapshot_dir": run_dir() / "fusion",
         },
         "trainer": {
-            "registry_dir": model_registry,
             "kafka_bootstrap": kafka,
-            "log_dir": run_dir() / "trainer",
+            # The same log, registry, base data and trigger the first version's run had.
+            **{
+                name: getattr(trainer, name)
+                for name in ("registry_dir", "log_dir", "initial_data", "retrain_every_events")
+            },
         },
         "gateway": {
             "kafka_bootstrap": kafka,
@@ -194,7 +253,7 @@ coldstart is up. Gateway: {address} (token: {DEV_TOKEN}); logs in {run_dir() / "
 Call it with grpcurl{"" if grpcurl else " (not found: install it, or use the Python snippet)"}:
 
   {grpcurl_cmd} -plaintext -H 'authorization: Bearer {DEV_TOKEN}' \\
-    -d '{{"anonymous": {{"interest_text": "space adventure with robots"}}, "k": 5}}' \\
+    -d '{{"anonymous": {{"interest_text": "space adventure with robots"}}, "k": 5, "include_display": true}}' \\
     {address} coldstart.v1.GatewayService/Recommend
 
 Or from Python (inside this repo's virtualenv: .venv/bin/python):
@@ -204,7 +263,7 @@ Or from Python (inside this repo's virtualenv: .venv/bin/python):
   stub = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel("{address}"))
   auth = (("authorization", "Bearer {DEV_TOKEN}"),)
   user = stub.RegisterUser(gateway_pb2.RegisterUserRequest(interest_text="film noir"), metadata=auth, timeout=5)
-  print(stub.Recommend(gateway_pb2.GatewayRecommendRequest(user_id=user.user_id, k=5), metadata=auth, timeout=5))
+  print(stub.Recommend(gateway_pb2.GatewayRecommendRequest(user_id=user.user_id, k=5, include_display=True), metadata=auth, timeout=5))
 
 Then try `.venv/bin/coldstart demo`; stop everything with `make down`.
 """
@@ -218,7 +277,9 @@ def main(argv: list[str]) -> int:
         help="dataset for the first model: synthetic, ml-100k, ml-latest-small or a folder",
     )
     parser.add_argument(
-        "--retrain", action="store_true", help="train a new first model even if one exists"
+        "--retrain",
+        action="store_true",
+        help="discard the recommender registry and train a first model anew",
     )
     parser.add_argument("--kafka-port", type=int, default=9092)
     args = parser.parse_args(argv)
@@ -239,7 +300,7 @@ def main(argv: list[str]) -> int:
         for service in ("encoder", "fusion", "trainer", "gateway"):
             print(f"==> starting {service}", flush=True)
             pid = start_service(
-                service, service_settings(service, ports, broker.bootstrap), log_dir
+                service, service_settings(service, ports, broker.bootstrap, args.data), log_dir
             )
             started[service] = pid
             state_file().write_text(json.dumps({"services": started, "ports": ports.__dict__}))

@@ -176,3 +176,16 @@ def test_an_index_kind_it_cannot_search_is_refused() -> None:
     lsh.add(vectors)
     with pytest.raises(ValueError, match="IndexLSH"):
         ItemIndex([ItemMeta(f"i{r}") for r in range(50)], vectors, vectors, np.ones(50), lsh)
+
+
+@pytest.mark.parametrize(
+    ("text", "title"),
+    [
+        ("Toy Story (1995) | Animation, Children's", "Toy Story (1995)"),
+        ("The Rocket and the Moon | a book about comet | space", "The Rocket and the Moon"),
+        ("A text with no parts", "A text with no parts"),
+        ("", ""),
+    ],
+)
+def test_an_items_title_is_its_text_up_to_the_first_part(text: str, title: str) -> None:
+    assert ItemMeta("i1", text).title == title

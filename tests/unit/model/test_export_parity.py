@@ -151,3 +151,45 @@ def test_gate_scorer_uses_external_ids(tiny_trained: TrainResult, version: Path)
     )
     head = np.flatnonzero(ref[0] > -1000)
     np.testing.assert_allclose(scores[0, head], ref[0, head], atol=1e-4)
+
+
+def test_items_jsonl_carries_texts_and_the_attributes_filters_read(
+    tiny_trained: TrainResult, tmp_path: Path
+) -> None:
+    from services.fusion.recsys_version import RecsysModelVersion
+
+    data = tiny_trained.data
+    texts = [f"Title {i} | subtitle {i} | genre" for i in range(data.n_items)]
+    folder = tmp_path / "run" / "model"
+    save_bundle(
+        folder,
+        tiny_trained,
+        [f"i{i}" for i in range(data.n_items)],
+        [f"u{u}" for u in range(data.n_users)],
+        {},
+        item_texts=texts,
+    )
+    bundle = load_bundle(folder)
+    assert bundle.item_texts == texts
+    _, path = publish(bundle, tmp_path / "registry")
+    records = [json.loads(line) for line in (path / "items.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in records] == texts
+    decoded = bundle.spec.item_vocab.decode(bundle.tables["item_attrs"])
+    assert [(r["attributes"], tuple(r["tags"])) for r in records] == decoded
+    served = RecsysModelVersion.load(path)
+    meta = served.index.meta(3)
+    assert (meta.item_id, meta.title, meta.text) == ("i3", "Title 3", texts[3])
+    assert dict(meta.attributes) == decoded[3][0]
+
+
+def test_a_bundle_without_texts_exports_empty_ones(
+    tiny_trained: TrainResult, tmp_path: Path
+) -> None:
+    folder = saved_run(tiny_trained, tmp_path, {})
+    ids = json.loads((folder / "ids.json").read_text())
+    del ids["item_texts"]  # a bundle saved before item texts
+    (folder / "ids.json").write_text(json.dumps(ids))
+    _, path = publish(load_bundle(folder), tmp_path / "registry")
+    records = [json.loads(line) for line in (path / "items.jsonl").read_text().splitlines()]
+    assert len(records) == tiny_trained.data.n_items
+    assert {r["text"] for r in records} == {""}

@@ -44,6 +44,15 @@ def test_vocab_from_blocks_matches_encode_and_checks_widths() -> None:
     assert AttributeVocab.from_json(VOCAB.to_json()) == VOCAB
 
 
+def test_vocab_decode_inverts_encode_into_attributes_and_tags() -> None:
+    rows = VOCAB.encode([{"gender": "F", "genre": ["Action", "War"]}, {"genre": "Drama"}, {}])
+    assert VOCAB.decode(rows) == [
+        ({"gender": "F"}, ("Action", "War")),  # a field with several values gives tags
+        ({"genre": "Drama"}, ()),
+        ({}, ()),
+    ]
+
+
 def test_pool_history_is_the_mean_of_the_last_items() -> None:
     vecs = np.arange(20, dtype=np.float32).reshape(10, 2)
     pooled, lengths = pool_history([np.array([], dtype=np.int64), np.array([1, 2, 3])], vecs, 2)

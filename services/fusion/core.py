@@ -77,10 +77,10 @@ class Scored:
     item_id: str
     score: float
     reason: str = ""
-
     # The catalog's record of the item, for display fields on request (a reference,
     # no copy: answers that do not ask for display pay nothing).
     meta: ItemMeta | None = field(default=None, compare=False)
+
 
 @dataclass(frozen=True)
 class Result:
@@ -628,10 +628,10 @@ class Recommender:
         scores = model.rank(user, rows, user_vec)
         order = np.argsort(-scores, kind="stable")
         reasons = self._reasons(model, user, rows[order])
+        metas = [model.index.meta(int(rows[i])) for i in order]
         items = [
             Scored(item.item_id, float(scores[i]), reason, item)
             for i, item, reason in zip(order, metas, reasons, strict=True)
-        metas = [model.index.meta(int(rows[i])) for i in order]
         ]
         return Result(items, model.version, new_user, unknown)
 

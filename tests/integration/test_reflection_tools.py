@@ -129,6 +129,26 @@ def test_grpcurl_calls_echo_through_reflection(
     assert json.loads(reply) == {"message": "hi"}
 
 
+def test_grpcurl_calls_the_gateway_with_a_token(
+    servers: dict[str, ServiceProcess], grpcurl: Path
+) -> None:
+    reply = json.loads(
+        run_tool(
+            grpcurl,
+            "-plaintext",
+            "-H",
+            f"authorization: Bearer {TOKEN}",
+            "-d",
+            '{"user_id": "u1", "k": 5}',
+            servers["gateway"].address,
+            "coldstart.v1.GatewayService/Recommend",
+        )
+    )
+    # Answered by fusion (not the gateway's fallback): ghz below loads the whole path.
+    assert len(reply["items"]) == 5
+    assert not reply.get("degraded", False)
+
+
 def run_ghz(ghz: Path, address: str, call: str, data: dict[str, object], *extra: str) -> Any:
     output = run_tool(
         ghz,

@@ -462,6 +462,7 @@ class EventConsumer:
                 self._assign(consumer, offsets)
             except Exception:
                 log.exception("cannot make a new event consumer; retrying")
+                guard.progress()  # retrying is moving; a hang here is left to the watchdog
                 self._stop.wait(1.0)
                 continue
             guard.started()

@@ -1,5 +1,5 @@
 """Reads the fallback catalog (item ids, popularity, content vectors, item
-attributes) from the current version of the recommender registry."""
+attributes, tags and titles) from the current version of the recommender registry."""
 
 from __future__ import annotations
 
@@ -21,6 +21,12 @@ def default_registry_dir() -> Path:
     return run_dir() / "registry" / "recommender"
 
 
+def title_of(text: str) -> str:
+    """An item text's title: its first part, up to " | " (the items' text format,
+    e.g. "Toy Story (1995) | Animation, Children's, Comedy")."""
+    return text.split(" | ", 1)[0].strip()
+
+
 def load_catalog(version: str, folder: Path, manifest: dict[str, Any]) -> FallbackCatalog:
     files: dict[str, str] = manifest.get("files", {})
     item_ids = json.loads((folder / files.get("item_ids", "item_ids.json")).read_text())
@@ -33,13 +39,17 @@ def load_catalog(version: str, folder: Path, manifest: dict[str, Any]) -> Fallba
     )
     attributes: list[dict[str, str]] = []
     tags: list[list[str]] = []
+    titles: list[str] = []
     metadata_name = files.get("items", "items.jsonl")
     if (folder / metadata_name).exists():
         for line in (folder / metadata_name).read_text().splitlines():
             record = json.loads(line)
             attributes.append(record.get("attributes", {}))
             tags.append(record.get("tags", []))
-    return FallbackCatalog(version, list(map(str, item_ids)), popularity, content, attributes, tags)
+            titles.append(title_of(record.get("text") or ""))
+    return FallbackCatalog(
+        version, list(map(str, item_ids)), popularity, content, attributes, tags, titles
+    )
 
 
 def registry_fallback(registry_dir: str) -> FallbackSource:

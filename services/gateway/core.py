@@ -1,9 +1,15 @@
 """The gateway's domain logic, free of gRPC: validation, idempotent writes to
-the events topic, calls to encoder and fusion, and the degraded fallback."""
+the events topic, calls to encoder and fusion, and the degraded fallback.
+
+It works on the plain types of services/gateway/types.py: the servicer converts
+the API's messages, the downstream clients fusion's. The events it produces are
+protobuf by nature (``events_pb2.Event`` is what goes to the topic)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 import math
 import re
@@ -12,17 +18,35 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
-from coldstart.v1 import common_pb2, events_pb2, fusion_pb2, gateway_pb2
-from google.protobuf.message import Message
+from coldstart.v1 import events_pb2
 from prometheus_client import Counter
 
 from services.common.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from services.common.events import new_event
-from services.gateway.downstream import Deadline, EncoderClient, FusionClient
-from services.gateway.fallback import FallbackSource
+from services.gateway.downstream import Deadline
+from services.gateway.fallback import FallbackCatalog, FallbackSource
 from services.gateway.settings import GatewaySettings
+from services.gateway.types import (
+    Filters,
+    ForgetUser,
+    Forgotten,
+    FusionRecommend,
+    ItemRecord,
+    ModelInfo,
+    Recommendation,
+    RecommendQuery,
+    Recorded,
+    RecordInteractions,
+    Registered,
+    RegisterUser,
+    ScoredItem,
+    SimilarItems,
+    Upserted,
+    UpsertItems,
+    UserContext,
+)
 
 log = logging.getLogger("coldstart.gateway")
 
@@ -47,6 +71,29 @@ KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 MAX_KEY_BYTES = 256
 # uuid5 namespace for ids derived from idempotency keys.
 IDEMPOTENCY_NAMESPACE = uuid.UUID("6f1b1d3e-2f7c-4f55-9a59-0c6e4f6c2a11")
+
+
+Answer = TypeVar("Answer")
+
+
+class Encoder(Protocol):
+    def embed(self, texts: list[str], deadline: Deadline) -> list[list[float]]:
+        """One vector per text; Unavailable / DeadlineExceeded when the encoder is not there."""
+        ...
+
+
+class Fusion(Protocol):
+    """Fusion in plain terms (``services.gateway.downstream.FusionClient``)."""
+
+    def recommend(self, request: FusionRecommend, deadline: Deadline) -> Recommendation: ...
+
+    def similar_items(
+        self, item_id: str, k: int, include_display: bool, deadline: Deadline
+    ) -> SimilarItems: ...
+
+    def upsert_items(self, items: Sequence[ItemRecord], deadline: Deadline) -> int: ...
+
+    def model_info(self, deadline: Deadline) -> ModelInfo: ...
 
 
 class EventSink(Protocol):
@@ -107,14 +154,16 @@ class KafkaEventSink:
 
 
 class IdempotencyCache:
-    """Answers of applied writes, by (client, method, key); least recently used go first."""
+    """Answers of applied writes, by (client, method, key); least recently used go first.
+
+    The answers are frozen dataclasses, so a replay hands out the stored object itself."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._entries: OrderedDict[tuple[str, str, str], tuple[str, bytes]] = OrderedDict()
+        self._entries: OrderedDict[tuple[str, str, str], tuple[str, object]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, str, str], fingerprint: str) -> bytes | None:
+    def get(self, key: tuple[str, str, str], fingerprint: str) -> object | None:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
@@ -124,7 +173,7 @@ class IdempotencyCache:
             raise InvalidArgument("idempotency_key", "already used for a different request")
         return entry[1]
 
-    def put(self, key: tuple[str, str, str], fingerprint: str, answer: bytes) -> None:
+    def put(self, key: tuple[str, str, str], fingerprint: str, answer: object) -> None:
         with self._lock:
             self._entries[key] = (fingerprint, answer)
             self._entries.move_to_end(key)
@@ -132,12 +181,12 @@ class IdempotencyCache:
                 self._entries.popitem(last=False)
 
 
-def fingerprint(request: Message) -> str:
-    """Hash of the request without its idempotency key."""
-    copy = type(request)()
-    copy.CopyFrom(request)
-    copy.ClearField("idempotency_key")
-    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+def fingerprint(request: Any) -> str:
+    """Hash of a write request (a dataclass) without its idempotency key."""
+    fields = dataclasses.asdict(dataclasses.replace(request, idempotency_key=""))
+    # Field names and sorted keys make it canonical; repr-exact floats survive JSON.
+    text = json.dumps([type(request).__name__, fields], sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # --- validation ---------------------------------------------------------------
@@ -178,7 +227,7 @@ def check_count(field: str, count: int, limit: int) -> None:
         raise InvalidArgument(field, f"at most {limit} entries per call, got {count}")
 
 
-def check_filters(filters: common_pb2.ItemFilters, settings: GatewaySettings) -> None:
+def check_filters(filters: Filters, settings: GatewaySettings) -> None:
     check_attributes("filters.attribute_equals", filters.attribute_equals, settings.max_attributes)
     if len(filters.tags_any) > settings.max_attributes:
         raise InvalidArgument("filters.tags_any", f"at most {settings.max_attributes} tags")
@@ -190,13 +239,22 @@ class WriteContext:
     deadline: Deadline
 
 
+def _fallback_items(
+    catalog: FallbackCatalog, ranked: Sequence[tuple[str, float, str]], include_display: bool
+) -> list[ScoredItem]:
+    return [
+        ScoredItem(item, score, reason, catalog.display(item) if include_display else None)
+        for item, score, reason in ranked
+    ]
+
+
 class GatewayCore:
     def __init__(
         self,
         settings: GatewaySettings,
         events: EventSink,
-        encoder: EncoderClient,
-        fusion: FusionClient,
+        encoder: Encoder,
+        fusion: Fusion,
         fallback: FallbackSource,
     ) -> None:
         self.settings = settings
@@ -211,18 +269,18 @@ class GatewayCore:
     def _idempotent(
         self,
         method: str,
-        request: Message,
+        request: Any,
         ctx: WriteContext,
-        apply: Callable[[Callable[[int], str]], Message],
-        response_type: type[Message],
-    ) -> Any:
-        """Run ``apply`` once per (client, method, idempotency key).
+        apply: Callable[[Callable[[int], str]], Answer],
+    ) -> Answer:
+        """Run ``apply`` once per (client, method, idempotency key); a repeat gets
+        the first answer.
 
         ``apply`` receives ``event_id(i)``: ids derived from the key, so a
         retry that reaches another gateway replica produces the same event
         ids, which every consumer deduplicates.
         """
-        key_value: str = getattr(request, "idempotency_key", "")
+        key_value: str = request.idempotency_key
         if not key_value:
             return apply(lambda _i: str(uuid.uuid4()))
         if len(key_value.encode()) > MAX_KEY_BYTES:
@@ -232,20 +290,16 @@ class GatewayCore:
         stored = self.idempotency.get(key, print_)
         if stored is not None:
             IDEMPOTENT_REPLAYS.labels(method).inc()
-            answer = response_type()
-            answer.ParseFromString(stored)
-            return answer
+            return cast(Answer, stored)
         answer = apply(
             lambda i: str(
                 uuid.uuid5(IDEMPOTENCY_NAMESPACE, f"{ctx.client}/{method}/{key_value}/{i}")
             )
         )
-        self.idempotency.put(key, print_, answer.SerializeToString())
+        self.idempotency.put(key, print_, answer)
         return answer
 
-    def register_user(
-        self, request: gateway_pb2.RegisterUserRequest, ctx: WriteContext
-    ) -> gateway_pb2.RegisterUserResponse:
+    def register_user(self, request: RegisterUser, ctx: WriteContext) -> Registered:
         if request.user_id:
             check_id("user_id", request.user_id)
         attributes = check_attributes(
@@ -253,7 +307,7 @@ class GatewayCore:
         )
         check_text("interest_text", request.interest_text, self.settings.max_text_bytes)
 
-        def apply(event_id: Callable[[int], str]) -> gateway_pb2.RegisterUserResponse:
+        def apply(event_id: Callable[[int], str]) -> Registered:
             user_id = request.user_id or f"u-{event_id(1000)[:18]}"
             vector = self._embed_optional(request.interest_text, ctx.deadline)
             event = new_event(
@@ -267,16 +321,11 @@ class GatewayCore:
                 ),
             )
             self.events.publish([event])
-            return gateway_pb2.RegisterUserResponse(user_id=user_id, event_id=event.event_id)
+            return Registered(user_id=user_id, event_id=event.event_id)
 
-        result: gateway_pb2.RegisterUserResponse = self._idempotent(
-            "RegisterUser", request, ctx, apply, gateway_pb2.RegisterUserResponse
-        )
-        return result
+        return self._idempotent("RegisterUser", request, ctx, apply)
 
-    def record_interactions(
-        self, request: gateway_pb2.RecordInteractionsRequest, ctx: WriteContext
-    ) -> gateway_pb2.RecordInteractionsResponse:
+    def record_interactions(self, request: RecordInteractions, ctx: WriteContext) -> Recorded:
         check_count("interactions", len(request.interactions), self.settings.max_batch)
         for i, item in enumerate(request.interactions):
             check_id(f"interactions[{i}].user_id", item.user_id)
@@ -289,7 +338,7 @@ class GatewayCore:
             if item.timestamp_ms < 0:
                 raise InvalidArgument(f"interactions[{i}].timestamp_ms", "must be >= 0")
 
-        def apply(event_id: Callable[[int], str]) -> gateway_pb2.RecordInteractionsResponse:
+        def apply(event_id: Callable[[int], str]) -> Recorded:
             events = [
                 new_event(
                     "gateway",
@@ -305,18 +354,11 @@ class GatewayCore:
                 for i, item in enumerate(request.interactions)
             ]
             self.events.publish(events)
-            return gateway_pb2.RecordInteractionsResponse(
-                recorded=len(events), event_ids=[e.event_id for e in events]
-            )
+            return Recorded(recorded=len(events), event_ids=tuple(e.event_id for e in events))
 
-        result: gateway_pb2.RecordInteractionsResponse = self._idempotent(
-            "RecordInteractions", request, ctx, apply, gateway_pb2.RecordInteractionsResponse
-        )
-        return result
+        return self._idempotent("RecordInteractions", request, ctx, apply)
 
-    def upsert_items(
-        self, request: gateway_pb2.GatewayUpsertItemsRequest, ctx: WriteContext
-    ) -> gateway_pb2.GatewayUpsertItemsResponse:
+    def upsert_items(self, request: UpsertItems, ctx: WriteContext) -> Upserted:
         check_count("items", len(request.items), self.settings.max_batch)
         for i, item in enumerate(request.items):
             check_id(f"items[{i}].item_id", item.item_id)
@@ -329,16 +371,10 @@ class GatewayCore:
                 f"items[{i}].attributes", item.attributes, self.settings.max_attributes
             )
 
-        def apply(event_id: Callable[[int], str]) -> gateway_pb2.GatewayUpsertItemsResponse:
+        def apply(event_id: Callable[[int], str]) -> Upserted:
             vectors = self.encoder.embed([item.text for item in request.items], ctx.deadline)
             records = [
-                common_pb2.ItemRecord(
-                    item_id=item.item_id,
-                    text=item.text,
-                    attributes=item.attributes,
-                    tags=item.tags,
-                    content_vector=vector,
-                )
+                ItemRecord(item.item_id, item.text, dict(item.attributes), list(item.tags), vector)
                 for item, vector in zip(request.items, vectors, strict=True)
             ]
             events = [
@@ -362,33 +398,23 @@ class GatewayCore:
             except (Unavailable, DeadlineExceeded) as exc:
                 # Fusion also applies item events from the topic, so it catches up.
                 log.warning("fusion upsert deferred to the events topic", extra={"error": str(exc)})
-            return gateway_pb2.GatewayUpsertItemsResponse(
-                upserted=len(records), event_ids=[e.event_id for e in events]
-            )
+            return Upserted(upserted=len(records), event_ids=tuple(e.event_id for e in events))
 
-        result: gateway_pb2.GatewayUpsertItemsResponse = self._idempotent(
-            "UpsertItems", request, ctx, apply, gateway_pb2.GatewayUpsertItemsResponse
-        )
-        return result
+        return self._idempotent("UpsertItems", request, ctx, apply)
 
-    def forget_user(
-        self, request: gateway_pb2.ForgetUserRequest, ctx: WriteContext
-    ) -> gateway_pb2.ForgetUserResponse:
+    def forget_user(self, request: ForgetUser, ctx: WriteContext) -> Forgotten:
         check_id("user_id", request.user_id)
 
-        def apply(event_id: Callable[[int], str]) -> gateway_pb2.ForgetUserResponse:
+        def apply(event_id: Callable[[int], str]) -> Forgotten:
             event = new_event(
                 "gateway",
                 event_id=event_id(0),
                 user_forgotten=events_pb2.UserForgotten(user_id=request.user_id),
             )
             self.events.publish([event])
-            return gateway_pb2.ForgetUserResponse(event_id=event.event_id)
+            return Forgotten(event_id=event.event_id)
 
-        result: gateway_pb2.ForgetUserResponse = self._idempotent(
-            "ForgetUser", request, ctx, apply, gateway_pb2.ForgetUserResponse
-        )
-        return result
+        return self._idempotent("ForgetUser", request, ctx, apply)
 
     # --- reads ------------------------------------------------------------
 
@@ -409,57 +435,37 @@ class GatewayCore:
         if not 1 <= k <= self.settings.max_k:
             raise InvalidArgument("k", f"must be 1..{self.settings.max_k}, got {k}")
 
-    def recommend(
-        self, request: gateway_pb2.GatewayRecommendRequest, deadline: Deadline
-    ) -> gateway_pb2.GatewayRecommendResponse:
-        user, downstream = self._recommend_request(request, deadline)
+    def recommend(self, query: RecommendQuery, deadline: Deadline) -> Recommendation:
+        """Fusion's answer; the registry's fallback (``degraded``) when fusion is down."""
+        return self.recommend_via(query, deadline, self.fusion.recommend)
+
+    def recommend_via(
+        self,
+        query: RecommendQuery,
+        deadline: Deadline,
+        ask: Callable[[FusionRecommend, Deadline], Answer],
+    ) -> Answer | Recommendation:
+        """``recommend`` with fusion asked through ``ask``, whose answer is returned
+        as it is: the servicer passes a call that keeps fusion's reply in its wire form
+        (``FusionClient.recommend_wire``). The fallback answers a ``Recommendation``."""
+        fusion_request = self._fusion_request(query, deadline)
         try:
-            reply = self.fusion.recommend(downstream, deadline)
+            return ask(fusion_request, deadline)
         except (Unavailable, DeadlineExceeded) as exc:
-            return self._fallback_recommend(request, user, exc)
-        return gateway_pb2.GatewayRecommendResponse(
-            items=reply.items,
-            model_version=reply.model_version,
-            new_user=reply.new_user,
-            degraded=False,
-        )
+            return self._fallback_recommend(query, fusion_request.user, exc)
 
-    def recommend_wire(
-        self, request: gateway_pb2.GatewayRecommendRequest, deadline: Deadline
-    ) -> bytes | gateway_pb2.GatewayRecommendResponse:
-        """``recommend``, with fusion's answer passed on as the bytes fusion sent.
-
-        ``RecommendResponse`` and ``GatewayRecommendResponse`` share fields 1-3
-        (items, model_version, new_user: same numbers and types) and
-        ``degraded = false`` is not on the wire, so fusion's serialised reply is
-        the serialised gateway answer: no decode and re-encode per call
-        (tests/unit/gateway checks the two messages stay compatible). The
-        fallback answer is a message as in ``recommend``.
-        """
-        user, downstream = self._recommend_request(request, deadline)
-        try:
-            return self.fusion.recommend_wire(downstream, deadline)
-        except (Unavailable, DeadlineExceeded) as exc:
-            return self._fallback_recommend(request, user, exc)
-
-    def _recommend_request(
-        self, request: gateway_pb2.GatewayRecommendRequest, deadline: Deadline
-    ) -> tuple[common_pb2.UserContext, fusion_pb2.RecommendRequest]:
-        """Validate ``request``; (the user, fusion's request)."""
-        self._check_k(request.k)
-        check_filters(request.filters, self.settings)
-        if len(request.exclude_item_ids) > self.settings.max_batch:
+    def _fusion_request(self, query: RecommendQuery, deadline: Deadline) -> FusionRecommend:
+        """Validate ``query``; fusion's request for it."""
+        self._check_k(query.k)
+        check_filters(query.filters, self.settings)
+        if len(query.exclude_item_ids) > self.settings.max_batch:
             raise InvalidArgument("exclude_item_ids", f"at most {self.settings.max_batch} entries")
-        who = request.WhichOneof("who")
-        user = common_pb2.UserContext()
-        if who == "user_id":
-            user.user_id = check_id("user_id", request.user_id)
-        elif who == "anonymous":
-            profile = request.anonymous
-            user.attributes.update(
-                check_attributes(
-                    "anonymous.attributes", profile.attributes, self.settings.max_attributes
-                )
+        if query.user_id is not None:
+            user = UserContext(user_id=check_id("user_id", query.user_id))
+        elif query.anonymous is not None:
+            profile = query.anonymous
+            attributes = check_attributes(
+                "anonymous.attributes", profile.attributes, self.settings.max_attributes
             )
             check_text(
                 "anonymous.interest_text", profile.interest_text, self.settings.max_text_bytes
@@ -468,71 +474,66 @@ class GatewayCore:
                 raise InvalidArgument(
                     "anonymous.recent_item_ids", f"at most {self.settings.max_batch} entries"
                 )
-            user.recent_item_ids.extend(profile.recent_item_ids)
-            vector = self._embed_optional(profile.interest_text, deadline)
-            if vector:
-                user.interest_vector.extend(vector)
+            user = UserContext(
+                attributes=attributes,
+                interest_vector=self._embed_optional(profile.interest_text, deadline) or (),
+                recent_item_ids=profile.recent_item_ids,
+            )
         else:
             raise InvalidArgument("who", "set user_id or anonymous")
-        downstream = fusion_pb2.RecommendRequest(
+        filters = query.filters
+        return FusionRecommend(
             user=user,
-            k=request.k,
-            exclude_item_ids=request.exclude_item_ids,
-            filters=request.filters,
+            k=query.k,
+            exclude_item_ids=query.exclude_item_ids,
+            filters=filters if filters.attribute_equals or filters.tags_any else None,
+            include_display=query.include_display,
         )
-        return user, downstream
 
     def _fallback_recommend(
-        self,
-        request: gateway_pb2.GatewayRecommendRequest,
-        user: common_pb2.UserContext,
-        cause: Exception,
-    ) -> gateway_pb2.GatewayRecommendResponse:
+        self, query: RecommendQuery, user: UserContext, cause: Exception
+    ) -> Recommendation:
         catalog = self.fallback.get()
         if catalog is None:
             raise Unavailable(
                 f"recommendations unavailable: {cause} and no fallback model in the registry"
             )
         DEGRADED.labels("Recommend").inc()
-        exclude = set(request.exclude_item_ids) | set(user.recent_item_ids)
+        exclude = set(query.exclude_item_ids) | set(user.recent_item_ids)
         ranked = catalog.recommend(
-            request.k,
+            query.k,
             exclude,
-            request.filters.attribute_equals,
-            list(request.filters.tags_any),
+            query.filters.attribute_equals,
+            list(query.filters.tags_any),
             list(user.interest_vector) or None,
         )
-        return gateway_pb2.GatewayRecommendResponse(
-            items=[common_pb2.ScoredItem(item_id=i, score=s, reason=r) for i, s, r in ranked],
+        return Recommendation(
+            items=_fallback_items(catalog, ranked, query.include_display),
             model_version=catalog.version,
             new_user=not user.user_id,
             degraded=True,
         )
 
     def similar_items(
-        self, request: gateway_pb2.GatewaySimilarItemsRequest, deadline: Deadline
-    ) -> gateway_pb2.GatewaySimilarItemsResponse:
-        check_id("item_id", request.item_id)
-        self._check_k(request.k)
-        downstream = fusion_pb2.SimilarItemsRequest(item_id=request.item_id, k=request.k)
+        self, item_id: str, k: int, deadline: Deadline, *, include_display: bool = False
+    ) -> SimilarItems:
+        check_id("item_id", item_id)
+        self._check_k(k)
         try:
-            reply = self.fusion.similar_items(downstream, deadline)
+            return self.fusion.similar_items(item_id, k, include_display, deadline)
         except (Unavailable, DeadlineExceeded) as exc:
             catalog = self.fallback.get()
-            similar = catalog.similar(request.item_id, request.k) if catalog else None
+            similar = catalog.similar(item_id, k) if catalog else None
             if catalog is None or similar is None:
                 raise Unavailable(f"similar items unavailable: {exc}") from None
             DEGRADED.labels("SimilarItems").inc()
-            return gateway_pb2.GatewaySimilarItemsResponse(
-                items=[common_pb2.ScoredItem(item_id=i, score=s, reason=r) for i, s, r in similar],
+            return SimilarItems(
+                items=_fallback_items(catalog, similar, include_display),
                 model_version=catalog.version,
                 degraded=True,
             )
-        return gateway_pb2.GatewaySimilarItemsResponse(
-            items=reply.items, model_version=reply.model_version
-        )
 
-    def model_info(self, deadline: Deadline) -> common_pb2.ModelInfo:
+    def model_info(self, deadline: Deadline) -> ModelInfo:
         try:
             return self.fusion.model_info(deadline)
         except (Unavailable, DeadlineExceeded):
@@ -540,4 +541,4 @@ class GatewayCore:
             if catalog is None:
                 raise
             # What the registry holds; fusion would serve it once it is back.
-            return common_pb2.ModelInfo(version=catalog.version, item_count=len(catalog.item_ids))
+            return ModelInfo(version=catalog.version, item_count=len(catalog.item_ids))

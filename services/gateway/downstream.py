@@ -1,13 +1,15 @@
 """Calls to encoder and fusion: one long-lived channel per target, a deadline
 on every call derived from the caller's remaining time, and retries with
-backoff only for idempotent calls that failed with UNAVAILABLE."""
+backoff only for idempotent calls that failed with UNAVAILABLE. The clients
+speak the core's plain types (services/gateway/types.py) and convert to and
+from the downstream messages here."""
 
 from __future__ import annotations
 
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +23,15 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+)
+from services.gateway.types import (
+    FusionRecommend,
+    ItemDisplay,
+    ItemRecord,
+    ModelInfo,
+    Recommendation,
+    ScoredItem,
+    SimilarItems,
 )
 
 log = logging.getLogger("coldstart.gateway.downstream")
@@ -149,7 +160,43 @@ class EncoderClient:
         return [list(v.values) for v in reply.vectors]
 
 
+def _display(item: common_pb2.ScoredItem) -> ItemDisplay | None:
+    if not item.HasField("display"):
+        return None
+    shown = item.display
+    return ItemDisplay(shown.title, dict(shown.attributes), list(shown.tags))
+
+
+def scored_items(items: Iterable[common_pb2.ScoredItem]) -> list[ScoredItem]:
+    """Fusion's scored items in plain terms."""
+    return [ScoredItem(i.item_id, i.score, i.reason, _display(i)) for i in items]
+
+
+def recommend_request(request: FusionRecommend) -> fusion_pb2.RecommendRequest:
+    """Fusion's Recommend request for ``request``."""
+    # Fields filled one by one, empty ones skipped: a known user (the common call)
+    # then costs no container conversions.
+    user = request.user
+    message = fusion_pb2.RecommendRequest(k=request.k, include_display=request.include_display)
+    context = message.user
+    context.user_id = user.user_id
+    if user.attributes:
+        context.attributes.update(user.attributes)
+    if user.interest_vector:
+        context.interest_vector.extend(user.interest_vector)
+    if user.recent_item_ids:
+        context.recent_item_ids.extend(user.recent_item_ids)
+    if request.exclude_item_ids:
+        message.exclude_item_ids.extend(request.exclude_item_ids)
+    if request.filters is not None:
+        message.filters.attribute_equals.update(request.filters.attribute_equals)
+        message.filters.tags_any.extend(request.filters.tags_any)
+    return message
+
+
 class FusionClient:
+    """Fusion in the core's plain terms (``recommend_wire`` aside, see there)."""
+
     def __init__(self, channel: grpc.Channel, caller: DownstreamCaller) -> None:
         self.stub = fusion_pb2_grpc.FusionServiceStub(channel)
         self.caller = caller
@@ -160,42 +207,78 @@ class FusionClient:
             response_deserializer=None,
         )
 
-    def recommend(
-        self, request: fusion_pb2.RecommendRequest, deadline: Deadline
-    ) -> fusion_pb2.RecommendResponse:
-        return self.caller.call(
-            "Recommend", self.stub.Recommend, request, deadline, idempotent=True
+    def recommend(self, request: FusionRecommend, deadline: Deadline) -> Recommendation:
+        reply: fusion_pb2.RecommendResponse = self.caller.call(
+            "Recommend",
+            self.stub.Recommend,
+            recommend_request(request),
+            deadline,
+            idempotent=True,
         )
+        return Recommendation(scored_items(reply.items), reply.model_version, reply.new_user)
 
-    def recommend_wire(self, request: fusion_pb2.RecommendRequest, deadline: Deadline) -> bytes:
+    def recommend_wire(self, request: FusionRecommend, deadline: Deadline) -> bytes:
         """``recommend`` with fusion's serialised reply, not decoded (same retries and
-        deadline)."""
+        deadline).
+
+        The one place where the gateway keeps fusion's wire form: fusion's
+        ``RecommendResponse`` bytes are the gateway's serialised
+        ``GatewayRecommendResponse`` (fields 1-3 alike, ``degraded = false`` not on
+        the wire), so the servicer answers them as they came, with no decode and
+        re-encode per call (``GatewayServicer.Recommend``, ``add_gateway_servicer``;
+        tests/unit/gateway checks the two messages stay compatible).
+        """
         reply: bytes = self.caller.call(
-            "Recommend", self._recommend_wire, request, deadline, idempotent=True
+            "Recommend", self._recommend_wire, recommend_request(request), deadline, idempotent=True
         )
         return reply
 
     def similar_items(
-        self, request: fusion_pb2.SimilarItemsRequest, deadline: Deadline
-    ) -> fusion_pb2.SimilarItemsResponse:
-        return self.caller.call(
-            "SimilarItems", self.stub.SimilarItems, request, deadline, idempotent=True
+        self, item_id: str, k: int, include_display: bool, deadline: Deadline
+    ) -> SimilarItems:
+        reply: fusion_pb2.SimilarItemsResponse = self.caller.call(
+            "SimilarItems",
+            self.stub.SimilarItems,
+            fusion_pb2.SimilarItemsRequest(item_id=item_id, k=k, include_display=include_display),
+            deadline,
+            idempotent=True,
         )
+        return SimilarItems(scored_items(reply.items), reply.model_version)
 
-    def upsert_items(
-        self, items: list[common_pb2.ItemRecord], deadline: Deadline
-    ) -> fusion_pb2.UpsertItemsResponse:
+    def upsert_items(self, items: Sequence[ItemRecord], deadline: Deadline) -> int:
+        """Items upserted."""
+        request = fusion_pb2.UpsertItemsRequest(
+            items=[
+                common_pb2.ItemRecord(
+                    item_id=item.item_id,
+                    text=item.text,
+                    attributes=item.attributes,
+                    tags=item.tags,
+                    content_vector=item.content_vector,
+                )
+                for item in items
+            ]
+        )
         # An upsert of the same items is idempotent, so it may be retried.
-        request = fusion_pb2.UpsertItemsRequest(items=items)
-        return self.caller.call(
+        reply: fusion_pb2.UpsertItemsResponse = self.caller.call(
             "UpsertItems", self.stub.UpsertItems, request, deadline, idempotent=True
         )
+        return reply.upserted
 
-    def model_info(self, deadline: Deadline) -> common_pb2.ModelInfo:
-        return self.caller.call(
+    def model_info(self, deadline: Deadline) -> ModelInfo:
+        info: common_pb2.ModelInfo = self.caller.call(
             "GetModelInfo",
             self.stub.GetModelInfo,
             fusion_pb2.GetModelInfoRequest(),
             deadline,
             idempotent=True,
+        )
+        return ModelInfo(
+            version=info.version,
+            created_at=info.created_at,
+            parent_version=info.parent_version,
+            dimension=info.dimension,
+            item_count=info.item_count,
+            metrics=dict(info.metrics),
+            encoder_model=info.encoder_model,
         )

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from services.gateway.types import ItemDisplay
+
 REASON_POPULAR = "popular right now"
 REASON_INTERESTS = "matches your interests"
 
@@ -22,12 +24,25 @@ class FallbackCatalog:
     content_vectors: np.ndarray | None = None  # (n, d), unit rows
     attributes: Sequence[Mapping[str, str]] = field(default_factory=list)
     tags: Sequence[Sequence[str]] = field(default_factory=list)
+    # Per item its title ("" when the version's items carry no text).
+    titles: Sequence[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.order = np.argsort(-self.popularity, kind="stable")
         self.position = {item: i for i, item in enumerate(self.item_ids)}
         scale = float(self.popularity.max()) if len(self.popularity) else 1.0
         self.normalised = np.log1p(self.popularity) / np.log1p(max(scale, 1.0))
+
+    def display(self, item_id: str) -> ItemDisplay:
+        """An item's display fields, as far as the version's files hold them."""
+        index = self.position.get(item_id)
+        if index is None:
+            return ItemDisplay()
+        return ItemDisplay(
+            title=self.titles[index] if index < len(self.titles) else "",
+            attributes=dict(self.attributes[index]) if index < len(self.attributes) else {},
+            tags=list(self.tags[index]) if index < len(self.tags) else [],
+        )
 
     def allowed(
         self, index: int, attribute_equals: Mapping[str, str], tags_any: Sequence[str]

@@ -46,7 +46,9 @@ def build(settings: GatewaySettings) -> ServiceParts:
         fusion_channel.close()
 
     return ServiceParts(
-        servicers=[(add_gateway_servicer, GatewayServicer(core, authenticator))],
+        servicers=[
+            (add_gateway_servicer, GatewayServicer(core, authenticator, fusion.recommend_wire))
+        ],
         service_names=[SERVICE_NAME],
         close=close,
         interceptors=[AuthInterceptor(authenticator)],

@@ -36,6 +36,10 @@ def write_fallback_model(root: Path) -> str:
     with registry.stage(manifest) as folder:
         (folder / "item_ids.json").write_text(json.dumps(["m1", "m2", "m3"]))
         np.save(folder / "popularity.npy", np.array([3.0, 30.0, 10.0]))
+        records = [
+            {"text": f"Film {n} | drama", "attributes": {"genre": "drama"}} for n in (1, 2, 3)
+        ]
+        (folder / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     registry.set_current(str(manifest["version"]))
     return str(manifest["version"])
 
@@ -152,8 +156,18 @@ def test_fusion_down_gives_degraded_popular_items(gateway: ServiceProcess) -> No
         reply = gw.Recommend(
             gateway_pb2.GatewayRecommendRequest(user_id="u1", k=2), metadata=TOKEN, timeout=5
         )
+        shown = gw.Recommend(
+            gateway_pb2.GatewayRecommendRequest(user_id="u1", k=2, include_display=True),
+            metadata=TOKEN,
+            timeout=5,
+        )
     assert reply.degraded
     assert [i.item_id for i in reply.items] == ["m2", "m3"]
+    assert not any(i.HasField("display") for i in reply.items)  # display fields on request only
+    assert [(i.display.title, dict(i.display.attributes)) for i in shown.items] == [
+        ("Film 2", {"genre": "drama"}),
+        ("Film 3", {"genre": "drama"}),
+    ]
 
 
 @pytest.mark.parametrize(

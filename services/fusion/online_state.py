@@ -23,13 +23,13 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,15 @@ from services.common.kafka_consumer import (
     close_consumer,
     consumer_options,
     make_consumer,
+)
+from services.fusion.snapshot import (
+    SnapshotCorrupt,
+    Streamed,
+    UserColumns,
+    factorize,
+    is_columnar,
+    read_file,
+    write_file,
 )
 
 log = logging.getLogger("coldstart.fusion.state")
@@ -68,8 +77,16 @@ CONSUMER_RESTARTS = Counter(
     ["reason"],
 )
 
-SNAPSHOT_FILE = "state.json"
-SNAPSHOT_FORMAT = 1
+# Binary and columnar (services/fusion/snapshot.py); before it, one JSON document
+# (format 1) in state.json, still read when no state.bin is there (the first restart
+# after an upgrade) and removed once a state.bin is durable.
+SNAPSHOT_FILE = "state.bin"
+SNAPSHOT_FORMAT = 2
+LEGACY_SNAPSHOT_FILE = "state.json"
+LEGACY_SNAPSHOT_FORMAT = 1
+# Interest vectors are copied into the file this many users at a time, so the writer
+# never holds a second copy of all of them.
+VECTOR_CHUNK_USERS = 65_536
 # Event ids remembered for deduplication (producers' retries arrive close together).
 SEEN_EVENT_IDS = 100_000
 
@@ -98,12 +115,6 @@ class ItemEvent:
 
 
 Encoder = Callable[[str], np.ndarray | None]
-
-
-def _vector_to_text(vector: np.ndarray | None) -> str | None:
-    if vector is None:
-        return None
-    return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
 
 def _vector_from_text(text: str | None) -> np.ndarray | None:
@@ -212,33 +223,139 @@ class UserStore:
 
     # -- snapshot (de)serialisation ----------------------------------------
     def capture(self) -> dict[str, Any]:
-        """Cheap, consistent copy (states are immutable); ``encode`` makes it JSON."""
+        """Cheap, consistent copy (states are immutable); ``encode`` makes it columns."""
         return {"users": dict(self._users), "seen": list(self._seen)}
 
     @staticmethod
     def encode(captured: Mapping[str, Any]) -> dict[str, Any]:
+        """A ``capture`` in columns, for ``write_snapshot``; it walks every user, so it
+        runs in the writer thread, outside the apply lock. The interest vectors are not
+        copied here: the writer streams them (``VECTOR_CHUNK_USERS`` at a time)."""
         users: Mapping[str, UserState] = captured["users"]
-        return {
-            "users": {
-                uid: {
-                    "a": dict(s.attributes),
-                    "v": _vector_to_text(s.interest_vector),
-                    "r": list(s.recent_item_ids),
-                    "t": s.updated_at_ms,
-                    # Only users with ratings carry the key (most have none).
-                    **({"g": dict(s.ratings)} if s.ratings else {}),
-                }
-                for uid, s in users.items()
-            },
-            "seen": captured["seen"],
-        }
+        states = list(users.values())
+        n = len(states)
+
+        def bounds(counts: Iterable[int]) -> np.ndarray:
+            offsets = np.zeros(n + 1, np.int64)
+            np.cumsum(np.fromiter(counts, np.int64, n), out=offsets[1:])
+            return offsets
+
+        recents = [s.recent_item_ids for s in states]
+        item_offsets = bounds(map(len, recents))
+        item_codes, item_table = factorize(list(chain.from_iterable(recents)))
+
+        attributes = [s.attributes for s in states]
+        attr_offsets = bounds(map(len, attributes))
+        keys = list(chain.from_iterable(a.keys() for a in attributes))
+        values = list(chain.from_iterable(a.values() for a in attributes))
+        attr_codes, attr_table = factorize(keys + values)
+
+        # Most users have no ratings: (position in the flat recent items, value) pairs.
+        positions: list[int] = []
+        ratings: list[float] = []
+        starts = item_offsets.tolist()
+        for u, state in enumerate(states):
+            if state.ratings:
+                at = {item: starts[u] + k for k, item in enumerate(state.recent_item_ids)}
+                for item, value in state.ratings.items():
+                    if item in at:  # (always: ratings only name recent items)
+                        positions.append(at[item])
+                        ratings.append(float(value))
+        order = np.argsort(np.asarray(positions, np.int64), kind="stable")
+
+        vectors = [s.interest_vector for s in states]
+        vector_offsets = bounds(0 if v is None else v.size for v in vectors)
+
+        def vector_chunks() -> Iterable[np.ndarray]:
+            for first in range(0, n, VECTOR_CHUNK_USERS):
+                chunk = [
+                    v.reshape(-1)
+                    for v in vectors[first : first + VECTOR_CHUNK_USERS]
+                    if v is not None and v.size
+                ]
+                if chunk:
+                    yield np.concatenate(chunk).astype("<f4", copy=False)
+
+        columns = UserColumns(
+            user_ids=list(users),
+            updated_at_ms=np.fromiter((s.updated_at_ms for s in states), np.int64, n),
+            attr_offsets=attr_offsets,
+            attr_keys=attr_codes[: len(keys)],
+            attr_values=attr_codes[len(keys) :],
+            attr_table=attr_table,
+            item_offsets=item_offsets,
+            item_codes=item_codes,
+            item_table=item_table,
+            rating_positions=np.asarray(positions, np.int64)[order],
+            rating_values=np.asarray(ratings, np.float64)[order],
+            vector_offsets=vector_offsets,
+            vectors=Streamed("<f4", int(vector_offsets[-1]), vector_chunks),
+            seen=list(captured["seen"]),
+        )
+        return {"columns": columns}
 
     def restore(self, document: Mapping[str, Any]) -> None:
-        self._users = {uid: self._restored(raw) for uid, raw in document.get("users", {}).items()}
-        self._seen = OrderedDict((i, None) for i in document.get("seen", []))
+        """From ``read_snapshot``: columns, or a format-1 JSON document."""
+        columns = document.get("columns")
+        if isinstance(columns, UserColumns):
+            self._users = self._restored_columns(columns)
+            seen: Iterable[str] = columns.seen
+        else:
+            users = document.get("users", {})
+            self._users = {uid: self._restored(raw) for uid, raw in users.items()}
+            seen = document.get("seen", [])
+        self._seen = OrderedDict.fromkeys(seen)
         ONLINE_USERS.set(len(self._users))
 
+    def _restored_columns(self, columns: UserColumns) -> dict[str, UserState]:
+        cap = self.history_length
+        # Object arrays index in C: every user's item ids are references into one table.
+        items = np.array(columns.item_table, dtype=object)[columns.item_codes].tolist()
+        table = np.array(columns.attr_table, dtype=object)
+        keys = table[columns.attr_keys].tolist()
+        values = table[columns.attr_values].tolist()
+        item_offsets = columns.item_offsets.tolist()
+        attr_offsets = columns.attr_offsets.tolist()
+        vector_offsets = columns.vector_offsets.tolist()
+        times = columns.updated_at_ms.tolist()
+        vectors = columns.vectors
+        assert isinstance(vectors, np.ndarray)  # (read_snapshot's columns)
+
+        # A shorter history keeps the ratings of the ids it keeps only (as _restored).
+        positions = columns.rating_positions
+        owners = np.searchsorted(columns.item_offsets, positions, side="right") - 1
+        if cap > 0:
+            kept = positions >= columns.item_offsets[owners + 1] - cap
+            positions, owners = positions[kept], owners[kept]
+            rating_values = columns.rating_values[kept]
+        else:
+            rating_values = columns.rating_values
+        ratings: dict[int, dict[str, float]] = {}
+        for owner, position, value in zip(
+            owners.tolist(), positions.tolist(), rating_values.tolist(), strict=True
+        ):
+            ratings.setdefault(owner, {})[items[position]] = value
+
+        users: dict[str, UserState] = {}
+        for u, uid in enumerate(columns.user_ids):
+            first, last = item_offsets[u], item_offsets[u + 1]
+            if cap > 0:  # (a cap of 0 keeps everything, as slicing [-0:] does in apply)
+                first = max(first, last - cap)
+            a0, a1 = attr_offsets[u], attr_offsets[u + 1]
+            v0, v1 = vector_offsets[u], vector_offsets[u + 1]
+            users[uid] = UserState(
+                attributes=dict(zip(keys[a0:a1], values[a0:a1], strict=True)),
+                # A copy per user: a forgotten user's vector is freed, not pinned by a
+                # view into everyone's.
+                interest_vector=vectors[v0:v1].copy() if v1 > v0 else None,
+                recent_item_ids=tuple(items[first:last]),
+                updated_at_ms=times[u],
+                ratings=ratings.get(u) or {},
+            )
+        return users
+
     def _restored(self, raw: Mapping[str, Any]) -> UserState:
+        """One user of a format-1 (JSON) snapshot."""
         recent = tuple(str(i) for i in raw["r"])[-self.history_length :]
         # A snapshot from before ratings were kept has no "g": every item counts as
         # liked, as it did when that snapshot was written.
@@ -254,36 +371,43 @@ class UserStore:
 
 
 def write_snapshot(path: Path, document: Mapping[str, Any]) -> None:
-    """Readers (a restarted service) see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("w") as handle:
-            json.dump(document, handle, separators=(",", ":"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """The one writer: ``document`` (topic, offsets, items, ...) plus the ``columns``
+    of ``UserStore.encode``, atomically (services/fusion/snapshot.py: write_file)."""
+    columns: UserColumns = document["columns"]
+    header = {k: v for k, v in document.items() if k != "columns"}
+    header["format"] = SNAPSHOT_FORMAT
+    write_file(path, header, columns.sections())
+    if path.name != LEGACY_SNAPSHOT_FILE:
+        # The new file is durable; the pre-upgrade JSON would only ever stand in for it.
+        path.with_name(LEGACY_SNAPSHOT_FILE).unlink(missing_ok=True)
 
 
 def read_snapshot(path: Path) -> dict[str, Any] | None:
+    """The one reader: a columnar snapshot (``"columns"``: ``UserColumns``) or a
+    format-1 JSON one (``"users"``, ``"seen"``), told apart by the first bytes; None
+    (replay from the start) when there is none or it cannot be read."""
+    if path.name != LEGACY_SNAPSHOT_FILE and not path.exists():
+        legacy = path.with_name(LEGACY_SNAPSHOT_FILE)
+        if legacy.exists():  # the first start after the upgrade
+            path = legacy
     try:
-        document: dict[str, Any] = json.loads(path.read_text())
+        if is_columnar(path):
+            header, arrays = read_file(path)
+            if header.get("format") != SNAPSHOT_FORMAT:
+                log.error("snapshot format unknown, replaying the topic from the start")
+                return None
+            header["columns"] = UserColumns.from_sections(arrays)
+            return header
+        document = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (SnapshotCorrupt, json.JSONDecodeError, UnicodeDecodeError) as exc:
         # An atomic write never leaves this; a disk that did gets a full replay, loudly.
         log.error(
             "snapshot unreadable, replaying the topic from the start", extra={"error": str(exc)}
         )
         return None
-    if document.get("format") != SNAPSHOT_FORMAT:
+    if not isinstance(document, dict) or document.get("format") != LEGACY_SNAPSHOT_FORMAT:
         log.error("snapshot format unknown, replaying the topic from the start")
         return None
     return document

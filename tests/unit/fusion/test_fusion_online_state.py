@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import base64
+import json
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from services.common import kafka_consumer
 from services.common.events import encode_event, new_event
 from services.fusion.online_state import (
     CONSUMER_RESTARTS,
+    LEGACY_SNAPSHOT_FILE,
+    SNAPSHOT_FILE,
     SNAPSHOT_FORMAT,
     EventConsumer,
     ItemEvent,
@@ -145,20 +150,26 @@ def test_ratings_are_kept_for_recent_items_until_another_kind_or_the_cap() -> No
     assert dict(state.ratings) == {"b": 1.0, "d": 3.0}
 
 
-def test_snapshot_keeps_ratings_and_an_old_snapshot_restores_all_liked() -> None:
+def test_snapshot_keeps_ratings_and_an_old_snapshot_restores_all_liked(tmp_path: Path) -> None:
     store = UserStore(history_length=3)
     for item, kind, value in (("a", "rating", 1), ("b", "view", 1), ("c", "rating", 4.5)):
         store.apply(interaction("u", item, kind, value))
     store.apply(interaction("v", "x"))
-    document = UserStore.encode(store.capture())
-    assert document["users"]["u"]["g"] == {"a": 1.0, "c": 4.5}
-    assert "g" not in document["users"]["v"]  # no ratings: the old record, unchanged
-
-    restored = UserStore(history_length=3)
-    restored.restore(document)
+    restored = round_trip(store, tmp_path, history_length=3)
     state = restored.get("u")
     assert state is not None and dict(state.ratings) == {"a": 1.0, "c": 4.5}
+    other = restored.get("v")
+    assert other is not None and dict(other.ratings) == {}
     # A shorter history keeps the ratings of the ids it keeps only.
+    shorter = round_trip(store, tmp_path, history_length=2)
+    state = shorter.get("u")
+    assert state is not None
+    assert state.recent_item_ids == ("b", "c") and dict(state.ratings) == {"c": 4.5}
+
+    # The JSON snapshots (format 1) of before the columnar ones, with and without "g".
+    document = legacy_document(
+        {"u": {"a": {}, "v": None, "r": ["a", "b", "c"], "t": 5, "g": {"a": 1.0, "c": 4.5}}}
+    )
     shorter = UserStore(history_length=2)
     shorter.restore(document)
     state = shorter.get("u")
@@ -171,6 +182,150 @@ def test_snapshot_keeps_ratings_and_an_old_snapshot_restores_all_liked() -> None
     state = old.get("u")
     assert state is not None
     assert state.recent_item_ids == ("a", "b", "c") and dict(state.ratings) == {}
+
+
+def round_trip(store: UserStore, tmp_path: Path, history_length: int = 200) -> UserStore:
+    path = tmp_path / "round-trip" / SNAPSHOT_FILE
+    write_snapshot(path, {"format": SNAPSHOT_FORMAT, **UserStore.encode(store.capture())})
+    loaded = read_snapshot(path)
+    assert loaded is not None
+    restored = UserStore(history_length=history_length)
+    restored.restore(loaded)
+    return restored
+
+
+def legacy_document(users: dict[str, dict[str, object]], **header: object) -> dict[str, Any]:
+    """What the JSON writer (format 1) wrote: "v" is base64 of little-endian float32."""
+    return {
+        "format": 1,
+        "topic": "t",
+        "offsets": {"0": 4},
+        "taken_at_ms": 1,
+        "items": [],
+        **header,
+        "users": users,
+        "seen": ["e1", "e2"],
+    }
+
+
+def assert_same_state(left: UserStore, right: UserStore) -> None:
+    assert left._users.keys() == right._users.keys()
+    for uid, a in left._users.items():
+        b = right._users[uid]
+        assert dict(a.attributes) == dict(b.attributes), uid
+        assert a.recent_item_ids == b.recent_item_ids, uid
+        assert a.updated_at_ms == b.updated_at_ms, uid
+        assert dict(a.ratings) == dict(b.ratings), uid
+        if a.interest_vector is None or not a.interest_vector.size:
+            assert b.interest_vector is None, uid
+        else:
+            assert b.interest_vector is not None and b.interest_vector.dtype == np.float32
+            assert np.array_equal(a.interest_vector, b.interest_vector), uid
+    assert list(left._seen) == list(right._seen)
+
+
+def test_columnar_round_trip_rebuilds_every_user_exactly(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    store = UserStore(history_length=20)
+    items = [f"item-{i}" for i in range(40)] + ["ünïcødé ✓", ""]
+    for n in range(300):
+        user = f"user-{n}" if n % 50 else f"用户-{n}"
+        if n % 7:  # some users only ever interacted: no attributes, no vector
+            attributes = {"region": ["eu", "us"][n % 2], f"k{n % 5}": str(n % 3)} if n % 3 else {}
+            vector = rng.standard_normal(8 if n % 11 else 3).astype(np.float32).tolist()
+            store.apply(registered(user, attributes=attributes, interest_vector=vector))
+        for _ in range(int(rng.integers(0, 30))):
+            kind = ["view", "like", "rating"][int(rng.integers(0, 3))]
+            value = float(rng.integers(1, 11)) / 2
+            store.apply(interaction(user, items[int(rng.integers(0, len(items)))], kind, value))
+    store.apply(registered("no-vector", interest_text="unencoded"))
+    store.apply(new_event("test", user_forgotten=events_pb2.UserForgotten(user_id="user-3")))
+    assert any(s.ratings for s in store._users.values())
+
+    restored = round_trip(store, tmp_path, history_length=20)
+    assert_same_state(store, restored)
+    # A replay after the restore is deduplicated as before it.
+    assert len(restored._seen) == len(store._seen)
+
+    empty = round_trip(UserStore(), tmp_path)
+    assert len(empty) == 0 and not empty._seen
+
+
+def test_columnar_snapshot_keeps_header_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    store = UserStore()
+    store.apply(registered("u", interest_vector=[0.25, -1.5]))
+    items = [{"id": "x", "text": "X", "attributes": {}, "tags": [], "content": [1.0, 2.0]}]
+    document = {"topic": "t", "offsets": {"0": 7}, "taken_at_ms": 9, "items": items}
+    document.update(UserStore.encode(store.capture()))
+    path = tmp_path / "snap" / SNAPSHOT_FILE
+    write_snapshot(path, document)
+    assert [p.name for p in path.parent.iterdir()] == [SNAPSHOT_FILE]
+    assert path.read_bytes()[:1] != b"{"
+    loaded = read_snapshot(path)
+    assert loaded is not None
+    assert loaded["format"] == SNAPSHOT_FORMAT and loaded["offsets"] == {"0": 7}
+    assert loaded["topic"] == "t"
+    assert loaded["items"] == items and loaded["taken_at_ms"] == 9
+
+
+def test_a_json_snapshot_from_before_the_upgrade_is_restored_then_replaced(
+    tmp_path: Path,
+) -> None:
+    vector = base64.b64encode(np.asarray([0.5, 2.0], dtype="<f4").tobytes()).decode()
+    document = legacy_document(
+        {"u": {"a": {"region": "eu"}, "v": vector, "r": ["a", "b"], "t": 3, "g": {"b": 4.0}}},
+        topic="events",
+    )
+    (tmp_path / LEGACY_SNAPSHOT_FILE).write_text(json.dumps(document))
+    path = tmp_path / SNAPSHOT_FILE
+    loaded = read_snapshot(path)  # no state.bin yet: the JSON stands in
+    assert loaded is not None and loaded["offsets"] == {"0": 4} and loaded["topic"] == "events"
+    store = UserStore()
+    store.apply(registered("u", interest_vector=[1.0]))
+    store.restore(loaded)
+    state = store.get("u")
+    assert state is not None and dict(state.attributes) == {"region": "eu"}
+    assert state.interest_vector is not None and state.interest_vector.tolist() == [0.5, 2.0]
+    assert state.recent_item_ids == ("a", "b") and dict(state.ratings) == {"b": 4.0}
+    assert list(store._seen) == ["e1", "e2"]
+
+    write_snapshot(path, {"topic": "events", **UserStore.encode(store.capture())})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [SNAPSHOT_FILE]
+    again = UserStore()
+    reloaded = read_snapshot(path)
+    assert reloaded is not None
+    again.restore(reloaded)
+    assert_same_state(store, again)
+
+
+def test_a_damaged_or_unknown_columnar_snapshot_means_full_replay(tmp_path: Path) -> None:
+    store = UserStore()
+    store.apply(registered("u", interest_vector=[0.25] * 16))
+    store.apply(interaction("u", "a"))
+    path = tmp_path / SNAPSHOT_FILE
+    write_snapshot(path, UserStore.encode(store.capture()))
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) - 9])  # truncated
+    assert read_snapshot(path) is None
+    path.write_bytes(good[:20])  # the header cut short
+    assert read_snapshot(path) is None
+    # A code outside its table (flipped bytes that still parse) is caught before restore.
+    damaged = bytearray(good)
+    header_end = 16 + int.from_bytes(good[8:16], "little")
+    header = json.loads(good[16:header_end])
+    at = header["arrays"]["item_codes"]["offset"]
+    damaged[at : at + 4] = (1000).to_bytes(4, "little")
+    path.write_bytes(bytes(damaged))
+    assert read_snapshot(path) is None
+    # A format this build does not know (a newer one, rolled back): replay, not guess.
+    header["format"] = SNAPSHOT_FORMAT + 1
+    encoded = json.dumps(header).encode().ljust(header_end - 16)
+    path.write_bytes(good[:16] + encoded + good[header_end:])
+    assert read_snapshot(path) is None
+    path.write_text(json.dumps(legacy_document({}, format=7)))
+    assert read_snapshot(path) is None
+    path.write_text("[]")
+    assert read_snapshot(path) is None
 
 
 # -- the consumer and its stall guard (fake consumers, no broker) -------------

@@ -242,7 +242,16 @@ class UserStore:
 
         recents = [s.recent_item_ids for s in states]
         item_offsets = bounds(map(len, recents))
-        item_codes, item_table = factorize(list(chain.from_iterable(recents)))
+        item_count = int(item_offsets[-1])
+        # Rated items are recent items: one table for both.
+        rated = [s.ratings for s in states]
+        rating_offsets = bounds(map(len, rated))
+        codes, item_table = factorize(
+            list(chain(chain.from_iterable(recents), chain.from_iterable(rated)))
+        )
+        rating_values = np.fromiter(
+            chain.from_iterable(r.values() for r in rated), np.float64, int(rating_offsets[-1])
+        )
 
         attributes = [s.attributes for s in states]
         attr_offsets = bounds(map(len, attributes))
@@ -250,31 +259,23 @@ class UserStore:
         values = list(chain.from_iterable(a.values() for a in attributes))
         attr_codes, attr_table = factorize(keys + values)
 
-        # Most users have no ratings: (position in the flat recent items, value) pairs.
-        positions: list[int] = []
-        ratings: list[float] = []
-        starts = item_offsets.tolist()
-        for u, state in enumerate(states):
-            if state.ratings:
-                at = {item: starts[u] + k for k, item in enumerate(state.recent_item_ids)}
-                for item, value in state.ratings.items():
-                    if item in at:  # (always: ratings only name recent items)
-                        positions.append(at[item])
-                        ratings.append(float(value))
-        order = np.argsort(np.asarray(positions, np.int64), kind="stable")
-
         vectors = [s.interest_vector for s in states]
         vector_offsets = bounds(0 if v is None else v.size for v in vectors)
 
         def vector_chunks() -> Iterable[np.ndarray]:
             for first in range(0, n, VECTOR_CHUNK_USERS):
                 chunk = [
-                    v.reshape(-1)
+                    v
                     for v in vectors[first : first + VECTOR_CHUNK_USERS]
                     if v is not None and v.size
                 ]
-                if chunk:
-                    yield np.concatenate(chunk).astype("<f4", copy=False)
+                if not chunk:
+                    continue
+                try:
+                    joined = np.concatenate(chunk)
+                except ValueError:  # not all 1-d (an encoder's (1, d)); rare, and slower
+                    joined = np.concatenate([np.ravel(v) for v in chunk])
+                yield joined.astype("<f4", copy=False)
 
         columns = UserColumns(
             user_ids=list(users),
@@ -284,10 +285,11 @@ class UserStore:
             attr_values=attr_codes[len(keys) :],
             attr_table=attr_table,
             item_offsets=item_offsets,
-            item_codes=item_codes,
+            item_codes=codes[:item_count],
             item_table=item_table,
-            rating_positions=np.asarray(positions, np.int64)[order],
-            rating_values=np.asarray(ratings, np.float64)[order],
+            rating_offsets=rating_offsets,
+            rating_codes=codes[item_count:],
+            rating_values=rating_values,
             vector_offsets=vector_offsets,
             vectors=Streamed("<f4", int(vector_offsets[-1]), vector_chunks),
             seen=list(captured["seen"]),
@@ -321,26 +323,21 @@ class UserStore:
         vectors = columns.vectors
         assert isinstance(vectors, np.ndarray)  # (read_snapshot's columns)
 
-        # A shorter history keeps the ratings of the ids it keeps only (as _restored).
-        positions = columns.rating_positions
-        owners = np.searchsorted(columns.item_offsets, positions, side="right") - 1
-        if cap > 0:
-            kept = positions >= columns.item_offsets[owners + 1] - cap
-            positions, owners = positions[kept], owners[kept]
-            rating_values = columns.rating_values[kept]
-        else:
-            rating_values = columns.rating_values
-        ratings: dict[int, dict[str, float]] = {}
-        for owner, position, value in zip(
-            owners.tolist(), positions.tolist(), rating_values.tolist(), strict=True
-        ):
-            ratings.setdefault(owner, {})[items[position]] = value
+        rated = np.array(columns.item_table, dtype=object)[columns.rating_codes].tolist()
+        rating_values = columns.rating_values.tolist()
+        rating_offsets = columns.rating_offsets.tolist()
 
         users: dict[str, UserState] = {}
         for u, uid in enumerate(columns.user_ids):
             first, last = item_offsets[u], item_offsets[u + 1]
-            if cap > 0:  # (a cap of 0 keeps everything, as slicing [-0:] does in apply)
-                first = max(first, last - cap)
+            r0, r1 = rating_offsets[u], rating_offsets[u + 1]
+            ratings = dict(zip(rated[r0:r1], rating_values[r0:r1], strict=True))
+            # (a cap of 0 keeps everything, as slicing [-0:] does in apply)
+            if 0 < cap < last - first:
+                first = last - cap
+                # A shorter history keeps the ratings of the ids it keeps only.
+                kept = set(items[first:last])
+                ratings = {i: v for i, v in ratings.items() if i in kept}
             a0, a1 = attr_offsets[u], attr_offsets[u + 1]
             v0, v1 = vector_offsets[u], vector_offsets[u + 1]
             users[uid] = UserState(
@@ -350,7 +347,7 @@ class UserStore:
                 interest_vector=vectors[v0:v1].copy() if v1 > v0 else None,
                 recent_item_ids=tuple(items[first:last]),
                 updated_at_ms=times[u],
-                ratings=ratings.get(u) or {},
+                ratings=ratings,
             )
         return users
 

@@ -229,8 +229,9 @@ class UserColumns:
     item_offsets: np.ndarray
     item_codes: np.ndarray  # int32
     item_table: list[str]
-    # sparse ratings: a position in the flat recent items and its value
-    rating_positions: np.ndarray  # int64, ascending
+    # ratings (most items have none): codes into item_table and their values
+    rating_offsets: np.ndarray
+    rating_codes: np.ndarray  # int32
     rating_values: np.ndarray  # float64 (the exact Python float)
     # interest vectors, float32, concatenated; an empty slice is "no vector"
     vector_offsets: np.ndarray
@@ -248,7 +249,8 @@ class UserColumns:
             "item_offsets": self.item_offsets,
             "item_codes": self.item_codes,
             **_string_sections("item_table", self.item_table),
-            "rating_positions": self.rating_positions,
+            "rating_offsets": self.rating_offsets,
+            "rating_codes": self.rating_codes,
             "rating_values": self.rating_values,
             "vector_offsets": self.vector_offsets,
             "vectors": self.vectors,
@@ -269,7 +271,8 @@ class UserColumns:
                 item_offsets=arrays["item_offsets"],
                 item_codes=arrays["item_codes"],
                 item_table=_strings(arrays, "item_table"),
-                rating_positions=arrays["rating_positions"],
+                rating_offsets=arrays["rating_offsets"],
+                rating_codes=arrays["rating_codes"],
                 rating_values=arrays["rating_values"],
                 vector_offsets=arrays["vector_offsets"],
                 vectors=arrays["vectors"],
@@ -289,8 +292,9 @@ class UserColumns:
             "attr_values": (self.attr_values, np.int32, len(self.attr_keys)),
             "item_offsets": (self.item_offsets, np.int64, n + 1),
             "item_codes": (self.item_codes, np.int32, None),
-            "rating_positions": (self.rating_positions, np.int64, None),
-            "rating_values": (self.rating_values, np.float64, len(self.rating_positions)),
+            "rating_offsets": (self.rating_offsets, np.int64, n + 1),
+            "rating_codes": (self.rating_codes, np.int32, None),
+            "rating_values": (self.rating_values, np.float64, len(self.rating_codes)),
             "vector_offsets": (self.vector_offsets, np.int64, n + 1),
         }
         if isinstance(self.vectors, np.ndarray):
@@ -303,6 +307,7 @@ class UserColumns:
         for name, offsets, flat in (
             ("attr", self.attr_offsets, self.attr_keys),
             ("item", self.item_offsets, self.item_codes),
+            ("rating", self.rating_offsets, self.rating_codes),
             ("vector", self.vector_offsets, self.vectors),
         ):
             total = flat.length if isinstance(flat, Streamed) else len(flat)
@@ -312,13 +317,7 @@ class UserColumns:
             ("attr_keys", self.attr_keys, self.attr_table),
             ("attr_values", self.attr_values, self.attr_table),
             ("item_codes", self.item_codes, self.item_table),
+            ("rating_codes", self.rating_codes, self.item_table),
         ):
             if len(codes) and (codes.min() < 0 or codes.max() >= len(table)):
                 raise SnapshotCorrupt(f"{name}: a code outside its table")
-        positions = self.rating_positions
-        if len(positions) and (
-            positions[0] < 0
-            or positions[-1] >= len(self.item_codes)
-            or np.any(np.diff(positions) <= 0)
-        ):
-            raise SnapshotCorrupt("rating_positions: not ascending positions of recent items")

@@ -36,6 +36,7 @@ BENCHMARKS = {
     "training": "bench.training",
     "ingest": "bench.ingest",
     "gateway": "bench.gateway",
+    "snapshot": "bench.snapshot",
 }
 
 

@@ -22,6 +22,7 @@ from services.common.events import new_event
 from services.common.kafka.local_broker import Topic, create_topics
 from services.common.paths import REPO_ROOT
 from services.common.registry import ModelRegistry
+from services.fusion.online_state import SNAPSHOT_FILE, UserStore, read_snapshot
 from services.fusion.synthetic import publish_version
 from tests.support.processes import ServiceProcess, coldstart_command, running_service
 
@@ -127,9 +128,13 @@ def test_events_change_recommendations_and_a_restart_resumes_from_the_snapshot(
             top = recommend(stub, "alice")
             assert any(i.reason.startswith("similar to Item 5") for i in top.items)
         assert fusion.terminate() == 0  # graceful stop writes the final snapshot
-    snapshot = json.loads((tmp_path / "snap" / "state.json").read_text())
+    snapshot = read_snapshot(tmp_path / "snap" / SNAPSHOT_FILE)
+    assert snapshot is not None
     assert sum(snapshot["offsets"].values()) == 1
-    assert snapshot["users"]["alice"]["r"] == ["item-5"]
+    restored = UserStore()
+    restored.restore(snapshot)
+    alice = restored.get("alice")
+    assert alice is not None and tuple(alice.recent_item_ids) == ("item-5",)
 
     # Produced while no fusion runs: the restart must pick it up, and only it.
     produce(kafka_broker, topic, interaction("alice", "item-77"))

@@ -561,7 +561,9 @@ class Recommender:
             Result(
                 [
                     Scored(item.item_id, score, reason, item)
-                    for item, score, reason in zip(map(meta, top.tolist()), values, why, strict=True)
+                    for item, score, reason in zip(
+                        map(meta, top.tolist()), values, why, strict=True
+                    )
                 ],
                 model.version,
                 request.new_user,

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from bench.runner import write_results
+from services.common.registry import write_atomic
 from services.fusion.online_state import (
     LEGACY_SNAPSHOT_FORMAT,
     SNAPSHOT_FILE,
@@ -114,20 +115,7 @@ def legacy_encode(captured: Mapping[str, Any]) -> dict[str, Any]:
 
 def legacy_write(path: Path, document: Mapping[str, Any]) -> None:
     """The format-1 ``write_snapshot``, as the service had it."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("w") as handle:
-            json.dump(document, handle, separators=(",", ":"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda handle: json.dump(document, handle, separators=(",", ":")))
 
 
 def _same(left: UserStore, right: UserStore, seed: int) -> bool:

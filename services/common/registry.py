@@ -20,10 +20,10 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 MANIFEST = "manifest.json"
 
@@ -56,15 +56,26 @@ def _fsync_tree(path: Path) -> None:
         _fsync_dir(folder)
 
 
+def write_atomic(path: Path, write: Callable[[IO[Any]], None], *, binary: bool = False) -> None:
+    """Fill ``path`` through ``write(handle)`` so that readers see the old or the new
+    file, never half of one: a temporary file, fsync, one rename, fsync of the folder."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with tmp.open("wb" if binary else "w") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json_atomic(path: Path, document: Any) -> None:
     """Write JSON so that readers see the old or the new file, never half of one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("w") as handle:
-        json.dump(document, handle, indent=2, sort_keys=True, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    write_atomic(
+        path, lambda handle: json.dump(document, handle, indent=2, sort_keys=True, default=str)
+    )
 
 
 class ModelRegistry:

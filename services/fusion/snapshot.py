@@ -19,14 +19,15 @@ from __future__ import annotations
 import json
 import os
 import struct
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
+
+from services.common.registry import write_atomic
 
 # Not valid JSON (nor UTF-8) in its first byte, so a reader tells the formats apart
 # from 8 bytes; the newline catches text-mode mangling, as PNG's magic does.
@@ -74,7 +75,7 @@ def _layout(sections: Mapping[str, Section]) -> dict[str, dict[str, Any]]:
 
 
 def _write_sections(
-    handle: BinaryIO, header: Mapping[str, Any], sections: Mapping[str, Section]
+    handle: IO[bytes], header: Mapping[str, Any], sections: Mapping[str, Section]
 ) -> None:
     specs = _layout(sections)
     # The offsets depend on the header's length, which depends on the offsets: lay out
@@ -114,20 +115,7 @@ def _write_sections(
 def write_file(path: Path, header: Mapping[str, Any], sections: Mapping[str, Section]) -> None:
     """Readers (a restarted service) see the old or the new file, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("wb") as handle:
-            _write_sections(handle, header, sections)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda handle: _write_sections(handle, header, sections), binary=True)
 
 
 def read_file(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

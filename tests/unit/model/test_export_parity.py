@@ -18,7 +18,12 @@ from services.trainer.model.recommender import ScoringModel
 from services.trainer.model.train import TrainResult
 
 
-def saved_run(trained: TrainResult, root: Path, meta: dict[str, object]) -> Path:
+def saved_run(
+    trained: TrainResult,
+    root: Path,
+    meta: dict[str, object],
+    item_texts: list[str] | None = None,
+) -> Path:
     """The trained model saved as a training run's bundle under ``root``; its folder."""
     data = trained.data
     folder = root / "run" / "model"
@@ -28,6 +33,7 @@ def saved_run(trained: TrainResult, root: Path, meta: dict[str, object]) -> Path
         [f"i{i}" for i in range(data.n_items)],
         [f"u{u}" for u in range(data.n_users)],
         meta,
+        item_texts=item_texts,
     )
     return folder
 
@@ -158,18 +164,8 @@ def test_items_jsonl_carries_texts_and_the_attributes_filters_read(
 ) -> None:
     from services.fusion.recsys_version import RecsysModelVersion
 
-    data = tiny_trained.data
-    texts = [f"Title {i} | subtitle {i} | genre" for i in range(data.n_items)]
-    folder = tmp_path / "run" / "model"
-    save_bundle(
-        folder,
-        tiny_trained,
-        [f"i{i}" for i in range(data.n_items)],
-        [f"u{u}" for u in range(data.n_users)],
-        {},
-        item_texts=texts,
-    )
-    bundle = load_bundle(folder)
+    texts = [f"Title {i} | subtitle {i} | genre" for i in range(tiny_trained.data.n_items)]
+    bundle = load_bundle(saved_run(tiny_trained, tmp_path, {}, item_texts=texts))
     assert bundle.item_texts == texts
     _, path = publish(bundle, tmp_path / "registry")
     records = [json.loads(line) for line in (path / "items.jsonl").read_text().splitlines()]

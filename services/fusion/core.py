@@ -26,7 +26,13 @@ from services.common.registry import ModelRegistry, RegistryError
 from services.fusion.index import ItemMeta, contained
 from services.fusion.metrics import BATCHER_METRICS
 from services.fusion.model_version import ModelLoadError, ModelVersion, UserInputs
-from services.fusion.online_state import ItemEvent, UserState, UserStore
+from services.fusion.online_state import (
+    ItemEvent,
+    StateUnavailable,
+    UserState,
+    UserStateStore,
+    UserStore,
+)
 
 log = logging.getLogger("coldstart.fusion.core")
 
@@ -88,6 +94,8 @@ class Result:
     model_version: str
     new_user: bool = False
     unknown_item_ids: list[str] = field(default_factory=list)
+    # The online state could not be read (Redis down): served as a new user.
+    degraded: bool = False
 
 
 @dataclass(frozen=True)
@@ -292,8 +300,21 @@ class ModelHolder:
 
 
 @dataclass(frozen=True)
+class _Call:
+    """A validated Recommend call, before its user's online state is read (one read
+    for a whole batch: ``Recommender._serve``)."""
+
+    model: ModelVersion
+    query: UserQuery
+    interest: np.ndarray | None  # the request's own interest vector, checked
+    k: int
+    excluded_rows: np.ndarray  # the request's exclusions
+    eligible: np.ndarray | None  # rows passing the filters; None = no filter
+
+
+@dataclass(frozen=True)
 class _Request:
-    """A validated Recommend call in the terms of the version that serves it."""
+    """A Recommend call in the terms of the version that serves it, with its user."""
 
     model: ModelVersion
     user: UserInputs
@@ -301,6 +322,7 @@ class _Request:
     k: int
     excluded: np.ndarray  # rows never returned: exclusions + history
     eligible: np.ndarray | None  # rows passing the filters; None = no filter
+    degraded: bool = False
 
 
 class Recommender:
@@ -310,7 +332,7 @@ class Recommender:
     def __init__(
         self,
         holder: ModelHolder,
-        store: UserStore,
+        store: UserStateStore,
         *,
         candidates: int = 0,
         max_k: int = 1_000,
@@ -322,7 +344,7 @@ class Recommender:
         self.store = store
         self.candidates = candidates
         self.max_k = max_k
-        self._batcher: MicroBatcher[_Request, Result] | None = (
+        self._batcher: MicroBatcher[_Call, Result] | None = (
             MicroBatcher(
                 self._serve,
                 wait_s=batch_wait_ms / 1000,
@@ -345,17 +367,38 @@ class Recommender:
             self._batcher.close()
 
     # -- user features ----------------------------------------------------------
-    def _user(self, model: ModelVersion, query: UserQuery) -> tuple[bool, UserInputs]:
-        """(new_user, the user's inputs in ``model``'s terms)."""
-        state: UserState | None = self.store.get(query.user_id) if query.user_id else None
+    def _states(self, user_ids: Sequence[str]) -> tuple[list[UserState | None], bool]:
+        """The online state of each user (None: unknown or no id), in one store call;
+        (all None, True) when the store cannot answer: served as new users, degraded
+        (the store logged and counted it), never an error."""
+        wanted = [u for u in user_ids if u]
+        if not wanted:
+            return [None] * len(user_ids), False
+        try:
+            found = iter(self.store.get_many(wanted))
+        except StateUnavailable:
+            return [None] * len(user_ids), True
+        return [next(found) if u else None for u in user_ids], False
+
+    @staticmethod
+    def _request_interest(model: ModelVersion, query: UserQuery) -> np.ndarray | None:
+        if not len(query.interest_vector):
+            return None
+        return check_vector("user.interest_vector", query.interest_vector, model.content_dimension)
+
+    def _user(
+        self,
+        model: ModelVersion,
+        query: UserQuery,
+        requested_interest: np.ndarray | None,
+        state: UserState | None,
+    ) -> tuple[bool, UserInputs]:
+        """(new_user, the user's inputs in ``model``'s terms) from the request and
+        the user's online ``state``."""
         new_user = state is None
         attributes = {**(state.attributes if state else {}), **query.attributes}
-        interest: np.ndarray | None = None
-        if len(query.interest_vector):
-            interest = check_vector(
-                "user.interest_vector", query.interest_vector, model.content_dimension
-            )
-        elif state is not None and state.interest_vector is not None:
+        interest = requested_interest
+        if interest is None and state is not None and state.interest_vector is not None:
             if state.interest_vector.shape == (model.content_dimension,):
                 interest = state.interest_vector
             else:  # encoded for an older model's encoder; unusable until re-registered
@@ -466,13 +509,13 @@ class Recommender:
     ) -> Result:
         """Top ``k``; ``deadline`` (``time.monotonic()``): drop the call if it is still
         queued for a batch by then."""
-        request = self._prepare(query, k, exclude_item_ids, filters)
+        call = self._prepare(query, k, exclude_item_ids, filters)
         if self._batcher is None:
-            result = self._serve([request])[0]
+            result = self._serve([call])[0]
             if isinstance(result, BaseException):
                 raise result
             return result
-        return self._batcher.submit(request, deadline)
+        return self._batcher.submit(call, deadline)
 
     def _prepare(
         self,
@@ -480,31 +523,66 @@ class Recommender:
         k: int,
         exclude_item_ids: Sequence[str] = (),
         filters: Filters | None = None,
-    ) -> _Request:
-        """Validate a call and put it in the terms of the version serving now."""
+    ) -> _Call:
+        """Validate a call and put it in the terms of the version serving now (the
+        request alone: its user's state is read with its batch's)."""
         check_k(k, self.max_k)
         check_list("exclude_item_ids", exclude_item_ids)
         check_list("user.recent_item_ids", query.recent_item_ids)
         model = self.holder.current
-        new_user, user = self._user(model, query)
+        interest = self._request_interest(model, query)
         index = model.index
         # Unknown exclusion ids are ignored: nothing by that id can be returned anyway.
-        excluded_rows = [r for r in map(index.row, exclude_item_ids) if r is not None]
+        excluded_rows = np.asarray(
+            [r for r in map(index.row, exclude_item_ids) if r is not None], np.int64
+        )
+        filters = filters or Filters()
+        eligible = index.eligible(filters.attribute_equals, filters.tags_any)
+        return _Call(model, query, interest, k, excluded_rows, eligible)
+
+    def _request(
+        self,
+        query: UserQuery,
+        k: int,
+        exclude_item_ids: Sequence[str] = (),
+        filters: Filters | None = None,
+    ) -> _Request:
+        """One call with its user, as a batch of one builds it (tests look inside)."""
+        call = self._prepare(query, k, exclude_item_ids, filters)
+        states, degraded = self._states([query.user_id])
+        return self._with_user(call, states[0], degraded)
+
+    def _with_user(self, call: _Call, state: UserState | None, degraded: bool) -> _Request:
+        new_user, user = self._user(call.model, call.query, call.interest, state)
         # What the user already interacted with is not recommended again, liked or not.
-        if excluded_rows or len(user.unliked_rows):
+        if len(call.excluded_rows) or len(user.unliked_rows):
             excluded = np.unique(
-                np.concatenate(
-                    [np.asarray(excluded_rows, np.int64), user.history_rows, user.unliked_rows]
-                )
+                np.concatenate([call.excluded_rows, user.history_rows, user.unliked_rows])
             )
         else:
             excluded = np.unique(user.history_rows)
-        filters = filters or Filters()
-        eligible = index.eligible(filters.attribute_equals, filters.tags_any)
-        return _Request(model, user, new_user, k, excluded, eligible)
+        return _Request(
+            call.model, user, new_user, call.k, excluded, call.eligible, degraded=degraded
+        )
 
-    def _serve(self, requests: Sequence[_Request]) -> list[Result | BaseException]:
-        """Answer ``requests`` together; each group of one version in one pass."""
+    def _serve(self, calls: Sequence[_Call]) -> list[Result | BaseException]:
+        """Answer ``calls`` together: one online-state read for all their users, then
+        each group of one version in one pass."""
+        states, degraded = self._states([c.query.user_id for c in calls])
+        out: list[Result | BaseException] = [ValueError("not served")] * len(calls)
+        requests: list[_Request] = []
+        numbers: list[int] = []
+        for n, (call, state) in enumerate(zip(calls, states, strict=True)):
+            try:
+                requests.append(self._with_user(call, state, degraded))
+                numbers.append(n)
+            except Exception as exc:  # that call's answer; the others are served
+                out[n] = exc
+        for n, result in zip(numbers, self._serve_requests(requests), strict=True):
+            out[n] = result
+        return out
+
+    def _serve_requests(self, requests: Sequence[_Request]) -> list[Result | BaseException]:
         by_model: dict[int, list[int]] = {}
         for n, request in enumerate(requests):
             by_model.setdefault(id(request.model), []).append(n)
@@ -567,6 +645,7 @@ class Recommender:
                 ],
                 model.version,
                 request.new_user,
+                degraded=request.degraded,
             )
             for request, top, values, why in zip(requests, tops, top_scores, reasons, strict=True)
         ]
@@ -610,7 +689,9 @@ class Recommender:
         check_list("candidate_item_ids", candidate_item_ids)
         check_list("user.recent_item_ids", query.recent_item_ids)
         model = self.holder.current
-        new_user, user = self._user(model, query)
+        interest = self._request_interest(model, query)
+        states, degraded = self._states([query.user_id])
+        new_user, user = self._user(model, query, interest, states[0])
         seen: set[str] = set()
         known: list[int] = []
         unknown: list[str] = []
@@ -624,7 +705,7 @@ class Recommender:
             else:
                 known.append(row)
         if not known:
-            return Result([], model.version, new_user, unknown)
+            return Result([], model.version, new_user, unknown, degraded=degraded)
         user_vec = model.user_vector(user)
         rows = np.asarray(known, dtype=np.int64)
         scores = model.rank(user, rows, user_vec)
@@ -635,7 +716,7 @@ class Recommender:
             Scored(item.item_id, float(scores[i]), reason, item)
             for i, item, reason in zip(order, metas, reasons, strict=True)
         ]
-        return Result(items, model.version, new_user, unknown)
+        return Result(items, model.version, new_user, unknown, degraded=degraded)
 
     def similar_items(self, item_id: str, k: int) -> Result:
         check_k(k, self.max_k)

@@ -27,11 +27,11 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from coldstart.v1 import events_pb2
@@ -69,6 +69,12 @@ EVENTS_SKIPPED = Counter(
 ONLINE_USERS = Gauge("coldstart_fusion_online_users", "Users held in the online state.")
 SNAPSHOTS = Counter(
     "coldstart_fusion_snapshots_total", "Snapshots written, by outcome.", ["outcome"]
+)
+STATE_ERRORS = Counter(
+    "coldstart_fusion_state_errors_total",
+    "Online-state store calls that failed (read: the batch was served as new users, "
+    "flagged degraded; write: the events are retried, not lost), by operation.",
+    ["op"],
 )
 CONSUMER_RESTARTS = Counter(
     "coldstart_fusion_consumer_restarts_total",
@@ -123,6 +129,97 @@ def _vector_from_text(text: str | None) -> np.ndarray | None:
     return np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float32)
 
 
+USER_EVENT_KINDS = frozenset({"user_registered", "interaction", "user_forgotten"})
+
+
+class StateUnavailable(RuntimeError):
+    """The store cannot answer now (Redis down or too slow); nothing was applied."""
+
+
+class UserStateStore(Protocol):
+    """What fusion reads user state through, and the event consumers write through.
+
+    Backends: ``UserStore`` (in process, the default) and
+    ``services.fusion.redis_state.RedisUserStore``; both pass
+    tests/support/state_contract.py. ``get_many`` answers one micro-batch's users in
+    one call and raises ``StateUnavailable`` rather than hang or half-answer.
+    ``apply_events`` applies user events in order, each event id at most once across
+    every writer, a user's events of one call together; it raises
+    ``StateUnavailable`` when the store could not take them (the caller retries
+    the same events: applied ones are then skipped as duplicates).
+    """
+
+    history_length: int
+
+    def get_many(self, user_ids: Sequence[str]) -> list[UserState | None]: ...
+
+    def apply_events(self, events: Iterable[events_pb2.Event]) -> int: ...
+
+    def apply(self, event: events_pb2.Event) -> bool: ...
+
+
+def event_user_id(event: events_pb2.Event) -> str | None:
+    """The user a user event is about; None for any other kind."""
+    kind = event.WhichOneof("payload")
+    if kind == "user_registered":
+        return event.user_registered.user_id
+    if kind == "interaction":
+        return event.interaction.user_id
+    if kind == "user_forgotten":
+        return event.user_forgotten.user_id
+    return None
+
+
+def next_user_state(
+    previous: UserState | None,
+    event: events_pb2.Event,
+    history_length: int,
+    encode: Callable[[str], np.ndarray | None],
+) -> UserState | None:
+    """The user's state after one user event (None: forgotten); every backend
+    applies events through this, so they agree on what an event does."""
+    kind = event.WhichOneof("payload")
+    now = event.timestamp_ms or int(time.time() * 1000)
+    if kind == "user_registered":
+        reg = event.user_registered
+        vector: np.ndarray | None = None
+        if len(reg.interest_vector):
+            vector = np.asarray(reg.interest_vector, dtype=np.float32)
+        elif reg.interest_text:
+            vector = encode(reg.interest_text)
+        return UserState(
+            attributes=dict(reg.attributes),
+            interest_vector=vector,
+            recent_item_ids=previous.recent_item_ids if previous else (),
+            updated_at_ms=now,
+            ratings=previous.ratings if previous else {},
+        )
+    if kind == "interaction":
+        inter = event.interaction
+        previous = previous or UserState()
+        # A repeat moves the item to the end instead of filling history with copies.
+        recent = [i for i in previous.recent_item_ids if i != inter.item_id]
+        recent.append(inter.item_id)
+        kept = tuple(recent[-history_length:])
+        # The latest interaction decides: a rating records its value, any other kind
+        # (an implicit positive) clears an older rating of the item.
+        ratings = {i: v for i, v in previous.ratings.items() if i != inter.item_id}
+        if inter.kind == "rating":
+            ratings[inter.item_id] = float(inter.value)
+        for dropped in recent[:-history_length]:
+            ratings.pop(dropped, None)
+        return UserState(
+            attributes=previous.attributes,
+            interest_vector=previous.interest_vector,
+            recent_item_ids=kept,
+            updated_at_ms=now,
+            ratings=ratings,
+        )
+    if kind == "user_forgotten":
+        return None
+    raise ValueError(f"not a user event: {kind}")
+
+
 class UserStore:
     """user id -> UserState; written by one thread, read by many."""
 
@@ -131,10 +228,15 @@ class UserStore:
         history_length: int = 200,
         encoder: Encoder | None = None,
         on_item: Callable[[ItemEvent], None] | None = None,
+        *,
+        user_events: bool = True,
     ) -> None:
         self.history_length = history_length
         self.encoder = encoder
         self.on_item = on_item
+        # False: only item events are applied here (the users live in Redis; every
+        # replica still needs every item upsert for its live index).
+        self.user_events = user_events
         self._users: dict[str, UserState] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._warned_no_encoder = False
@@ -145,54 +247,33 @@ class UserStore:
     def __len__(self) -> int:
         return len(self._users)
 
+    def get_many(self, user_ids: Sequence[str]) -> list[UserState | None]:
+        users = self._users
+        return [users.get(u) for u in user_ids]
+
+    def apply_events(self, events: Iterable[events_pb2.Event]) -> int:
+        return sum(self.apply(event) for event in events)
+
     def apply(self, event: events_pb2.Event) -> bool:
         """Apply one decoded event; False when it was a duplicate or unusable."""
+        kind = event.WhichOneof("payload")
+        if kind in USER_EVENT_KINDS and not self.user_events:
+            return False  # another store keeps the users (state_backend = "redis")
         if event.event_id in self._seen:
             EVENTS_SKIPPED.labels("duplicate").inc()
             return False
         self._seen[event.event_id] = None
         if len(self._seen) > SEEN_EVENT_IDS:
             self._seen.popitem(last=False)
-        kind = event.WhichOneof("payload")
-        now = event.timestamp_ms or int(time.time() * 1000)
-        if kind == "user_registered":
-            reg = event.user_registered
-            vector: np.ndarray | None = None
-            if len(reg.interest_vector):
-                vector = np.asarray(reg.interest_vector, dtype=np.float32)
-            elif reg.interest_text:
-                vector = self._encode(reg.interest_text)
-            previous = self._users.get(reg.user_id)
-            self._users[reg.user_id] = UserState(
-                attributes=dict(reg.attributes),
-                interest_vector=vector,
-                recent_item_ids=previous.recent_item_ids if previous else (),
-                updated_at_ms=now,
-                ratings=previous.ratings if previous else {},
+        user_id = event_user_id(event)
+        if user_id is not None:
+            state = next_user_state(
+                self._users.get(user_id), event, self.history_length, self._encode
             )
-        elif kind == "interaction":
-            inter = event.interaction
-            previous = self._users.get(inter.user_id) or UserState()
-            # A repeat moves the item to the end instead of filling history with copies.
-            recent = [i for i in previous.recent_item_ids if i != inter.item_id]
-            recent.append(inter.item_id)
-            kept = tuple(recent[-self.history_length :])
-            # The latest interaction decides: a rating records its value, any other kind
-            # (an implicit positive) clears an older rating of the item.
-            ratings = {i: v for i, v in previous.ratings.items() if i != inter.item_id}
-            if inter.kind == "rating":
-                ratings[inter.item_id] = float(inter.value)
-            for dropped in recent[: -self.history_length]:
-                ratings.pop(dropped, None)
-            self._users[inter.user_id] = UserState(
-                attributes=previous.attributes,
-                interest_vector=previous.interest_vector,
-                recent_item_ids=kept,
-                updated_at_ms=now,
-                ratings=ratings,
-            )
-        elif kind == "user_forgotten":
-            self._users.pop(event.user_forgotten.user_id, None)
+            if state is None:
+                self._users.pop(user_id, None)
+            else:
+                self._users[user_id] = state
         elif kind == "item_upserted":
             up = event.item_upserted
             content: np.ndarray | None = None
@@ -209,6 +290,7 @@ class UserStore:
         else:  # decode_event guarantees a payload; a newer kind is skipped, not fatal
             EVENTS_SKIPPED.labels("unknown_kind").inc()
             return False
+        assert kind is not None
         EVENTS_APPLIED.labels(kind).inc()
         ONLINE_USERS.set(len(self._users))
         return True

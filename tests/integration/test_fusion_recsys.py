@@ -156,7 +156,7 @@ def test_user_vector_and_ranker_scores_equal_the_torch_model(
             interest_vector=interest.tolist(),
             recent_item_ids=[item_id(int(i)) for i in history],
         )
-        request = core._prepare(query, 10)
+        request = core._request(query, 10)
         served = model.user_vector_batch([request.user])[0]
 
         # The model engineer's side: torch towers on the training tables.
@@ -330,7 +330,7 @@ def test_a_mixed_batch_ranks_each_user_as_alone_and_skips_gated_out_users(
     }
     lengths = (0, 1, 3, 8)
     users = [
-        core._prepare(UserQuery(recent_item_ids=[item_id(i) for i in range(n)]), 10).user
+        core._request(UserQuery(recent_item_ids=[item_id(i) for i in range(n)]), 10).user
         for n in lengths
     ]
     vecs = model.user_vector_batch(users)
@@ -407,7 +407,7 @@ def test_a_head_of_new_items_is_blended_with_content_like_the_trainer(trained: T
     model.tables.pop[:] = 0
     lengths = (0, 3)
     users = [
-        core._prepare(UserQuery(recent_item_ids=[item_id(i) for i in range(n)]), 10).user
+        core._request(UserQuery(recent_item_ids=[item_id(i) for i in range(n)]), 10).user
         for n in lengths
     ]
     vecs = model.user_vector_batch(users)
@@ -510,7 +510,7 @@ def test_the_head_blend_reads_the_unliked_items_like_the_trainer(
             user_id="u", item_id=item_id(item), kind=kind, value=value
         )
         core.store.apply(new_event("t", interaction=interaction))
-    user = core._prepare(UserQuery(user_id="u"), 10).user
+    user = core._request(UserQuery(user_id="u"), 10).user
     assert user.history_rows.tolist() == [0, 1] and user.unliked_rows.tolist() == [40, 41]
     plain = UserInputs({}, None, user.history_rows, "u")  # the same user, no unliked rows
 

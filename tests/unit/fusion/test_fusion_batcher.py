@@ -23,7 +23,7 @@ from services.fusion.core import (
     Recommender,
     Result,
     UserQuery,
-    _Request,
+    _Call,
 )
 from services.fusion.model_version import ModelVersion
 from services.fusion.online_state import UserStore
@@ -163,7 +163,7 @@ def test_calls_queued_across_a_swap_keep_the_version_they_started_on(
     release = threading.Event()
     batches: list[list[str]] = []
 
-    def held(requests: Sequence[_Request]) -> Sequence[Result | BaseException]:
+    def held(requests: Sequence[_Call]) -> Sequence[Result | BaseException]:
         if not batches:
             release.wait(10)  # the first batch holds the worker while the others queue
         results = serve(requests)

@@ -333,7 +333,7 @@ def test_low_ratings_are_not_history_but_are_never_recommended_again(
     interact(core, "u", top, "rating", 1.0)
     interact(core, "u", "no-such-item", "rating", 1.0)  # unknown ids are ignored
 
-    request = core._prepare(UserQuery(user_id="u"), 10)
+    request = core._request(UserQuery(user_id="u"), 10)
     assert request.user.history_rows.tolist() == rows_of(core, *liked)
     assert request.user.unliked_rows.tolist() == rows_of(core, top)
     assert set(rows_of(core, *liked, top)) <= set(request.excluded.tolist())
@@ -348,7 +348,7 @@ def test_low_ratings_are_not_history_but_are_never_recommended_again(
 
     # A later view of the item rated low makes it liked (the latest interaction decides).
     interact(core, "u", top, "view")
-    request = core._prepare(UserQuery(user_id="u"), 10)
+    request = core._request(UserQuery(user_id="u"), 10)
     assert request.user.history_rows.tolist() == rows_of(core, *liked, top)
     assert request.user.unliked_rows.tolist() == []
 
@@ -359,12 +359,12 @@ def test_request_ids_are_liked_and_each_list_is_capped(rated_core: Recommender) 
     interact(core, "u", "item-1", "rating", 2.0)
     interact(core, "u", "item-2", "rating", 3.5)
     # The request's own ids carry no value: liked, also one the state holds as rated low.
-    request = core._prepare(UserQuery(user_id="u", recent_item_ids=["item-2"]), 5)
+    request = core._request(UserQuery(user_id="u", recent_item_ids=["item-2"]), 5)
     # (state then request ids, a repeat kept as before: only the split is new)
     assert request.user.history_rows.tolist() == rows_of(core, "item-2", "item-2")
     assert request.user.unliked_rows.tolist() == rows_of(core, "item-1")
     many = [f"item-{i}" for i in range(20, 25)]
-    request = core._prepare(UserQuery(user_id="u", recent_item_ids=many), 5)
+    request = core._request(UserQuery(user_id="u", recent_item_ids=many), 5)
     assert request.user.history_rows.tolist() == rows_of(core, *many[-3:])
     assert request.user.unliked_rows.tolist() == rows_of(core, "item-1", "item-2")
 
@@ -374,7 +374,7 @@ def test_a_version_without_user_history_treats_every_interaction_as_liked(
 ) -> None:
     assert core.holder.current.positive_threshold == float("-inf")
     interact(core, "u", "item-5", "rating", 1.0)
-    request = core._prepare(UserQuery(user_id="u"), 10)
+    request = core._request(UserQuery(user_id="u"), 10)
     assert request.user.history_rows.tolist() == rows_of(core, "item-5")
     assert request.user.unliked_rows.tolist() == []
     result = core.recommend(UserQuery(user_id="u"), 10)

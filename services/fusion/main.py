@@ -16,6 +16,7 @@ from services.common.server import ServiceApp, ServiceParts
 from services.fusion.core import ModelHolder, Recommender
 from services.fusion.model_version import ModelLoadError, ModelVersion
 from services.fusion.online_state import SNAPSHOT_FILE, Encoder, EventConsumer, UserStore
+from services.fusion.redis_state import RedisUserStore, StateWriter, redis_client
 from services.fusion.servicer import FusionServicer
 from services.fusion.settings import FusionSettings
 
@@ -70,10 +71,27 @@ def build(settings: FusionSettings) -> ServiceParts:
         if settings.encoder_address
         else None
     )
-    store = UserStore(settings.history_length, encoder=encoder, on_item=holder.upsert_event)
+    redis_store: RedisUserStore | None = None
+    if settings.state_backend == "redis":
+        redis_store = RedisUserStore(
+            redis_client(settings.redis_url, settings.redis_timeout_ms / 1000),
+            prefix=settings.redis_key_prefix,
+            history_length=settings.history_length,
+            event_ttl_s=settings.state_event_ttl_s,
+            retry_after_s=settings.redis_retry_after_s,
+            encoder=encoder,
+        )
+    # With Redis the users live there, but every replica still applies every item
+    # upsert to its own live index (and snapshots those with their offsets).
+    store = UserStore(
+        settings.history_length,
+        encoder=encoder,
+        on_item=holder.upsert_event,
+        user_events=redis_store is None,
+    )
     core = Recommender(
         holder,
-        store,
+        store if redis_store is None else redis_store,
         candidates=settings.candidates,
         max_k=settings.max_k,
         batch_wait_ms=settings.batch_wait_ms,
@@ -110,9 +128,31 @@ def build(settings: FusionSettings) -> ServiceParts:
     else:
         log.warning("no kafka_bootstrap: online user state comes from requests only")
 
+    writer: StateWriter | None = None
+    if redis_store is not None and settings.state_writer:
+        from kafka.errors import KafkaError
+
+        try:
+            writer = StateWriter(
+                redis_store,
+                settings.kafka_bootstrap,
+                settings.events_topic,
+                group_id=settings.state_group,
+                group_instance_id=settings.state_writer_instance,
+                poll_timeout_ms=settings.poll_timeout_ms,
+            )
+        except KafkaError as exc:
+            if consumer is not None:
+                consumer.stop()
+            raise StartupError(
+                f"kafka_bootstrap {settings.kafka_bootstrap}: {type(exc).__name__}"
+            ) from None
+
     def warmup() -> None:
         if consumer is not None:
             consumer.start()
+        if writer is not None:
+            writer.start()
         holder.start_watcher(settings.swap_poll_s)
 
     def close() -> None:
@@ -120,6 +160,8 @@ def build(settings: FusionSettings) -> ServiceParts:
         holder.stop()
         if consumer is not None:
             consumer.stop()
+        if writer is not None:
+            writer.stop()
 
     return ServiceParts(
         servicers=[(fusion_pb2_grpc.add_FusionServiceServicer_to_server, FusionServicer(core))],

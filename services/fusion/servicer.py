@@ -42,7 +42,7 @@ def _items(items: Sequence[Scored], include_display: bool = False) -> list[commo
 def _recommend_response(result: Result, include_display: bool) -> fusion_pb2.RecommendResponse:
     # Items added in place: no intermediate ScoredItem messages copied into the list.
     response = fusion_pb2.RecommendResponse(
-        model_version=result.model_version, new_user=result.new_user
+        model_version=result.model_version, new_user=result.new_user, degraded=result.degraded
     )
     add = response.items.add
     if include_display:

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from services.common.ports import DEFAULT_PORTS
 from services.common.settings import ServerSettings, SettingsError, check_positive
 
+STATE_BACKENDS = ("memory", "redis")
+# The packed Redis value counts items in 16 bits (services/fusion/redis_state.py).
+MAX_REDIS_HISTORY = 65_535
+
 
 @dataclass(frozen=True)
 class FusionSettings(ServerSettings):
@@ -57,6 +61,28 @@ class FusionSettings(ServerSettings):
     # Threads serving batches. One: a second worker took half-empty batches and
     # contended for the GIL; measured ~20 % fewer calls per second with two.
     batch_workers: int = 1
+    # Online user state: "memory" (in process, from every event, snapshotted to
+    # snapshot_dir) or "redis" (read from redis_url per micro-batch; written by the
+    # replicas with state_writer = true, one Kafka consumer group that splits the
+    # partitions: docs/FUSION.md, "Online state").
+    state_backend: str = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Key prefix, so several deployments (or tests) can share one Redis.
+    redis_key_prefix: str = "coldstart:"
+    # Socket timeouts of every Redis call: a read slower than this serves the batch
+    # as new users (degraded) rather than hold it.
+    redis_timeout_ms: int = 100
+    # After a failed read, reads fail fast this long (no connect timeout per batch).
+    redis_retry_after_s: float = 1.0
+    # Whether this replica writes user state to Redis (a member of state_group).
+    state_writer: bool = False
+    state_group: str = "coldstart-fusion-state"
+    # Static group membership (KIP-345) of a writer: restarted with the same id it
+    # takes its partitions back at once instead of after the killed member's session
+    # timeout (the k8s writers use their pod name). "" = dynamic membership.
+    state_writer_instance: str = ""
+    # How long an applied event id is remembered for deduplication across writers.
+    state_event_ttl_s: int = 86_400
 
     def validate(self) -> None:
         super().validate()
@@ -81,3 +107,31 @@ class FusionSettings(ServerSettings):
             raise SettingsError(f"batch_wait_ms: must be >= 0, got {self.batch_wait_ms}")
         if not self.events_topic:
             raise SettingsError("events_topic: must not be empty")
+        if self.state_backend not in STATE_BACKENDS:
+            raise SettingsError(
+                f"state_backend: must be one of {', '.join(STATE_BACKENDS)}, "
+                f"got {self.state_backend!r}"
+            )
+        if self.state_backend == "redis":
+            if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+                raise SettingsError(
+                    f"redis_url: must start with redis://, rediss:// or unix://, "
+                    f"got {self.redis_url!r}"
+                )
+            check_positive("redis_timeout_ms", self.redis_timeout_ms)
+            check_positive("redis_retry_after_s", self.redis_retry_after_s)
+            check_positive("state_event_ttl_s", self.state_event_ttl_s)
+            if self.history_length > MAX_REDIS_HISTORY:
+                raise SettingsError(
+                    f"history_length: at most {MAX_REDIS_HISTORY} with state_backend redis, "
+                    f"got {self.history_length}"
+                )
+            if self.state_writer and not self.kafka_bootstrap:
+                raise SettingsError("state_writer: needs kafka_bootstrap (it consumes events)")
+            if self.state_writer and not self.state_group:
+                raise SettingsError("state_group: must not be empty when state_writer is on")
+        elif self.state_writer:
+            raise SettingsError(
+                'state_writer: only with state_backend = "redis" (the memory backend '
+                "applies every event in every replica)"
+            )

@@ -215,7 +215,9 @@ class FusionClient:
             deadline,
             idempotent=True,
         )
-        return Recommendation(scored_items(reply.items), reply.model_version, reply.new_user)
+        return Recommendation(
+            scored_items(reply.items), reply.model_version, reply.new_user, reply.degraded
+        )
 
     def recommend_wire(self, request: FusionRecommend, deadline: Deadline) -> bytes:
         """``recommend`` with fusion's serialised reply, not decoded (same retries and

@@ -27,6 +27,10 @@ from services.fusion.online_state import (
     write_snapshot,
 )
 
+# Apply, dedupe, forget, the history cap and ratings are the store contract
+# (tests/support/state_contract.py, run on every backend by
+# test_fusion_state_contract.py and tests/integration/test_fusion_redis_state.py).
+
 
 def registered(user: str, **kwargs: object) -> events_pb2.Event:
     return new_event("test", user_registered=events_pb2.UserRegistered(user_id=user, **kwargs))  # type: ignore[arg-type]
@@ -37,31 +41,6 @@ def interaction(user: str, item: str, kind: str = "view", value: float = 1) -> e
         "test",
         interaction=events_pb2.Interaction(user_id=user, item_id=item, kind=kind, value=value),
     )
-
-
-def test_events_build_user_state_and_forgotten_users_leave() -> None:
-    store = UserStore(history_length=3)
-    assert store.apply(registered("u", attributes={"region": "eu"}, interest_vector=[1.0, 0.0]))
-    for item in ("a", "b", "c", "a", "d"):
-        store.apply(interaction("u", item))
-    state = store.get("u")
-    assert state is not None
-    assert dict(state.attributes) == {"region": "eu"}
-    assert state.interest_vector is not None and state.interest_vector.tolist() == [1.0, 0.0]
-    # Bounded, most recent last, a repeat moved to the end rather than duplicated.
-    assert state.recent_item_ids == ("c", "a", "d")
-    store.apply(new_event("test", user_forgotten=events_pb2.UserForgotten(user_id="u")))
-    assert store.get("u") is None
-
-
-def test_a_replayed_event_id_is_applied_once() -> None:
-    store = UserStore()
-    event = interaction("u", "a")
-    assert store.apply(event)
-    store.apply(interaction("u", "b"))
-    assert not store.apply(event)
-    state = store.get("u")
-    assert state is not None and state.recent_item_ids == ("a", "b")
 
 
 def test_interest_text_goes_to_the_encoder_or_stays_unset() -> None:
@@ -124,30 +103,6 @@ def test_unreadable_snapshot_means_full_replay(tmp_path: Path) -> None:
     path.write_text("{half")
     assert read_snapshot(path) is None
     assert read_snapshot(tmp_path / "absent.json") is None
-
-
-def test_ratings_are_kept_for_recent_items_until_another_kind_or_the_cap() -> None:
-    store = UserStore(history_length=3)
-    store.apply(interaction("u", "a", "rating", 2))
-    store.apply(interaction("u", "b", "like"))
-    store.apply(interaction("u", "c", "rating", 5))
-    state = store.get("u")
-    assert state is not None
-    # Only ratings have a value; the other kinds are implicit positives.
-    assert dict(state.ratings) == {"a": 2.0, "c": 5.0}
-    store.apply(interaction("u", "a", "view"))  # a later view: no longer a rating
-    store.apply(registered("u", attributes={"region": "eu"}))  # keeps history and ratings
-    state = store.get("u")
-    assert state is not None
-    assert state.recent_item_ids == ("b", "c", "a") and dict(state.ratings) == {"c": 5.0}
-    store.apply(interaction("u", "b", "rating", 1))  # the latest rating wins
-    store.apply(interaction("u", "d", "rating", 3))
-    store.apply(interaction("u", "e"))
-    state = store.get("u")
-    assert state is not None
-    # "c" fell out of the capped history and took its rating with it.
-    assert state.recent_item_ids == ("b", "d", "e")
-    assert dict(state.ratings) == {"b": 1.0, "d": 3.0}
 
 
 def test_snapshot_keeps_ratings_and_an_old_snapshot_restores_all_liked(tmp_path: Path) -> None:

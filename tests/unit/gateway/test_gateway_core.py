@@ -419,10 +419,11 @@ def test_load_catalog_takes_titles_from_the_items_text(tmp_path: Path) -> None:
 
 def test_fusions_recommend_bytes_are_the_gateways_answer() -> None:
     # The gateway passes fusion's serialised reply on as its own: the two messages
-    # must keep fields 1-3 alike, and degraded=false must be absent from the wire.
+    # must keep fields 1-4 alike (4: degraded, fusion's when its online state is
+    # down), and degraded=false must be absent from the wire.
     fusion_fields = fusion_pb2.RecommendResponse.DESCRIPTOR.fields_by_number
     gateway_fields = gateway_pb2.GatewayRecommendResponse.DESCRIPTOR.fields_by_number
-    assert set(fusion_fields) == {1, 2, 3}
+    assert set(fusion_fields) == {1, 2, 3, 4}
     for number, field in fusion_fields.items():
         other = gateway_fields[number]
         assert (field.name, field.type, field.is_repeated) == (

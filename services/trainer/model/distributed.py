@@ -9,10 +9,16 @@ gloo otherwise (the CPU machines this project runs on).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from services.trainer.data.generic import ShardRows
 
 
 @dataclass(frozen=True)
@@ -87,3 +93,50 @@ def all_reduce_mean(ctx: DistContext, value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
     dist.all_reduce(t)
     return float(t.item()) / ctx.world_size
+
+
+def all_gather_array(ctx: DistContext, array: np.ndarray) -> list[np.ndarray]:
+    """Every worker's 1-d ``array`` (lengths may differ), in rank order.
+
+    Tensors, not pickled objects: a worker holds its own array, the W received ones
+    and nothing else (all_gather_object would add a pickled copy of each)."""
+    if not ctx.distributed:
+        return [array]
+    device = ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+    sizes: list[int | None] = [None] * ctx.world_size
+    dist.all_gather_object(sizes, len(array))
+    longest = max(int(n) for n in sizes if n is not None)
+    mine = torch.zeros(longest, dtype=torch.from_numpy(array[:0]).dtype, device=device)
+    mine[: len(array)] = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    received = [torch.empty_like(mine) for _ in range(ctx.world_size)]
+    dist.all_gather(received, mine)
+    del mine
+    return [t[: int(n or 0)].cpu().numpy() for t, n in zip(received, sizes, strict=True)]
+
+
+def gather_shard_rows(ctx: DistContext) -> Callable[[ShardRows], list[ShardRows]]:
+    """The ``gather`` of a ``services.trainer.data.generic.Shard``: every worker's
+    interaction rows (compact row indices) in rank order."""
+    from services.trainer.data.generic import ShardRows
+
+    def gather(mine: ShardRows) -> list[ShardRows]:
+        meta: list[tuple[dict[str, int], tuple[str, int | None, str | None] | None] | None]
+        meta = [None] * ctx.world_size
+        dist.all_gather_object(meta, (mine.unknown, mine.error))
+        arrays = {
+            name: all_gather_array(ctx, getattr(mine, name))
+            for name in ("user", "item", "value", "ts", "line")
+        }
+        out = []
+        for r, entry in enumerate(meta):
+            assert entry is not None
+            out.append(
+                ShardRows(
+                    **{name: parts[r] for name, parts in arrays.items()},
+                    unknown=entry[0],
+                    error=entry[1],
+                )
+            )
+        return out
+
+    return gather

@@ -35,12 +35,15 @@ test-unit: $(BOOTSTRAP_STAMP)
 	$(VENV)/bin/pytest tests/unit $(PYTEST_ARGS)
 
 test-integration: $(BOOTSTRAP_STAMP)
+	scripts/ensure_redis.sh
 	$(VENV)/bin/pytest tests/integration $(PYTEST_ARGS)
 
-# Everything: lint, types, unit and integration tests (one shared Kafka broker).
+# Everything: lint, types, unit and integration tests (one shared Kafka broker; a
+# redis-server for fusion's Redis online state, installed when missing and possible).
 test: $(BOOTSTRAP_STAMP)
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory typecheck
+	scripts/ensure_redis.sh
 	$(VENV)/bin/pytest tests $(PYTEST_ARGS)
 
 bench: $(BOOTSTRAP_STAMP)

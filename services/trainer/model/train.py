@@ -66,15 +66,40 @@ def global_batch_size(requested: int, n: int, world: int) -> int:
 # --------------------------------------------------------------------------- towers
 
 
+# Rows of the epoch's (samples x max_history) history draws generated at a time: the
+# stream is the same as one (n, max_history) draw, but a worker keeps only its rows.
+DRAW_CHUNK_ROWS = 65_536
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """One epoch as one worker sees it: its own samples, step by step (the local
+    batch of step s is rows s*local_batch .. (s+1)*local_batch), their draws, and the
+    target item of every sample of every global batch (the shared candidate set).
+
+    The random streams are those of the whole epoch (every sample's draws in sample
+    order, as a single worker makes them); a worker keeps the values of its own
+    samples only, so its memory for the plan is about 1/W of the epoch's."""
+
+    samples: np.ndarray  # global sample ids (see ModelData.sample_user_pos)
+    users: np.ndarray
+    pos: np.ndarray  # position of the sample in its user's time-ordered list
+    length: np.ndarray  # history length
+    keep_uid: np.ndarray
+    keep_interest: np.ndarray
+    draws: np.ndarray  # ("set") uniform draws per history slot; (0, max_history) otherwise
+    batch_targets: np.ndarray  # steps * global_batch target items, global batch after batch
+
+
 class TowerBatcher:
     """Samples: one per training positive (user, position in the user's time-ordered list)."""
 
     def __init__(self, data: ModelData, cfg: ModelConfig, rank: int, world: int) -> None:
         self.data, self.cfg, self.rank, self.world = data, cfg, rank, world
-        self.users, self.pos = data.sample_user_pos()
-        n = len(self.users)
+        n = data.n_samples
         if n == 0:
             raise ValueError("no training positives")
+        self.n_samples = n
         self.global_batch = global_batch_size(cfg.batch_size, n, world)
         self.local_batch = self.global_batch // world
         self.steps_per_epoch = max(1, n // self.global_batch)
@@ -90,11 +115,18 @@ class TowerBatcher:
             content_neighbors(data.content, cfg.content_swap_k) if cfg.content_swap > 0 else None
         )
         self._plan_epoch = -1
-        self._draws = np.zeros((0, cfg.max_history))
-        self._plan: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._plan: EpochPlan | None = None
 
-    def plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """(order, history length, user id kept, interest kept) for every sample of the epoch.
+    def own_positions(self) -> np.ndarray:
+        """Positions in the epoch's sample order that this worker trains on, step by step."""
+        g, b = self.global_batch, self.local_batch
+        steps = np.arange(self.steps_per_epoch, dtype=np.int64)
+        positions = (steps[:, None] * g + self.rank * b + np.arange(b)[None, :]).ravel()
+        return positions[positions < self.n_samples]
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """This worker's share of the epoch: the sample order, history lengths, user id
+        and interest kept, for its own samples.
 
         "prefix": the history is the user's positives before the target, cut short
         (to 0..short_history_max) with probability short_history_prob.
@@ -102,31 +134,58 @@ class TowerBatcher:
         0..min(others, max_history): short histories as common as long ones.
         """
         if self._plan is None or self._plan_epoch != epoch:
-            cfg = self.cfg
+            self._plan = None  # the previous epoch's plan goes before this one is built
+            cfg, data = self.cfg, self.data
             rng = _rng(cfg.seed, epoch, 1)
-            n = len(self.users)
+            n = self.n_samples
             order = rng.permutation(n)
+            mine = order[self.own_positions()]
+            batch_targets = self.targets[order[: self.steps_per_epoch * self.global_batch]]
+            del order
+            users = np.searchsorted(data.user_offsets, mine, side="right") - 1
+            pos = mine - data.user_offsets[users]
+            draws = np.zeros((0, cfg.max_history))
             if cfg.history_mode == "prefix":
-                short = rng.random(n) < cfg.short_history_prob
+                short = rng.random(n)[mine] < cfg.short_history_prob
                 cut_short = np.floor(
-                    rng.random(n) * (np.minimum(self.pos, cfg.short_history_max) + 1)
+                    rng.random(n)[mine] * (np.minimum(pos, cfg.short_history_max) + 1)
                 ).astype(np.int64)
-                length = np.where(short, cut_short, self.pos)
+                length = np.where(short, cut_short, pos)
             else:
-                others = np.diff(self.data.user_offsets)[self.users] - 1
+                others = np.diff(data.user_offsets)[users] - 1
                 cap = np.minimum(others, cfg.max_history)
-                length = np.floor(rng.random(n) * (cap + 1)).astype(np.int64)
-                self._draws = rng.random((n, cfg.max_history))
-            keep_uid = rng.random(n) >= cfg.user_id_dropout
-            keep_interest = rng.random(n) >= cfg.interest_dropout
-            self._plan = (order, length, keep_uid, keep_interest)
+                length = np.floor(rng.random(n)[mine] * (cap + 1)).astype(np.int64)
+                draws = self._own_rows(rng, n, cfg.max_history, mine)
+            keep_uid = rng.random(n)[mine] >= cfg.user_id_dropout
+            keep_interest = rng.random(n)[mine] >= cfg.interest_dropout
+            self._plan = EpochPlan(
+                mine, users, pos, length, keep_uid, keep_interest, draws, batch_targets
+            )
             self._plan_epoch = epoch
         return self._plan
 
-    def history_positions(self, local: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, ...]:
-        """(positions in the user's list (b, width), mask, pooled length) of local samples."""
+    @staticmethod
+    def _own_rows(rng: np.random.Generator, n: int, width: int, mine: np.ndarray) -> np.ndarray:
+        """Rows ``mine`` of ``rng.random((n, width))``, drawn DRAW_CHUNK_ROWS rows at a
+        time (the same stream: a generator's doubles do not depend on how they are asked
+        for), so that only this worker's rows are kept."""
+        out = np.empty((len(mine), width))
+        sorter = np.argsort(mine, kind="stable")
+        ordered = mine[sorter]
+        for start in range(0, n, DRAW_CHUNK_ROWS):
+            stop = min(n, start + DRAW_CHUNK_ROWS)
+            block = rng.random((stop - start, width))
+            lo, hi = np.searchsorted(ordered, [start, stop])
+            out[sorter[lo:hi]] = block[ordered[lo:hi] - start]
+        return out
+
+    def history_positions(
+        self, local: np.ndarray | slice, plan: EpochPlan
+    ) -> tuple[np.ndarray, ...]:
+        """(positions in the user's list (b, width), mask, pooled length) of the plan's
+        rows ``local``."""
         cfg = self.cfg
-        lens = length[local]
+        lens = plan.length[local]
         if cfg.history_mode == "prefix":
             lo = np.maximum(0, lens - cfg.max_history)
             pooled = lens - lo
@@ -135,45 +194,46 @@ class TowerBatcher:
         else:
             pooled = lens
             width = max(1, int(pooled.max()))
-            others = np.diff(self.data.user_offsets)[self.users[local]] - 1
-            draw = np.floor(self._draws[local, :width] * np.maximum(others, 1)[:, None])
+            others = np.diff(self.data.user_offsets)[plan.users[local]] - 1
+            draw = np.floor(plan.draws[local, :width] * np.maximum(others, 1)[:, None])
             positions = draw.astype(np.int64)
-            positions += positions >= self.pos[local][:, None]  # skip the target itself
+            positions += positions >= plan.pos[local][:, None]  # skip the target itself
         mask = np.arange(width)[None, :] < pooled[:, None]
         return positions, mask, pooled
 
     def batch(self, epoch: int, step: int) -> Batch:
         cfg, data = self.cfg, self.data
-        order, length, keep_uid, keep_interest = self.plan(epoch)
-        g = order[step * self.global_batch : (step + 1) * self.global_batch]
-        local = g[self.rank * self.local_batch : (self.rank + 1) * self.local_batch]
+        plan = self.plan(epoch)
+        local = slice(step * self.local_batch, (step + 1) * self.local_batch)
         step_rng = _rng(cfg.seed, epoch, step, 2)
         negatives = step_rng.choice(self.neg_pool, size=cfg.n_negatives, replace=True)
-        candidates = np.unique(np.concatenate([self.targets[g], negatives]))
+        g_targets = plan.batch_targets[step * self.global_batch : (step + 1) * self.global_batch]
+        candidates = np.unique(np.concatenate([g_targets, negatives]))
 
-        users = self.users[local]
+        users = plan.users[local]
+        n_local = len(users)
         starts = data.user_offsets[users]
-        positions, hist_mask, hist_lens = self.history_positions(local, length)
+        positions, hist_mask, hist_lens = self.history_positions(local, plan)
         hist_items = data.user_items[np.where(hist_mask, starts[:, None] + positions, 0)]
 
         unliked = self.unliked_draw(users, step_rng) if cfg.unliked_pool else []
         items = np.unique(np.concatenate([candidates, hist_items[hist_mask], *unliked]))
         # History pooling as a (local batch x items) averaging matrix: one matmul
         # forward and backward instead of a gather + scatter over (batch, history).
-        pool = np.zeros((len(local), len(items)), dtype=np.float32)
-        rows = np.repeat(np.arange(len(local)), hist_lens)
+        pool = np.zeros((n_local, len(items)), dtype=np.float32)
+        rows = np.repeat(np.arange(n_local), hist_lens)
         cols = np.searchsorted(items, hist_items[hist_mask])
         np.add.at(pool, (rows, cols), 1.0)
         pool /= np.maximum(hist_lens, 1)[:, None].astype(np.float32)
         drop_item = step_rng.random(data.n_items) < cfg.item_id_dropout
         item_ids = np.where(drop_item[items], 0, data.item_codes[items])
         keep_content = step_rng.random(data.n_items) >= cfg.content_dropout
-        target_items = self.targets[local]
+        target_items = self.targets[plan.samples[local]]
         target = np.searchsorted(candidates, target_items)
         # A user's other training positives are not negatives for them.
         sub = data.positives[users][:, candidates].toarray() > 0
-        sub[np.arange(len(local)), target] = False
-        interest = data.interest[users] * keep_interest[local][:, None]
+        sub[np.arange(n_local), target] = False
+        interest = data.interest[users] * plan.keep_interest[local][:, None]
         content = self.augmented_content(items, step_rng) * keep_content[items, None]
         extra: Batch = {}
         if cfg.unliked_pool:
@@ -195,9 +255,9 @@ class TowerBatcher:
             "cand_index": np.searchsorted(items, candidates).astype(np.int64),
             "logq": self.logq[candidates],
             "hist_pool": pool,
-            "hist_len": length[local].astype(np.float32)[:, None],
+            "hist_len": plan.length[local].astype(np.float32)[:, None],
             "user_attrs": data.user_attrs[users],
-            "user_id": np.where(keep_uid[local], data.user_codes[users], 0).astype(np.int64),
+            "user_id": np.where(plan.keep_uid[local], data.user_codes[users], 0).astype(np.int64),
             "interest": interest.astype(np.float32),
             "has_interest": (np.abs(interest).sum(axis=1, keepdims=True) > 0).astype(np.float32),
             "target": target.astype(np.int64),

@@ -68,15 +68,15 @@ def test_training_batches_pool_exactly_like_serving(tiny_data: ModelData, mode: 
     cfg = small_config(history_mode=mode)
     batcher = TowerBatcher(tiny_data, cfg, rank=0, world=1)
     b = batcher.batch(epoch=0, step=0)
-    order, length, _, _ = batcher.plan(0)
-    local = order[: batcher.local_batch]
-    positions, mask, _ = batcher.history_positions(local, length)
+    plan = batcher.plan(0)
+    local = np.arange(batcher.local_batch)  # step 0's rows of the plan
+    positions, mask, _ = batcher.history_positions(local, plan)
     histories = []
-    for r, u in enumerate(batcher.users[local]):
+    for r, u in enumerate(plan.users[local]):
         items = tiny_data.history(int(u))
         histories.append(items[positions[r][mask[r]]])
         # The target itself is never part of its own history.
-        assert batcher.pos[local[r]] not in positions[r][mask[r]]
+        assert plan.pos[local[r]] not in positions[r][mask[r]]
     # Any item table works: compare both poolings through a random one.
     table = np.random.default_rng(0).normal(size=(tiny_data.n_items, 3)).astype(np.float32)
     expected, _ = pool_history(histories, table, cfg.max_history)

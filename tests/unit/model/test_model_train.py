@@ -374,3 +374,35 @@ def test_fresh_folds_score_new_user_queries_with_towers_that_never_saw_them(
     fold_of = {int(u): f for f, (us, _, _) in enumerate(fresh) for u in us}
     user, hist, new = next(k for k in set(a) & set(b) if not np.allclose(a[k], b[k]))
     assert not new and len(hist) <= 8 and user in fold_of
+
+
+@pytest.mark.parametrize("mode", ["set", "prefix"])
+def test_a_worker_plans_only_its_share_of_the_single_workers_epoch(
+    tiny_data: ModelData, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker r of W keeps the single worker's draws for its own samples (slice r of
+    every global batch) and nothing else: the memory of an epoch's plan is ~1/W."""
+    import services.trainer.model.train as train_module
+
+    monkeypatch.setattr(train_module, "DRAW_CHUNK_ROWS", 37)  # the draws cross chunks
+    cfg = small_config(history_mode=mode, batch_size=60)
+    one = TowerBatcher(tiny_data, cfg, 0, 1).plan(1)
+    world = 3
+    for rank in range(world):
+        batcher = TowerBatcher(tiny_data, cfg, rank, world)
+        part = batcher.plan(1)
+        steps, local = batcher.steps_per_epoch, batcher.local_batch
+        rows = np.arange(steps * world * local).reshape(steps, world, local)[:, rank].ravel()
+        assert len(part.samples) == len(rows) < len(one.samples)
+        for name in ("samples", "users", "pos", "length", "keep_uid", "keep_interest"):
+            np.testing.assert_array_equal(getattr(part, name), getattr(one, name)[rows], name)
+        if mode == "set":
+            np.testing.assert_array_equal(part.draws, one.draws[rows])
+        np.testing.assert_array_equal(part.batch_targets, one.batch_targets)
+    # The single worker's draws are the whole (samples x max_history) stream, in order.
+    whole = np.random.default_rng([cfg.seed, 1, 1])
+    whole.permutation(tiny_data.n_samples)
+    whole.random(tiny_data.n_samples)
+    expected = whole.random((tiny_data.n_samples, cfg.max_history))
+    if mode == "set":
+        np.testing.assert_array_equal(one.draws, expected[one.samples])

@@ -27,6 +27,9 @@ DEFAULT_PORTS: dict[str, ServicePorts] = {
 }
 # The echo service (runtime tests and benchmarks) has no metrics port of its own.
 ECHO_PORT = 50060
+# Redis (fusion's online user state with state_backend = "redis"): its own default,
+# which fusion's redis_url and the k8s redis overlay use.
+REDIS_PORT = 6379
 
 
 def default_address(service: str) -> str:

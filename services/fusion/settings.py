@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.common.ports import DEFAULT_PORTS
+from services.common.ports import DEFAULT_PORTS, REDIS_PORT
 from services.common.settings import ServerSettings, SettingsError, check_positive
 
 STATE_BACKENDS = ("memory", "redis")
@@ -66,7 +66,7 @@ class FusionSettings(ServerSettings):
     # replicas with state_writer = true, one Kafka consumer group that splits the
     # partitions: docs/FUSION.md, "Online state").
     state_backend: str = "memory"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = f"redis://127.0.0.1:{REDIS_PORT}/0"
     # Key prefix, so several deployments (or tests) can share one Redis.
     redis_key_prefix: str = "coldstart:"
     # Socket timeouts of every Redis call: a read slower than this serves the batch

@@ -14,7 +14,7 @@ from services.common.paths import REPO_ROOT
 from services.common.ports import DEFAULT_PORTS
 
 K8S = REPO_ROOT / "k8s"
-TREES = ("overlays/cpu", "overlays/gpu", "monitoring", "kafka")
+TREES = ("overlays/cpu", "overlays/gpu", "overlays/redis", "monitoring", "kafka")
 SERVING = ("gateway", "encoder", "fusion")
 SERVICES = ("gateway", "encoder", "fusion", "trainer")
 # The ports issue 9 fixed for each service: (gRPC, metrics).

@@ -6,7 +6,7 @@
     python scripts/fold_blend_trials.py summary OUT/results.jsonl
 
 The blend's weights (content-knn, map, unliked knn) were chosen by hand on both catalogs'
-validation halves; ml-latest-small prefers other weights than ML-100K (docs/MODEL.md, runs
+validation halves; ml-latest-small prefers other weights than ML-100K (docs/experiments/model-runs.md, runs
 4 and 8). Per seed, on the item-cold split, this fits the towers (``coldstart-no-ranker``)
 and, as ``select.auto_select`` does, a second set of towers on the training data less a
 seeded 20% of the warm items ("the fold": those items play new). For both it records, per

@@ -1,4 +1,4 @@
-"""Parallel model trials on the harness's saved splits (how docs/MODEL.md's run-3 trials ran).
+"""Parallel model trials on the harness's saved splits (how the run-3 trials of docs/experiments/model-runs.md ran).
 
     python scripts/model_trials.py JOBS.json [WORKERS]      # results: $OUT/results.jsonl
 

@@ -319,7 +319,7 @@ def new_item_head(head_pop: np.ndarray, max_new_share: float) -> bool:
 
 # How many content neighbours each item keeps (content_thresholds) for the new-item
 # blend: with its weight, chosen on both catalogs' item-cold validation halves
-# (docs/MODEL.md, run 6: 200 and 0.7 beat 100 and 0.3 on both).
+# (docs/experiments/model-runs.md, run 6: 200 and 0.7 beat 100 and 0.3 on both).
 CONTENT_NEIGHBORS = 200
 
 
@@ -450,7 +450,7 @@ def new_item_head_scores(
 
 
 # The content map's ridge penalty, with blend weight ModelConfig.new_item_map_weight:
-# chosen on both catalogs' item-cold validation halves (docs/MODEL.md, run 8).
+# chosen on both catalogs' item-cold validation halves (docs/experiments/model-runs.md, run 8).
 CONTENT_MAP_PENALTY = 3.0
 
 
@@ -615,7 +615,7 @@ def short_history_prior_applies(
     ``max_history`` items (< 0: never), not a head of new items (which have no counts;
     the new-item blend handles those), and not a user who stated an interest (the towers
     read it; the prior would pull their list back to what their segment takes:
-    docs/MODEL.md, run 11). Serving must apply the same rule."""
+    docs/experiments/model-runs.md, run 11). Serving must apply the same rule."""
     return max_history >= 0 and history_len <= max_history and not head_is_new and not has_interest
 
 

@@ -29,7 +29,7 @@ class FusionSettings(ServerSettings):
     poll_timeout_ms: int = 50
     # Items of a user's recent history kept online (liked and rated-low together). 200:
     # the new-item blend's knn terms over the last 50 cost .007 / .005 item-cold Recall@20
-    # against the whole history, over the last 200 .001 (docs/MODEL.md, run 9). The user
+    # against the whole history, over the last 200 .001 (docs/experiments/model-runs.md, run 9). The user
     # tower pools only its own max_history of them.
     history_length: int = 200
     # Encoder for interest text that arrives without a vector; empty = leave it unset.

@@ -22,7 +22,7 @@ class ModelConfig:
     use_content: bool = True
     # Project content onto this many top singular directions (0: the full vector),
     # and drop an item's whole content vector with this probability in training.
-    # 32 (was 8): better item cold-start on both catalogs (docs/MODEL.md, run 4).
+    # 32 (was 8): better item cold-start on both catalogs (docs/experiments/model-runs.md, run 4).
     content_dims: int = 32
     content_dropout: float = 0.5
     # The item tower's cold branch (towers.ItemTower): an MLP over the content projected
@@ -32,7 +32,7 @@ class ModelConfig:
     # against the detached towers (train.TowerLoss).
     cold_content_dims: int = -1
     cold_joint: bool = False
-    # DropoutNet's placements (docs/MODEL.md, run 5; all off by default):
+    # DropoutNet's placements (docs/experiments/model-runs.md, run 5; all off by default):
     # item_id_inside: the item-id embedding is added to the item MLP's first layer
     # (hidden-wide, before the non-linearity) instead of to its output.
     # user_history: "pooled" = the user tower reads the mean of the history's item-tower
@@ -44,7 +44,7 @@ class ModelConfig:
     item_id_inside: bool = False
     user_history: str = "pooled"
     # rated_history: the towers train on, and pool, every rated item (liked or rated below
-    # the positive threshold) instead of the liked ones; an experiment (docs/MODEL.md, run
+    # the positive threshold) instead of the liked ones; an experiment (docs/experiments/model-runs.md, run
     # 9): the harness only, export refuses it.
     rated_history: bool = False
     # unliked_pool: the user tower also reads the mean item vector of the items the user
@@ -109,23 +109,23 @@ class ModelConfig:
     # is re-scored as standardised tower score + new_item_content_weight x standardised
     # content-knn score (recsys_features.blend_new_items). 0: the tower order stands.
     # 0.7 (with recsys_features.CONTENT_NEIGHBORS 200) won item cold-start on both
-    # catalogs' validation halves (docs/MODEL.md, run 6).
+    # catalogs' validation halves (docs/experiments/model-runs.md, run 6).
     new_item_content_weight: float = 0.7
     # ... + new_item_map_weight x standardised score against the item's content_map
     # vector (recsys_features.content_map: a ridge map from the whole text vector to the
-    # warm items' tower vectors). 0: off. Run 8 (docs/MODEL.md) chose it with the map's
+    # warm items' tower vectors). 0: off. Run 8 (docs/experiments/model-runs.md) chose it with the map's
     # penalty on both catalogs' item-cold validation halves.
     new_item_map_weight: float = 0.7
     # ... + new_item_unliked_weight x standardised content-knn score against the items the
     # user rated below the positive threshold (chosen, not liked: what a user picks says
     # something about a new item too). 0: off. 0.2 won every seed on both catalogs'
-    # item-cold validation halves (docs/MODEL.md, run 9).
+    # item-cold validation halves (docs/experiments/model-runs.md, run 9).
     new_item_unliked_weight: float = 0.2
     # A user with at most prior_max_history items (-1: off) gets their head re-scored as
     # standardised model score + prior_weight x standardised segment
     # popularity (recsys_features.segment_prior over recsys_features.prior_fields). The
     # towers and ranker underweight what users like them watch when the history says
-    # little (docs/MODEL.md, run 7: chosen on user-cold seeds 142-147).
+    # little (docs/experiments/model-runs.md, run 7: chosen on user-cold seeds 142-147).
     prior_weight: float = 1.0
     prior_max_history: int = 1
     # Pick ranker_min_history / ranker_max_history after training: the history-length
@@ -140,7 +140,7 @@ class ModelConfig:
     # the users fall into K seeded folds, the towers are fitted once more per fold
     # without it, and a user's new-user queries take that fold's towers (0: the main
     # towers, which trained on every user's positives). A new user at serving time is
-    # one the towers never saw; see docs/MODEL.md, run 11.
+    # one the towers never saw; see docs/experiments/model-runs.md, run 11.
     ranker_fresh_folds: int = 0
     seed: int = 0
 

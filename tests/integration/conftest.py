@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from services.common.gotools import GoToolError, go_tool
-from tests.support.redis_server import RedisServer, redis_binary, running_redis
+from services.common.redis_server import RedisServer, redis_binary, running_redis
 
 
 def _pinned_tool(name: str) -> Path:

@@ -20,12 +20,12 @@ from coldstart.v1 import common_pb2, events_pb2, fusion_pb2, fusion_pb2_grpc
 
 from services.common.events import new_event
 from services.common.kafka.local_broker import Topic, create_topics
+from services.common.redis_server import RedisServer, running_redis
 from services.common.registry import ModelRegistry
 from services.fusion.online_state import UserStateStore, UserStore
 from services.fusion.redis_state import RedisUserStore, pack_state, redis_client
 from services.fusion.synthetic import publish_version
 from tests.support.processes import ServiceProcess, running_service
-from tests.support.redis_server import RedisServer, running_redis
 from tests.support.state_contract import (
     MakeStore,
     interaction,

@@ -1,4 +1,6 @@
-"""A real ``redis-server`` (the Debian package) on a free port, for integration tests.
+"""A real ``redis-server`` (the Debian package) on a free port, for integration tests
+and benchmarks (tests/integration/conftest.py's ``redis_server``, ``coldstart bench
+scale``; here, not in tests/, because a benchmark must not import from tests).
 
 No persistence (``--save ''``, no AOF), its files in a temp dir, killed and
 reaped when the block ends. ``redis_binary`` is None where the package is absent

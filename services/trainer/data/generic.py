@@ -155,17 +155,21 @@ def _categorical(table: Table, column: str, separator: str | None) -> Categorica
 @dataclass(frozen=True)
 class ShardRows:
     """One worker's share of the interaction rows (a contiguous range of the file's
-    rows), as row indices into the users and items tables: what the workers exchange,
-    a few dozen bytes a row instead of the strings."""
+    rows), sorted by (timestamp, row), as row indices into the users and items tables:
+    what the workers exchange, 20 bytes a row instead of the strings."""
 
-    user: np.ndarray  # int64
-    item: np.ndarray  # int64
-    value: np.ndarray  # float64
+    user: np.ndarray  # int32
+    item: np.ndarray  # int32
+    value: np.ndarray  # float32 (what Interactions keeps)
     ts: np.ndarray  # int64
-    line: np.ndarray  # int64, 1-based row of the file
+    # 1-based rows of the file; only with on_duplicate "error" (to name the first repeat).
+    line: np.ndarray
     unknown: dict[str, int] = field(default_factory=dict)  # what -> rows skipped
     # (problem, line, column) of the first bad row: raised on every worker alike.
     error: tuple[str, int | None, str | None] | None = None
+
+
+SHARD_FIELDS = ("user", "item", "value", "ts", "line")
 
 
 @dataclass(frozen=True)
@@ -177,6 +181,11 @@ class Shard:
     rank: int
     world: int
     gather: Callable[[ShardRows], list[ShardRows]]
+
+    @classmethod
+    def whole(cls) -> Shard:
+        """One worker reading every row (the typed path without any exchange)."""
+        return cls(0, 1, lambda mine: [mine])
 
 
 def shard_range(n_rows: int, rank: int, world: int) -> tuple[int, int]:
@@ -214,6 +223,7 @@ def read_shard_rows(
     user_index: dict[str, int],
     item_index: dict[str, int],
     on_unknown: OnUnknown,
+    keep_lines: bool = False,
 ) -> ShardRows:
     """Rows ``shard_range(rank, world)`` of a typed Parquet interactions file, one row
     group at a time, with the checks and values ``interactions_from_table`` applies
@@ -222,7 +232,7 @@ def read_shard_rows(
     n_rows = file.metadata.num_rows
     lo, hi = shard_range(n_rows, rank, world)
     columns = [c for c in (user_col, item_col, value_col, time_col) if c is not None]
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in ("user", "item", "value", "ts", "line")}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in SHARD_FIELDS}
     unknown = {"user": 0, "item": 0}
     first_unknown: dict[str, tuple[int, str]] = {}
     start = 0
@@ -244,11 +254,13 @@ def read_shard_rows(
                     if not v:
                         return _failed("empty value", int(lines[i]), col)
                     rows[i] = index.get(v, -1)
+                del values
                 bad = rows < 0
                 if bad.any():
                     unknown[what] += int(bad.sum())
                     i = int(np.argmax(bad))
-                    first_unknown.setdefault(what, (int(lines[i]), str(values[i]).strip()))
+                    name = table.column(col)[i].as_py()
+                    first_unknown.setdefault(what, (int(lines[i]), str(name).strip()))
                 codes[what] = rows
             n = table.num_rows
             value = np.ones(n)
@@ -269,9 +281,11 @@ def read_shard_rows(
                     return _failed(problem, int(lines[i]), time_col)
                 stamp = seconds.astype(np.int64)
             keep = (codes["user"] >= 0) & (codes["item"] >= 0)
-            for key, arr in (("user", codes["user"]), ("item", codes["item"]),
-                             ("value", value), ("ts", stamp), ("line", lines)):  # fmt: skip
-                parts[key].append(arr[keep])
+            parts["user"].append(codes["user"][keep].astype(np.int32))
+            parts["item"].append(codes["item"][keep].astype(np.int32))
+            parts["value"].append(value[keep].astype(np.float32))
+            parts["ts"].append(stamp[keep])
+            parts["line"].append(lines[keep])
         start += size
     if on_unknown == "error":
         for what in ("user", "item"):
@@ -280,19 +294,22 @@ def read_shard_rows(
                 problem = f"unknown {what} id {name!r} ({unknown[what]} rows name unknown {what}s)"
                 col = user_col if what == "user" else item_col
                 return _failed(problem, line, col)
-    empty = {"user": np.int64, "item": np.int64, "value": np.float64, "ts": np.int64,
-             "line": np.int64}  # fmt: skip
-    a = {k: np.concatenate(v) if v else np.zeros(0, dtype=empty[k]) for k, v in parts.items()}
+    dtypes = dict(zip(SHARD_FIELDS, (np.int32, np.int32, np.float32, np.int64, np.int64),
+                      strict=True))  # fmt: skip
+    a = {k: np.concatenate(v) if v else np.zeros(0, dtype=dtypes[k]) for k, v in parts.items()}
+    # Rows are in file order, so a stable sort by time is the (time, row) order.
+    order = np.argsort(a["ts"], kind="stable")
     return ShardRows(
-        a["user"], a["item"], a["value"], a["ts"], a["line"],
+        a["user"][order], a["item"][order], a["value"][order], a["ts"][order],
+        a["line"][order] if keep_lines else np.zeros(0, dtype=np.int64),
         unknown={k: v for k, v in unknown.items() if v},
     )  # fmt: skip
 
 
 def _failed(problem: str, line: int | None, column: str | None) -> ShardRows:
     none = np.zeros(0, dtype=np.int64)
-    return ShardRows(none, none, none.astype(np.float64), none, none,
-                     error=(problem, line, column))  # fmt: skip
+    return ShardRows(none.astype(np.int32), none.astype(np.int32), none.astype(np.float32),
+                     none, none, error=(problem, line, column))  # fmt: skip
 
 
 def combine_shard_rows(
@@ -304,9 +321,10 @@ def combine_shard_rows(
     on_duplicate: OnDuplicate,
     skipped: dict[str, int],
 ) -> Interactions:
-    """Every worker's rows (rank order) -> the Interactions ``interactions_from_table``
-    gives for the whole file: sorted by (timestamp, row), repeated (user, item) pairs
-    collapsed to the latest or an error, the skipped counts in ``skipped``."""
+    """Every worker's rows (rank order; ``parts`` is emptied as they are used) -> the
+    Interactions ``interactions_from_table`` gives for the whole file: sorted by
+    (timestamp, row), repeated (user, item) pairs collapsed to the latest or an error,
+    the skipped counts in ``skipped``."""
     for part in parts:
         if part.error is not None:
             problem, where, column = part.error
@@ -315,32 +333,37 @@ def combine_shard_rows(
         total = sum(p.unknown.get(what, 0) for p in parts)
         if total:
             skipped[f"interactions with unknown {what} ids"] = total
-    user = np.concatenate([p.user for p in parts])
-    item = np.concatenate([p.item for p in parts])
+    # Each part is in (time, row) order and the parts are consecutive row ranges: a
+    # stable sort by time of their concatenation is the whole file's (time, row) order.
     ts = np.concatenate([p.ts for p in parts])
-    line = np.concatenate([p.line for p in parts])
-    order = np.lexsort((line, ts))
-    del line
-    user, item, ts = user[order], item[order], ts[order]
-    value = np.concatenate([p.value for p in parts])[order]
+    order = np.argsort(ts, kind="stable")
+    ts = ts[order]
+    columns = {}
+    for name in ("user", "item", "value", "line"):
+        columns[name] = np.concatenate([getattr(p, name) for p in parts])
+        if len(columns[name]):
+            columns[name] = columns[name][order]
+    parts.clear()  # the received arrays go; the sorted copies stay
+    user = columns["user"].astype(np.int64)
+    item = columns["item"].astype(np.int64)
     key = user * max(1, n_items) + item
     # The last occurrence of each pair in time order is the one kept.
     _, from_end = np.unique(key[::-1], return_index=True)
-    keep = np.zeros(len(key), dtype=bool)
-    keep[len(key) - 1 - from_end] = True
+    del key
+    keep = np.zeros(len(ts), dtype=bool)
+    keep[len(ts) - 1 - from_end] = True
     if not keep.all():
         n_dup = int((~keep).sum())
         if on_duplicate == "error":
-            lines = np.concatenate([p.line for p in parts])[order]
             raise DataError(
                 path,
                 f"duplicate (user, item) pair ({n_dup} repeated rows)",
-                line=int(lines[~keep].min()),
+                line=int(columns["line"][~keep].min()),
                 column=item_col,
             )
         skipped["duplicate (user, item) rows, earlier ones dropped"] = n_dup
     return Interactions(
-        user=user[keep], item=item[keep], value=value[keep].astype(np.float32), timestamp=ts[keep]
+        user=user[keep], item=item[keep], value=columns["value"][keep], timestamp=ts[keep]
     )
 
 
@@ -412,6 +435,7 @@ def load_generic(folder: Path, name: str | None = None, shard: Shard | None = No
             user_index=users.index(),
             item_index=items.index(),
             on_unknown=on_unknown,
+            keep_lines=on_duplicate == "error",
         )
         inter = combine_shard_rows(
             shard.gather(mine),

@@ -117,16 +117,15 @@ def all_gather_array(ctx: DistContext, array: np.ndarray) -> list[np.ndarray]:
 def gather_shard_rows(ctx: DistContext) -> Callable[[ShardRows], list[ShardRows]]:
     """The ``gather`` of a ``services.trainer.data.generic.Shard``: every worker's
     interaction rows (compact row indices) in rank order."""
-    from services.trainer.data.generic import ShardRows
+    from services.trainer.data.generic import SHARD_FIELDS, ShardRows
 
     def gather(mine: ShardRows) -> list[ShardRows]:
+        if not ctx.distributed:
+            return [mine]
         meta: list[tuple[dict[str, int], tuple[str, int | None, str | None] | None] | None]
         meta = [None] * ctx.world_size
         dist.all_gather_object(meta, (mine.unknown, mine.error))
-        arrays = {
-            name: all_gather_array(ctx, getattr(mine, name))
-            for name in ("user", "item", "value", "ts", "line")
-        }
+        arrays = {name: all_gather_array(ctx, getattr(mine, name)) for name in SHARD_FIELDS}
         out = []
         for r, entry in enumerate(meta):
             assert entry is not None

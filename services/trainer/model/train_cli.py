@@ -15,6 +15,7 @@ model`` reads). Bad input: one ``error:`` line naming the option, exit 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -147,6 +148,15 @@ def launch_torchrun(argv: list[str], workers: int, out: Path) -> int:
     return subprocess.call(command, env=env)
 
 
+def _no_interactions() -> Any:
+    import numpy as np
+
+    from services.trainer.data.model import Interactions
+
+    none = np.zeros(0, dtype=np.int64)
+    return Interactions(none, none, none.astype(np.float32), none)
+
+
 def _fingerprint(dataset: Any) -> dict[str, Any]:
     inter = dataset.interactions
     h = hashlib.sha256()
@@ -160,11 +170,53 @@ def _fingerprint(dataset: Any) -> dict[str, Any]:
     }
 
 
+def load_worker_dataset(spec: str, ctx: Any) -> Any:
+    """``--data`` as this worker reads it. A generic catalog folder whose interactions
+    are a typed Parquet file (what the retraining export writes) is read sharded: each
+    worker parses its range of the rows, a row group at a time, and the workers
+    exchange them as compact row indices (one worker: its range is every row). The
+    Dataset is the one a whole read gives, on every worker. Anything else is read whole
+    by every worker. Memory freed by the parsing is handed back to the system, so that
+    the training that follows does not start from the parse's high-water mark."""
+    from services.trainer.data.errors import DataError
+    from services.trainer.data.generic import Shard, load_generic
+    from services.trainer.data.registry import NAMED, detect_format, load_dataset
+    from services.trainer.model.distributed import gather_shard_rows
+
+    folder = Path(spec)
+    generic = False
+    if spec not in NAMED and folder.is_dir():
+        try:
+            generic = detect_format(folder) == "generic"
+        except DataError:
+            generic = False
+    if generic:
+        dataset = load_generic(
+            folder, shard=Shard(ctx.rank, ctx.world_size, gather_shard_rows(ctx))
+        )
+    else:
+        dataset = load_dataset(spec)
+    release_freed_memory()
+    return dataset
+
+
+def release_freed_memory() -> None:
+    """Return what pyarrow's pool and the C heap hold free to the system (both keep
+    freed memory for reuse; after a load that is hundreds of MB no later step needs)."""
+    import contextlib
+    import ctypes
+
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim this way
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def run_worker(args: argparse.Namespace, cfg: Any, out: Path) -> int:
     import numpy as np
     import torch
 
-    from services.trainer.data.registry import load_dataset
     from services.trainer.data.vectors import MINILM, cached_vectors, hashing_spec
     from services.trainer.model.bundle import MODEL_DIR, save_bundle
     from services.trainer.model.dataset import build_model_data, vocab_from_fields
@@ -180,12 +232,17 @@ def run_worker(args: argparse.Namespace, cfg: Any, out: Path) -> int:
     ctx = init_distributed(force_cpu=args.cpu or args.device == "cpu")
     finished = False  # a finished run's workers meet at a barrier before leaving the group
     try:
-        dataset = load_dataset(args.data)
+        dataset = load_worker_dataset(str(args.data), ctx)
         spec = MINILM if args.embedder == "minilm" else hashing_spec()
         vectors = cached_vectors(dataset.items.text, spec)
         pos = dataset.positive_mask()
         inter = dataset.interactions
         users, items, times = inter.user[pos], inter.item[pos], inter.timestamp[pos]
+        data_info = _fingerprint(dataset)
+        # Only the positives are needed from here on: the whole interaction arrays
+        # would be a second copy of the largest thing every worker holds.
+        del pos, inter
+        dataset = dataclasses.replace(dataset, interactions=_no_interactions())
         held: dict[int, int] = {}
         if args.validation == "last":
             users, items, times, held = holdout_last(users, items, times)
@@ -213,6 +270,8 @@ def run_worker(args: argparse.Namespace, cfg: Any, out: Path) -> int:
             max_history=cfg.max_history,
             interest=interest,
         )
+        training_positives = len(users)
+        del users, items, times
         opts = RunOptions(
             run_dir=out,
             resume=args.resume,
@@ -227,7 +286,6 @@ def run_worker(args: argparse.Namespace, cfg: Any, out: Path) -> int:
             finished = True
             return 0
         metrics = validation_metrics(result, held) if held else {}
-        data_info = _fingerprint(dataset)
         offsets = Path(str(args.data)) / "offsets.json"
         if offsets.is_file():
             data_info["offsets"] = json.loads(offsets.read_text())
@@ -235,7 +293,7 @@ def run_worker(args: argparse.Namespace, cfg: Any, out: Path) -> int:
             "metrics": metrics,
             "data": {
                 **data_info,
-                "training_positives": len(users),
+                "training_positives": training_positives,
                 "positive_threshold": float(dataset.positive_threshold),
                 "validation_users": len(held),
             },

@@ -82,6 +82,7 @@ def sharded(folder: Path, rank: int, world: int) -> Dataset:
                 user_index={u: i for i, u in enumerate(users)},
                 item_index={v: i for i, v in enumerate(items)},
                 on_unknown=schema["on_unknown"],
+                keep_lines=schema["on_duplicate"] == "error",
             )
             for r in range(world)
         ]

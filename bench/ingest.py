@@ -140,14 +140,24 @@ def bare_loop_rate(bootstrap: str, topic: str, n: int, max_records: int, crcs: b
 
 
 def trainer_rate(
-    bootstrap: str, topic: str, n: int, work: Path, max_records: int, crcs: bool, processes: int
+    bootstrap: str,
+    topic: str,
+    n: int,
+    work: Path,
+    max_records: int,
+    crcs: bool,
+    processes: int,
+    *,
+    timeout_s: float = 180.0,
+    log_path: Path | None = None,
 ) -> float:
     """The service's own ingest (`Ingestor.start`: with ``processes`` consumer
     processes feeding the log writer), timed from
-    its first non-empty poll to the moment the n-th event is durable in the log."""
+    its first non-empty poll to the moment the n-th event is durable in the log.
+    ``log_path``: keep the log there (bench scale exports it afterwards)."""
     import threading
 
-    log = EventLog(work / f"events-{uuid.uuid4().hex[:6]}.sqlite")
+    log = EventLog(log_path or work / f"events-{uuid.uuid4().hex[:6]}.sqlite")
     sink = KafkaDeadLetterSink(bootstrap, f"{topic}.dlq")
     applied = 0
     done = threading.Event()
@@ -173,7 +183,7 @@ def trainer_rate(
     )
     ingestor.start()
     try:
-        done.wait(timeout=180)
+        done.wait(timeout=timeout_s)
     finally:
         ingestor.stop()
         sink.close()

@@ -37,6 +37,7 @@ BENCHMARKS = {
     "ingest": "bench.ingest",
     "gateway": "bench.gateway",
     "snapshot": "bench.snapshot",
+    "scale": "bench.scale",
 }
 
 

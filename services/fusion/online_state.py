@@ -220,6 +220,23 @@ def next_user_state(
     raise ValueError(f"not a user event: {kind}")
 
 
+class InterestEncoder:
+    """Interest text -> vector through the encoder, for events that carry text but no
+    vector; without an encoder the vector stays unset (said once in the log)."""
+
+    def __init__(self, encoder: Encoder | None) -> None:
+        self.encoder = encoder
+        self._warned = False
+
+    def __call__(self, text: str) -> np.ndarray | None:
+        if self.encoder is None:
+            if not self._warned:
+                log.warning("no encoder_address: interest text without a vector is left unset")
+                self._warned = True
+            return None
+        return self.encoder(text)
+
+
 class UserStore:
     """user id -> UserState; written by one thread, read by many."""
 
@@ -239,7 +256,7 @@ class UserStore:
         self.user_events = user_events
         self._users: dict[str, UserState] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self._warned_no_encoder = False
+        self._encode = InterestEncoder(encoder)
 
     def get(self, user_id: str) -> UserState | None:
         return self._users.get(user_id)
@@ -294,14 +311,6 @@ class UserStore:
         EVENTS_APPLIED.labels(kind).inc()
         ONLINE_USERS.set(len(self._users))
         return True
-
-    def _encode(self, text: str) -> np.ndarray | None:
-        if self.encoder is None:
-            if not self._warned_no_encoder:
-                log.warning("no encoder_address: interest text without a vector is left unset")
-                self._warned_no_encoder = True
-            return None
-        return self.encoder(text)
 
     # -- snapshot (de)serialisation ----------------------------------------
     def capture(self) -> dict[str, Any]:

@@ -53,6 +53,7 @@ from services.fusion.online_state import (
     EVENTS_SKIPPED,
     STATE_ERRORS,
     Encoder,
+    InterestEncoder,
     StateUnavailable,
     UserState,
     event_user_id,
@@ -220,7 +221,7 @@ class RedisUserStore:
         self._apply = client.register_script(_APPLY_SCRIPT)
         # monotonic time before which reads fail fast (Redis just failed a read)
         self._closed_until = 0.0
-        self._warned_no_encoder = False
+        self._encode = InterestEncoder(encoder)
 
     def user_key(self, user_id: str) -> str:
         return f"{self.prefix}u:{{{user_id}}}"
@@ -356,14 +357,6 @@ class RedisUserStore:
             else:
                 again[user_id] = pending[user_id]
         return applied, again
-
-    def _encode(self, text: str) -> np.ndarray | None:
-        if self.encoder is None:
-            if not self._warned_no_encoder:
-                log.warning("no encoder_address: interest text without a vector is left unset")
-                self._warned_no_encoder = True
-            return None
-        return self.encoder(text)
 
 
 class StateWriter:

@@ -5,18 +5,16 @@ double-applies nothing; Redis down -> answers flagged degraded, no error, no han
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import redis
-from coldstart.v1 import common_pb2, events_pb2, fusion_pb2, fusion_pb2_grpc
+from coldstart.v1 import events_pb2, fusion_pb2, fusion_pb2_grpc
 
 from services.common.events import new_event
 from services.common.kafka.local_broker import Topic, create_topics
@@ -25,6 +23,8 @@ from services.common.registry import ModelRegistry
 from services.fusion.online_state import UserStateStore, UserStore
 from services.fusion.redis_state import RedisUserStore, pack_state, redis_client
 from services.fusion.synthetic import publish_version
+from tests.support import fusion_client
+from tests.support.fusion_client import stub_for
 from tests.support.processes import ServiceProcess, running_service
 from tests.support.state_contract import (
     MakeStore,
@@ -104,18 +104,11 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
     return registry
 
 
-@contextlib.contextmanager
-def stub_for(service: ServiceProcess) -> Iterator[fusion_pb2_grpc.FusionServiceStub]:
-    with grpc.insecure_channel(service.address) as channel:
-        yield fusion_pb2_grpc.FusionServiceStub(channel)
-
-
 def recommend(
-    stub: fusion_pb2_grpc.FusionServiceStub, user_id: str, k: int = 300
+    stub: fusion_pb2_grpc.FusionServiceStub, user_id: str
 ) -> fusion_pb2.RecommendResponse:
-    request = fusion_pb2.RecommendRequest(user=common_pb2.UserContext(user_id=user_id), k=k)
-    reply: fusion_pb2.RecommendResponse = stub.Recommend(request, timeout=5)
-    return reply
+    # The whole catalog (300 items) and a 5 s deadline: an error or a hang fails the test.
+    return fusion_client.recommend(stub, user_id, k=300, timeout_s=5.0)
 
 
 def produce(bootstrap: str, topic: str, events: list[events_pb2.Event]) -> None:

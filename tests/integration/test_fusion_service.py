@@ -3,7 +3,6 @@ snapshot, hot swaps under load, bad input and bad models."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import subprocess
@@ -11,7 +10,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -24,6 +23,7 @@ from services.common.paths import REPO_ROOT
 from services.common.registry import ModelRegistry
 from services.fusion.online_state import SNAPSHOT_FILE, UserStore, read_snapshot
 from services.fusion.synthetic import publish_version
+from tests.support.fusion_client import recommend, stub_for
 from tests.support.processes import ServiceProcess, coldstart_command, running_service
 
 pytestmark = pytest.mark.integration
@@ -42,20 +42,6 @@ def registry(tmp_path: Path, base_registry: ModelRegistry) -> ModelRegistry:
     target = tmp_path / "registry"
     shutil.copytree(base_registry.root, target)
     return ModelRegistry(target)
-
-
-@contextlib.contextmanager
-def stub_for(service: ServiceProcess) -> Iterator[fusion_pb2_grpc.FusionServiceStub]:
-    with grpc.insecure_channel(service.address) as channel:
-        yield fusion_pb2_grpc.FusionServiceStub(channel)
-
-
-def recommend(
-    stub: fusion_pb2_grpc.FusionServiceStub, user_id: str, k: int = 10
-) -> fusion_pb2.RecommendResponse:
-    request = fusion_pb2.RecommendRequest(user=common_pb2.UserContext(user_id=user_id), k=k)
-    reply: fusion_pb2.RecommendResponse = stub.Recommend(request, timeout=10)
-    return reply
 
 
 def metric(service: ServiceProcess, line_start: str) -> float | None:

@@ -64,3 +64,12 @@ def test_two_workers_reading_half_the_rows_each_train_the_one_worker_model(
         atol = 1e-4 if name.endswith("id_emb.weight") else 1e-6
         torch.testing.assert_close(two[name], value, rtol=1e-4, atol=atol, msg=name)
     assert meta[1]["training"]["workers"] == 2
+
+
+def test_the_export_measurement_bench_scale_calls(tmp_path: Path) -> None:
+    from bench.training import export_seconds_and_rss
+
+    row = export_seconds_and_rss(3000, workdir=tmp_path)
+    assert row["events"] == 3000
+    assert row["training_rows"] + row["held_out_rows"] == row["interactions"]
+    assert row["seconds"] > 0 and row["peak_rss_mb"] > 10

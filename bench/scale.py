@@ -554,16 +554,17 @@ class RssSampler:
                             self.commands[proc.pid] = " ".join(proc.cmdline())
             self._stop.wait(self.interval_s)
 
-    def worker_peak(self, workers: int) -> float | None:
+    def worker_peaks(self, workers: int) -> list[float]:
+        """Each worker's peak: the command itself with one worker (it trains in
+        process), else torchrun's children (not the launcher or the agent)."""
         if workers == 1:
-            return self.peaks.get(self.root)
-        peaks = [
+            return [self.peaks[self.root]] if self.root in self.peaks else []
+        return [
             peak
             for pid, peak in self.peaks.items()
             if "services.trainer.model.train_cli" in self.commands.get(pid, "")
             and "torch.distributed.run" not in self.commands.get(pid, "")
         ]
-        return max(peaks) if peaks else None
 
 
 def train(folder: Path, workers: int, work: Path, timeout_s: float) -> dict[str, Any]:
@@ -592,11 +593,12 @@ def train(folder: Path, workers: int, work: Path, timeout_s: float) -> dict[str,
         raise RuntimeError(f"coldstart train --workers {workers} exited {code}: {tail}")
     meta = json.loads((out / "model" / "meta.json").read_text())
     seconds = meta["training"]["stage_seconds"]["towers"]
-    peak = sampler.worker_peak(workers)
+    peaks = sampler.worker_peaks(workers)
     shutil.rmtree(out, ignore_errors=True)
     return {
         f"train_w{workers}_s_per_epoch": round(float(seconds), 2),
-        f"train_w{workers}_rss_mb": None if peak is None else round(peak),
+        f"train_w{workers}_rss_mb": round(max(peaks)) if peaks else None,
+        f"train_w{workers}_rss_each_mb": [round(p) for p in peaks],
         f"train_w{workers}_wall_s": round(wall, 1),
     }
 
@@ -708,9 +710,14 @@ def run_size(
     point: dict[str, Any] = {"size": size.name, "users": size.users, "items": size.items,
                              "events": size.events}  # fmt: skip
     started = time.perf_counter()
+    # Other work on this shared machine shows in the figures: say how busy it was.
+    point["load_avg_at_start"] = round(os.getloadavg()[0], 2)
+    finished: dict[str, float] = {}
+    point["finished_at_s"] = finished
 
     def note(part: str) -> None:
-        print(f"[{size.name}] {part} done at {time.perf_counter() - started:.0f} s", flush=True)
+        finished[part] = round(time.perf_counter() - started, 1)
+        print(f"[{size.name}] {part} done at {finished[part]:.0f} s", flush=True)
 
     topic = make_topic(bootstrap, f"scale-{size.name}")
     with running_redis(work / "redis") as redis_server:
@@ -749,6 +756,7 @@ def run_size(
                 point.update(train(folder, workers, work, timeout_s=args.train_timeout))
                 note(f"training, {workers} worker(s)")
     point["wall_s"] = round(time.perf_counter() - started, 1)
+    point["load_avg_at_end"] = round(os.getloadavg()[0], 2)
     shutil.rmtree(work, ignore_errors=True)
     return point
 

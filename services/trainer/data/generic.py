@@ -182,11 +182,6 @@ class Shard:
     world: int
     gather: Callable[[ShardRows], list[ShardRows]]
 
-    @classmethod
-    def whole(cls) -> Shard:
-        """One worker reading every row (the typed path without any exchange)."""
-        return cls(0, 1, lambda mine: [mine])
-
 
 def shard_range(n_rows: int, rank: int, world: int) -> tuple[int, int]:
     return n_rows * rank // world, n_rows * (rank + 1) // world

@@ -13,11 +13,12 @@ interactions, a fifth of them ratings, items skewed towards low ids). Per size:
   chunks: ``UserStore.apply_events`` (memory) and ``RedisUserStore.apply_events``
   (Redis, a writer's path: read, compare-and-set script, event-id keys) in batches of
   a poll (2,000) against a real ``redis-server`` the bench starts on a free port;
-- ``export``: ``build_training_set`` of that log to a training folder, in a fresh
-  process (its peak RSS is the export's, not this process's);
+- ``export``: ``build_training_set`` of that log to a training folder, alone in a
+  fresh process (``bench.training.measured``: the peak RSS is the export's);
 - ``training``: ``coldstart train`` on the exported folder with 1 and 2 gloo workers,
-  one tower epoch (hashing embedder, no ranker, no validation, 1 thread per worker):
-  seconds per epoch (the towers stage) and peak RSS per worker (sampled every 0.1 s);
+  one tower epoch (hashing embedder, no ranker, no validation, 1 thread per worker),
+  under ``bench.training.measured``: seconds per epoch (the towers stage) and the peak
+  RSS of the largest worker (``RUSAGE_CHILDREN`` of a fresh measuring parent);
 - ``snapshot``: write and restore seconds of the memory store's columnar snapshot
   (``bench.snapshot._measure_once``);
 - ``fusion``: RSS of a fusion server (100k-item synthetic version) with the memory
@@ -41,12 +42,9 @@ import gc
 import json
 import math
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -474,7 +472,7 @@ def snapshot(
 
 
 def export_worker(log_path: Path, folder: Path, topic: str) -> int:
-    """In its own process (``--export-worker``): the export and its peak RSS, as JSON."""
+    """In its own process (``--export-worker``): the export, its rows as JSON."""
     from services.trainer.event_log import EventLog
     from services.trainer.settings import TrainerSettings
     from services.trainer.training_set import build_training_set, empty_initial
@@ -495,10 +493,10 @@ def export_worker(log_path: Path, folder: Path, topic: str) -> int:
     seconds = time.perf_counter() - started
     log.close()
     print(
-        json.dumps(
+        EXPORTED
+        + json.dumps(
             {
                 "export_s": round(seconds, 2),
-                "export_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
                 "training_rows": exported.training_rows,
                 "skipped_unknown_items": exported.skipped_unknown_items,
             }
@@ -507,99 +505,43 @@ def export_worker(log_path: Path, folder: Path, topic: str) -> int:
     return 0
 
 
+EXPORTED = "EXPORTED "
+
+
 def export(work: Path, topic: str, timeout_s: float) -> tuple[dict[str, Any], Path]:
+    """The export of the log the ingest wrote, alone in a fresh process
+    (``bench.training.measured``: peak RSS of that process and nothing else)."""
+    from bench.training import measured
+
     folder = work / "training-set"
-    command = [sys.executable, "-m", "bench.scale", "--export-worker",
-               str(work / "events.sqlite"), str(folder), topic]  # fmt: skip
-    done = subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, check=False
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"export failed ({done.returncode}): {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1]), folder
-
-
-class RssSampler:
-    """Peak RSS per process of a tree, sampled (torchrun's workers are not our children's
-    ``ru_maxrss`` alone: the launcher sits in between)."""
-
-    def __init__(self, root: int, interval_s: float = 0.1) -> None:
-        self.root = root
-        self.interval_s = interval_s
-        self.peaks: dict[int, float] = {}
-        self.commands: dict[int, str] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        import psutil
-
-        while not self._stop.is_set():
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(self.root)
-                for proc in [root, *root.children(recursive=True)]:
-                    with contextlib.suppress(psutil.Error):
-                        rss = proc.memory_info().rss / 2**20
-                        if rss > self.peaks.get(proc.pid, 0.0):
-                            self.peaks[proc.pid] = rss
-                        if proc.pid not in self.commands:
-                            self.commands[proc.pid] = " ".join(proc.cmdline())
-            self._stop.wait(self.interval_s)
-
-    def worker_peaks(self, workers: int) -> list[float]:
-        """Each worker's peak: the command itself with one worker (it trains in
-        process), else torchrun's children (not the launcher or the agent)."""
-        if workers == 1:
-            return [self.peaks[self.root]] if self.root in self.peaks else []
-        return [
-            peak
-            for pid, peak in self.peaks.items()
-            if "services.trainer.model.train_cli" in self.commands.get(pid, "")
-            and "torch.distributed.run" not in self.commands.get(pid, "")
-        ]
+    command = ["-m", "bench.scale", "--export-worker", str(work / "events.sqlite"), str(folder),
+               topic]  # fmt: skip
+    run = measured(command, timeout_s=timeout_s)
+    line = next(x for x in run["output"].splitlines() if x.startswith(EXPORTED))
+    figures: dict[str, Any] = json.loads(line.removeprefix(EXPORTED))
+    figures["export_rss_mb"] = round(run["peak_rss_mb"])
+    return figures, folder
 
 
 def train(folder: Path, workers: int, work: Path, timeout_s: float) -> dict[str, Any]:
-    """``coldstart train`` on the exported folder: seconds per epoch, peak RSS per worker."""
+    """One tower epoch of ``coldstart train`` on the exported folder, under
+    ``bench.training.measured``: seconds per epoch (the towers stage) and the peak RSS
+    of the largest process, i.e. of the largest worker."""
+    from bench.training import measured
+
     out = work / f"train-{workers}"
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "services.cli", "train", "--data", str(folder),
-               "--workers", str(workers), "--epochs", "1", "--no-ranker", "--embedder",
-               "hashing", "--validation", "none", "--threads", "1", "--quiet", "--out",
-               str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    log_path = work / f"train-{workers}.log"
-    started = time.perf_counter()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            with RssSampler(process.pid) as sampler:
-                code = process.wait(timeout=timeout_s)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait(timeout=30)
-    wall = time.perf_counter() - started
-    if code != 0:
-        tail = log_path.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"coldstart train --workers {workers} exited {code}: {tail}")
+    command = ["-m", "services.cli", "train", "--data", str(folder), "--workers", str(workers),
+               "--epochs", "1", "--no-ranker", "--embedder", "hashing", "--validation", "none",
+               "--threads", "1", "--cpu", "--quiet", "--out", str(out)]  # fmt: skip
+    run = measured(command, timeout_s=timeout_s)
     meta = json.loads((out / "model" / "meta.json").read_text())
     seconds = meta["training"]["stage_seconds"]["towers"]
-    peaks = sampler.worker_peaks(workers)
     shutil.rmtree(out, ignore_errors=True)
     return {
         f"train_w{workers}_s_per_epoch": round(float(seconds), 2),
-        f"train_w{workers}_rss_mb": round(max(peaks)) if peaks else None,
-        f"train_w{workers}_rss_each_mb": [round(p) for p in peaks],
-        f"train_w{workers}_wall_s": round(wall, 1),
+        f"train_w{workers}_rss_mb": round(run["peak_rss_mb"]),
+        f"train_w{workers}_wall_s": round(run["seconds"], 1),
     }
 
 

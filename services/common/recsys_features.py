@@ -60,6 +60,13 @@ def year_band(year: int) -> str:
     return f"{year - year % 10}s"
 
 
+def item_title(text: str) -> str:
+    """What a person calls an item: its text up to the first " | " (catalog texts are
+    "title | genres | ...", e.g. "Toy Story (1995) | Animation"), the whole text when it
+    has no such part. Fusion's display fields and the gateway's fallback both read it."""
+    return text.split(" | ", 1)[0].strip()
+
+
 def derived_item_attributes(text: str) -> dict[str, str]:
     """Attributes read off an item's text: the release year band of "Title (1997) | ...".
 

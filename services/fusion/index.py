@@ -26,6 +26,7 @@ import faiss
 import numpy as np
 
 from services.common import ann as ann_kinds
+from services.common.recsys_features import item_title
 
 log = logging.getLogger("coldstart.fusion.index")
 
@@ -85,9 +86,7 @@ class ItemMeta:
 
     @property
     def title(self) -> str:
-        """What a person calls the item: its text up to the first " | " (catalog texts
-        are "title | genres | ..."), the whole text when it has no such part."""
-        return self.text.split(" | ", 1)[0].strip()
+        return item_title(self.text)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from services.common.paths import run_dir
+from services.common.recsys_features import item_title
 from services.common.registry import ModelRegistry, RegistryError
 from services.gateway.fallback import FallbackCatalog, FallbackSource
 
@@ -19,12 +20,6 @@ log = logging.getLogger("coldstart.gateway.catalog")
 
 def default_registry_dir() -> Path:
     return run_dir() / "registry" / "recommender"
-
-
-def title_of(text: str) -> str:
-    """An item text's title: its first part, up to " | " (the items' text format,
-    e.g. "Toy Story (1995) | Animation, Children's, Comedy")."""
-    return text.split(" | ", 1)[0].strip()
 
 
 def load_catalog(version: str, folder: Path, manifest: dict[str, Any]) -> FallbackCatalog:
@@ -46,7 +41,7 @@ def load_catalog(version: str, folder: Path, manifest: dict[str, Any]) -> Fallba
             record = json.loads(line)
             attributes.append(record.get("attributes", {}))
             tags.append(record.get("tags", []))
-            titles.append(title_of(record.get("text") or ""))
+            titles.append(item_title(record.get("text") or ""))
     return FallbackCatalog(
         version, list(map(str, item_ids)), popularity, content, attributes, tags, titles
     )

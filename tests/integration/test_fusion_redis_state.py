@@ -24,7 +24,7 @@ from services.fusion.online_state import UserStateStore, UserStore
 from services.fusion.redis_state import RedisUserStore, pack_state, redis_client
 from services.fusion.synthetic import publish_version
 from tests.support import fusion_client
-from tests.support.fusion_client import stub_for
+from tests.support.fusion_client import produce, stub_for
 from tests.support.processes import ServiceProcess, running_service
 from tests.support.state_contract import (
     MakeStore,
@@ -111,19 +111,6 @@ def recommend(
     return fusion_client.recommend(stub, user_id, k=300, timeout_s=5.0)
 
 
-def produce(bootstrap: str, topic: str, events: list[events_pb2.Event]) -> None:
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-    try:
-        for event in events:
-            key = event.interaction.user_id or event.user_forgotten.user_id
-            producer.send(topic, key=key.encode(), value=event.SerializeToString())
-        producer.flush(timeout=10)
-    finally:
-        producer.close()
-
-
 def wait_for(condition: Callable[[], bool], timeout_s: float = 20.0) -> float:
     """Seconds until ``condition`` held."""
     start = time.monotonic()
@@ -172,11 +159,11 @@ def test_events_reach_every_replica_through_redis_replays_are_no_ops_and_forget_
         assert recommend(stub, "alice").new_user
         # The writer's group must own the partitions before "within a second" means
         # anything: a first event marks that.
-        produce(kafka_broker, topic, [interaction("warm", "item-1")])
+        produce(kafka_broker, topic, interaction("warm", "item-1"))
         wait_for(lambda: store.get_many(["warm"])[0] is not None)
 
         seen = interaction("alice", "item-5")
-        produce(kafka_broker, topic, [seen])
+        produce(kafka_broker, topic, seen)
 
         def excluded(item: str) -> Callable[[], bool]:
             def check() -> bool:
@@ -192,8 +179,8 @@ def test_events_reach_every_replica_through_redis_replays_are_no_ops_and_forget_
 
         # A replay (same event id, as a producer retry or a redelivery) is a no-op: a
         # re-applied "item-5" would move to the end, after "item-9".
-        produce(kafka_broker, topic, [interaction("alice", "item-9"), seen])
-        produce(kafka_broker, topic, [interaction("marker", "item-1")])
+        produce(kafka_broker, topic, interaction("alice", "item-9"), seen)
+        produce(kafka_broker, topic, interaction("marker", "item-1"))
         wait_for(lambda: store.get_many(["marker"])[0] is not None)
         state = store.get_many(["alice"])[0]
         assert state is not None and state.recent_item_ids == ("item-5", "item-9")
@@ -201,7 +188,7 @@ def test_events_reach_every_replica_through_redis_replays_are_no_ops_and_forget_
         produce(
             kafka_broker,
             topic,
-            [new_event("test", user_forgotten=events_pb2.UserForgotten(user_id="alice"))],
+            new_event("test", user_forgotten=events_pb2.UserForgotten(user_id="alice")),
         )
         wait_for(lambda: recommend(stub, "alice").new_user)
         assert not store.client.exists(store.user_key("alice"))
@@ -231,12 +218,12 @@ def test_a_killed_writer_loses_nothing_and_applies_nothing_twice(
     expected = dict(zip(users, memory.get_many(users), strict=True))
 
     with running_service("fusion", tmp_path, settings=settings) as writer:
-        produce(kafka_broker, topic, [interaction("warm", "item-1")])
+        produce(kafka_broker, topic, interaction("warm", "item-1"))
         wait_for(lambda: store.get_many(["warm"])[0] is not None)
 
         def send() -> None:
             for start in range(0, len(events), 50):
-                produce(kafka_broker, topic, events[start : start + 50])
+                produce(kafka_broker, topic, *events[start : start + 50])
 
         sender = threading.Thread(target=send)
         sender.start()
@@ -281,7 +268,7 @@ def test_with_redis_down_recommend_answers_degraded_and_the_writer_retries(
             running_service("fusion", tmp_path, settings=settings) as fusion,
             stub_for(fusion) as stub,
         ):
-            produce(kafka_broker, topic, [interaction("bob", "item-3")])
+            produce(kafka_broker, topic, interaction("bob", "item-3"))
             wait_for(lambda: not recommend(stub, "bob").new_user)
             server.stop()
             for _ in range(20):
@@ -291,7 +278,7 @@ def test_with_redis_down_recommend_answers_degraded_and_the_writer_retries(
                 assert reply.degraded and reply.new_user and len(reply.items) == 300
             assert not recommend(stub, "").degraded  # no user: nothing to read
             # Produced while Redis is down: the writer keeps it until Redis is back.
-            produce(kafka_broker, topic, [interaction("carol", "item-4")])
+            produce(kafka_broker, topic, interaction("carol", "item-4"))
             time.sleep(1.0)
             with running_redis(tmp_path / "redis-again", port=port):
                 wait_for(lambda: not recommend(stub, "carol").new_user)

@@ -23,7 +23,7 @@ from services.common.paths import REPO_ROOT
 from services.common.registry import ModelRegistry
 from services.fusion.online_state import SNAPSHOT_FILE, UserStore, read_snapshot
 from services.fusion.synthetic import publish_version
-from tests.support.fusion_client import recommend, stub_for
+from tests.support.fusion_client import produce, recommend, stub_for
 from tests.support.processes import ServiceProcess, coldstart_command, running_service
 
 pytestmark = pytest.mark.integration
@@ -54,20 +54,6 @@ def metric(service: ServiceProcess, line_start: str) -> float | None:
         if line.startswith(line_start):
             return float(line.rsplit(" ", 1)[1])
     return None
-
-
-def produce(bootstrap: str, topic: str, *events: events_pb2.Event) -> None:
-    """A plain kafka-python producer: nothing of ours between it and the broker."""
-    from kafka import KafkaProducer
-
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
-    try:
-        for event in events:
-            key = event.interaction.user_id or event.user_forgotten.user_id
-            producer.send(topic, key=key.encode(), value=event.SerializeToString())
-        producer.flush(timeout=10)
-    finally:
-        producer.close()
 
 
 def interaction(user: str, item: str) -> events_pb2.Event:
